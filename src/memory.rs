@@ -1,0 +1,369 @@
+//! The in-memory provider: locks inside one process (Medusa's default).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep_until};
+use tracing::Instrument;
+
+use crate::error::LockError;
+use crate::options::DEFAULT_WAIT_TIMEOUT;
+use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
+
+/// Locks held in this process's memory.
+///
+/// It gives exactly the contract of the Redis provider (one test suite runs
+/// against both), but only within one process: instances of a service
+/// running in several processes are **not** excluded from each other. Use the
+/// Redis provider as soon as more than one process runs.
+///
+/// Waiters are woken by the release of the key they wait for, or by the
+/// expiry of its lease, never by polling. Fencing tokens come from one
+/// counter per provider, so they grow across every key.
+///
+/// Clones share the same locks.
+#[derive(Clone, Debug)]
+pub struct InMemoryProvider {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    wait_timeout: Duration,
+    closed: AtomicBool,
+}
+
+// A std mutex, not tokio's: no critical section awaits, and every one is a
+// few map operations, so blocking briefly is cheaper than an async lock.
+#[derive(Debug, Default)]
+struct State {
+    locks: HashMap<String, Holder>,
+    /// One `Notify` per key that someone waits for; removed when the last
+    /// waiter leaves.
+    waiters: HashMap<String, Arc<Notify>>,
+    /// The last fencing token handed out.
+    last_token: u64,
+    /// `locks.len()` after the last sweep of expired entries.
+    swept_len: usize,
+}
+
+#[derive(Debug)]
+struct Holder {
+    owner: Option<String>,
+    expires_at: Option<Instant>,
+}
+
+impl Holder {
+    fn is_live(&self, now: Instant) -> bool {
+        self.expires_at.is_none_or(|at| at > now)
+    }
+}
+
+enum Attempt {
+    Acquired(Acquired),
+    Held {
+        index: usize,
+        expires_at: Option<Instant>,
+    },
+}
+
+impl InMemoryProvider {
+    /// A provider whose `execute` waits 5 s by default.
+    pub fn new() -> Self {
+        InMemoryProvider::with_wait_timeout(DEFAULT_WAIT_TIMEOUT)
+    }
+
+    /// A provider whose `execute` waits `wait_timeout` by default.
+    pub fn with_wait_timeout(wait_timeout: Duration) -> Self {
+        InMemoryProvider {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                wait_timeout,
+                closed: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// The number of locks currently held (expired ones excluded).
+    pub fn held(&self) -> usize {
+        let now = Instant::now();
+        self.state()
+            .locks
+            .values()
+            .filter(|h| h.is_live(now))
+            .count()
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the map inconsistent
+        // (every critical section is a few infallible map operations).
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check_open(&self) -> Result<(), LockError> {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(LockError::Shutdown {
+                provider: "in-memory".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn attempt(&self, state: &mut State, request: &AcquireRequest) -> Attempt {
+        let now = Instant::now();
+        let mut reentered = Vec::with_capacity(request.keys.len());
+        for (index, key) in request.keys.iter().enumerate() {
+            match state.locks.get(key) {
+                Some(h) if h.is_live(now) => {
+                    if h.owner.is_some() && h.owner == request.owner {
+                        reentered.push(true);
+                    } else {
+                        return Attempt::Held {
+                            index,
+                            expires_at: h.expires_at,
+                        };
+                    }
+                }
+                _ => reentered.push(false),
+            }
+        }
+        let expires_at = request.expire.map(|e| now + e);
+        let mut tokens = Vec::with_capacity(request.keys.len());
+        for (key, re) in request.keys.iter().zip(&reentered) {
+            if *re {
+                if let Some(at) = expires_at
+                    && let Some(h) = state.locks.get_mut(key)
+                {
+                    h.expires_at = Some(at);
+                }
+            } else {
+                state.locks.insert(
+                    key.clone(),
+                    Holder {
+                        owner: request.owner.clone(),
+                        expires_at,
+                    },
+                );
+            }
+            state.last_token += 1;
+            tokens.push(state.last_token);
+        }
+        sweep(state, now);
+        Attempt::Acquired(Acquired::new(tokens, reentered, now))
+    }
+
+    async fn acquire_inner(&self, request: &AcquireRequest) -> Result<Acquired, LockError> {
+        loop {
+            self.check_open()?;
+            let (key, notify, expires_at) = {
+                let mut state = self.state();
+                match self.attempt(&mut state, request) {
+                    Attempt::Acquired(a) => return Ok(a),
+                    Attempt::Held { index, expires_at } => {
+                        let key = &request.keys[index];
+                        if request.wait.remaining() == Some(Duration::ZERO) {
+                            return Err(request.wait.give_up(key));
+                        }
+                        let notify = Arc::clone(state.waiters.entry(key.clone()).or_default());
+                        (key, notify, expires_at)
+                    }
+                }
+            };
+            {
+                // Register interest before anything else can run: a release
+                // between here and the await below is not lost, because
+                // `notify_waiters` wakes every `Notified` created before it.
+                let notified = notify.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                // ...but the release may also have happened between the attempt
+                // and `enable`. Re-checking under the lock closes that gap.
+                let still_held = {
+                    let state = self.state();
+                    state
+                        .locks
+                        .get(key)
+                        .is_some_and(|h| h.is_live(Instant::now()))
+                };
+                if still_held {
+                    let deadline = match request.wait {
+                        Wait::Until(at) => Some(at),
+                        _ => None,
+                    };
+                    let wake_at = match (deadline, expires_at) {
+                        (Some(d), Some(e)) => Some(d.min(e)),
+                        (d, e) => d.or(e),
+                    };
+                    let span =
+                        tracing::trace_span!("lockstep.wait", provider = "in-memory", key = %key);
+                    async {
+                        match wake_at {
+                            Some(at) => {
+                                tokio::select! {
+                                    _ = &mut notified => {}
+                                    _ = sleep_until(at) => {}
+                                }
+                            }
+                            None => notified.await,
+                        }
+                    }
+                    .instrument(span)
+                    .await;
+                }
+            }
+            self.forget_waiter(key, notify);
+            if let Wait::Until(at) = request.wait
+                && Instant::now() >= at
+            {
+                // One last attempt: the lock may have been freed exactly
+                // at the deadline.
+                let mut state = self.state();
+                return match self.attempt(&mut state, request) {
+                    Attempt::Acquired(a) => Ok(a),
+                    Attempt::Held { index, .. } => Err(request.wait.give_up(&request.keys[index])),
+                };
+            }
+        }
+    }
+
+    /// Drops the waiter entry of `key` when this was its last waiter.
+    fn forget_waiter(&self, key: &str, notify: Arc<Notify>) {
+        let mut state = self.state();
+        drop(notify);
+        if let Some(n) = state.waiters.get(key)
+            && Arc::strong_count(n) == 1
+        {
+            state.waiters.remove(key);
+        }
+    }
+}
+
+/// Removes expired entries once the map has doubled since the last sweep, so
+/// keys that expire and are never touched again cannot pile up, at an
+/// amortised O(1) per acquisition.
+fn sweep(state: &mut State, now: Instant) {
+    if state.locks.len() >= 2 * state.swept_len.max(512) {
+        state.locks.retain(|_, h| h.is_live(now));
+        state.swept_len = state.locks.len();
+    }
+}
+
+/// Wakes the waiters of `key`, if any.
+fn wake(state: &State, key: &str) {
+    if let Some(n) = state.waiters.get(key) {
+        n.notify_waiters();
+    }
+}
+
+impl Default for InMemoryProvider {
+    fn default() -> Self {
+        InMemoryProvider::new()
+    }
+}
+
+impl LockingProvider for InMemoryProvider {
+    fn identifier(&self) -> &'static str {
+        "in-memory"
+    }
+
+    fn default_wait_timeout(&self) -> Duration {
+        self.shared.wait_timeout
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        request: &'a AcquireRequest,
+    ) -> BoxFuture<'a, Result<Acquired, LockError>> {
+        Box::pin(self.acquire_inner(request))
+    }
+
+    fn release<'a>(
+        &'a self,
+        keys: &'a [String],
+        owner: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<bool>, LockError>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let now = Instant::now();
+            let mut state = self.state();
+            let mut released = Vec::with_capacity(keys.len());
+            for key in keys {
+                let mine = state
+                    .locks
+                    .get(key)
+                    .is_some_and(|h| h.is_live(now) && h.owner.as_deref() == owner);
+                if mine {
+                    state.locks.remove(key);
+                    wake(&state, key);
+                }
+                released.push(mine);
+            }
+            Ok(released)
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        keys: &'a [String],
+        owner: Option<&'a str>,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), LockError>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let now = Instant::now();
+            let mut state = self.state();
+            for key in keys {
+                let mine = state
+                    .locks
+                    .get(key)
+                    .is_some_and(|h| h.is_live(now) && h.owner.as_deref() == owner);
+                if !mine {
+                    return Err(LockError::NotOwner { key: key.clone() });
+                }
+            }
+            for key in keys {
+                if let Some(h) = state.locks.get_mut(key) {
+                    h.expires_at = Some(now + lease);
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn release_all<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, LockError>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let now = Instant::now();
+            let mut state = self.state();
+            let mut freed = Vec::new();
+            state.locks.retain(|key, h| {
+                let live = h.is_live(now);
+                let matches = owner.is_none() || h.owner.as_deref() == owner;
+                if live && matches {
+                    freed.push(key.clone());
+                }
+                // Expired entries go too: nobody holds them.
+                live && !matches
+            });
+            for key in &freed {
+                wake(&state, key);
+            }
+            Ok(freed.len() as u64)
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.shared.closed.store(true, Ordering::Release);
+            let mut state = self.state();
+            state.locks.clear();
+            for n in state.waiters.values() {
+                n.notify_waiters();
+            }
+        })
+    }
+}

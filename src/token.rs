@@ -1,0 +1,48 @@
+//! Random identifiers: owner tokens and acquisition nonces.
+//!
+//! Both come from UUID v4, i.e. 122 bits from the operating system's CSPRNG
+//! (`getrandom`), so an owner token cannot be guessed by another client.
+
+use uuid::Uuid;
+
+/// The length of an acquisition nonce, in bytes. The Lua scripts rely on it
+/// (`NONCE_LEN`).
+pub(crate) const NONCE_LEN: usize = 16;
+
+/// A fresh owner for one `execute` call: `execute:<32 hex digits>`.
+pub(crate) fn execute_owner() -> String {
+    format!("execute:{}", Uuid::new_v4().simple())
+}
+
+/// A nonce of [`NONCE_LEN`] hex digits (64 random bits), unique to one
+/// acquisition attempt.
+pub(crate) fn nonce() -> String {
+    let mut s = Uuid::new_v4().simple().to_string();
+    s.truncate(NONCE_LEN);
+    s
+}
+
+/// A random fraction in [0, 1), for jitter.
+pub(crate) fn unit_random() -> f64 {
+    // The low 53 bits are random (UUID v4 fixes bits in bytes 6 and 8 only).
+    const BITS: u32 = 53;
+    let r = Uuid::new_v4().as_u128() & ((1u128 << BITS) - 1);
+    r as f64 / (1u64 << BITS) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes() {
+        assert_eq!(nonce().len(), NONCE_LEN);
+        assert_ne!(nonce(), nonce());
+        let o = execute_owner();
+        assert!(o.starts_with("execute:") && o.len() == 8 + 32);
+        for _ in 0..1000 {
+            let r = unit_random();
+            assert!((0.0..1.0).contains(&r));
+        }
+    }
+}
