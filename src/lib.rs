@@ -79,3 +79,8 @@ pub use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "redis")]
 pub use deadpool_redis;
+
+/// The README's examples, compiled as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -219,4 +219,9 @@ pub(crate) fn is_auth_error(e: &RedisError) -> bool {
         e.kind(),
         ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm)
     ) || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        // Errors inside a script (a missing key permission) carry the code
+        // only in their text.
+        || ["NOAUTH", "WRONGPASS", "NOPERM"]
+            .iter()
+            .any(|code| e.to_string().contains(code))
 }

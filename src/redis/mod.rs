@@ -159,8 +159,13 @@ impl RedisProvider {
             };
         let startup = async {
             let (_, mut conn) = provider.inner.conns.get().await?;
+            // PING alone first: its error (NOAUTH, WRONGPASS) is the one
+            // to report, not a pipeline's summary of it.
+            redis::cmd("PING")
+                .query_async::<()>(&mut conn)
+                .await
+                .map_err(RawError::Redis)?;
             let mut pipe = redis::pipe();
-            pipe.cmd("PING").ignore();
             for script in scripts::all() {
                 pipe.load_script(script).ignore();
             }

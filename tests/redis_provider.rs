@@ -1,0 +1,516 @@
+//! The Redis provider beyond the shared contract: configuration, startup
+//! failures, credentials, connections, key layout, and what happens when a
+//! reply never arrives. Every test talks to a real redis-server.
+
+mod support;
+
+use std::time::Duration;
+
+use lockstep::{
+    AcquireOptions, BackendErrorKind, ConfigError, ExecuteOptions, LockError, LockingModule,
+    RedisConfig, RedisProvider, ReleaseOptions,
+};
+use redis::AsyncCommands;
+use support::{RedisServer, eventually, module_with, raw_connection, redis_provider, shared_url};
+use tokio::time::Instant;
+
+fn owner(o: &str) -> AcquireOptions {
+    AcquireOptions::new().owner_id(o)
+}
+
+/// Waits until the lock `key` of `p` is gone from the server at `url`.
+async fn wait_until_gone(p: &RedisProvider, url: &str, key: &str, what: &str) {
+    let c = raw_connection(url).await;
+    eventually(Duration::from_secs(5), what, || {
+        let (key, mut c) = (p.lock_key(key), c.clone());
+        async move { !c.exists::<_, bool>(key).await.unwrap() }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_url_is_medusas_startup_error() {
+    let e = RedisProvider::connect(RedisConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::MissingUrl { .. }));
+    assert!(e.to_string().starts_with("No \"redisUrl\" provided"), "{e}");
+}
+
+#[tokio::test]
+async fn malformed_urls_are_typed_errors_without_the_password() {
+    for url in [
+        "not a url",
+        "http://user:s3cret@host:6379",
+        "redis://:s3cret@host:notaport",
+        "redis://user:s3cret@[::1",
+    ] {
+        let e = RedisProvider::connect(RedisConfig::from_url(url))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, ConfigError::InvalidUrl { .. }), "{url}: {e:?}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+        assert!(!format!("{e:?}").contains("s3cret"), "{e:?}");
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+#[tokio::test]
+async fn rediss_without_the_tls_feature_says_so() {
+    let e = RedisProvider::connect(RedisConfig::from_url("rediss://host:6380"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("`tls` cargo feature"), "{e}");
+}
+
+#[tokio::test]
+async fn bad_settings_are_typed_errors() {
+    let url = shared_url();
+    for config in [
+        RedisConfig::from_url(&url).namespace(""),
+        RedisConfig::from_url(&url).namespace("has{brace"),
+        RedisConfig::from_url(&url).connect_timeout(Duration::ZERO),
+        RedisConfig::from_url(&url).response_timeout(Duration::MAX),
+        RedisConfig::from_url(&url).pool_size(0),
+    ] {
+        let e = RedisProvider::connect(config).await.unwrap_err();
+        assert!(matches!(e, ConfigError::InvalidSetting { .. }), "{e:?}");
+    }
+}
+
+/// Nothing listens on the port: a clear error at once, not a log line.
+#[tokio::test]
+async fn an_unreachable_redis_fails_startup_within_the_connect_timeout() {
+    let port = support::free_port();
+    let config = RedisConfig::from_url(format!("redis://:pw@127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_millis(500));
+    let started = Instant::now();
+    let e = RedisProvider::connect(config).await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    match &e {
+        ConfigError::Unreachable { url, timeout, .. } => {
+            assert_eq!(url, &format!("redis://:***@127.0.0.1:{port}"));
+            assert_eq!(*timeout, Duration::from_millis(500));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!e.to_string().contains(":pw@"));
+}
+
+/// A server that accepts TCP but never answers: the connect timeout bounds
+/// startup.
+#[tokio::test]
+async fn a_silent_server_fails_startup_within_the_connect_timeout() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let config = RedisConfig::from_url(format!("redis://127.0.0.1:{port}"))
+        .connect_timeout(Duration::from_millis(400));
+    let started = Instant::now();
+    let e = RedisProvider::connect(config).await.unwrap_err();
+    let took = started.elapsed();
+    assert!(matches!(e, ConfigError::Unreachable { .. }), "{e:?}");
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_millis(1500),
+        "{took:?}"
+    );
+    drop(listener);
+}
+
+#[tokio::test]
+async fn passwords_and_acl_users() {
+    let server = RedisServer::start(&["--requirepass", "right-pass"]);
+    let port = server.port;
+    let url = |auth: &str| format!("redis://{auth}127.0.0.1:{port}");
+
+    // No password where one is required.
+    let e = RedisProvider::connect(RedisConfig::from_url(url("")))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::AuthFailed { .. }), "{e:?}");
+    // A wrong one: typed, and never echoed.
+    let e = RedisProvider::connect(RedisConfig::from_url(url(":wrong-pass@")))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::AuthFailed { .. }), "{e:?}");
+    assert!(!e.to_string().contains("wrong-pass") && !format!("{e:?}").contains("wrong-pass"));
+    // The right one works.
+    let p = RedisProvider::connect(RedisConfig::from_url(url(":right-pass@")))
+        .await
+        .unwrap();
+    let m = module_with(p);
+    m.acquire("k", owner("u")).await.unwrap();
+
+    // An ACL user limited to lockstep's namespace.
+    let mut admin = redis::Client::open(url(":right-pass@"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "locker", "on", ">locker-pass", "~app:*", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let p =
+        RedisProvider::connect(RedisConfig::from_url(url("locker:locker-pass@")).namespace("app:"))
+            .await
+            .unwrap();
+    let m = module_with(p);
+    let lease = m.acquire("k", owner("u")).await.unwrap();
+    assert!(lease.release().await.unwrap());
+    // The same user outside its key pattern: a typed auth error, not a panic.
+    let p = RedisProvider::connect(
+        RedisConfig::from_url(url("locker:locker-pass@")).namespace("other:"),
+    )
+    .await
+    .unwrap();
+    let e = module_with(p).acquire("k", owner("u")).await.unwrap_err();
+    match e {
+        LockError::Backend(b) => assert_eq!(b.kind(), BackendErrorKind::Auth, "{b}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_existing_deadpool_pool_can_be_used() {
+    let pool = deadpool_redis::Config::from_url(shared_url())
+        .create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .unwrap();
+    let namespace = support::unique_namespace();
+    let p = RedisProvider::from_pool(pool.clone(), &RedisConfig::default().namespace(&namespace))
+        .await
+        .unwrap();
+    let m = module_with(p);
+    let lease = m.acquire("k", owner("u")).await.unwrap();
+    let mut c = pool.get().await.unwrap();
+    let v: String = c.get(format!("{namespace}{{k}}")).await.unwrap();
+    assert!(v.starts_with('u') && v.len() == 1 + 16);
+    assert!(lease.release().await.unwrap());
+}
+
+/// The documented key layout, visible in Redis.
+#[tokio::test]
+async fn keys_live_under_the_namespace_with_hash_tags() {
+    let p = redis_provider().await;
+    let ns = p.namespace().to_owned();
+    let m = module_with(p.clone());
+    let _l = m
+        .acquire(
+            ["order_1", "we{ird}"],
+            owner("run-1").expire(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let mut c = raw_connection(&shared_url()).await;
+    let mut keys: Vec<String> = c.keys(format!("{ns}*")).await.unwrap();
+    keys.sort();
+    let locks: Vec<&String> = keys.iter().filter(|k| k.ends_with('}')).collect();
+    assert_eq!(
+        locks,
+        [&format!("{ns}{{order_1}}"), &format!("{ns}{{we%7Bird%7D}}")]
+    );
+    assert_eq!(p.lock_key("order_1"), format!("{ns}{{order_1}}"));
+    assert!(keys.contains(&format!("{ns}{{run-1}}:o")));
+    assert_eq!(keys.iter().filter(|k| k.ends_with(":f")).count(), 2);
+    let pttl: i64 = c.pttl(format!("{ns}{{order_1}}")).await.unwrap();
+    assert!((9_000..=10_000).contains(&pttl));
+}
+
+/// Fencing state is bounded: one counter per hash slot, however many
+/// distinct keys are ever locked.
+#[tokio::test]
+async fn fencing_state_does_not_grow_with_distinct_keys() {
+    let p = redis_provider().await;
+    let ns = p.namespace().to_owned();
+    let m = module_with(p);
+    let keys: Vec<String> = (0..20_000).map(|i| format!("k{i}")).collect();
+    for chunk in keys.chunks(1000) {
+        let lease = m
+            .acquire(chunk.to_vec(), AcquireOptions::new())
+            .await
+            .unwrap();
+        assert!(lease.release().await.unwrap());
+    }
+    let mut c = raw_connection(&shared_url()).await;
+    let left: Vec<String> = c.keys(format!("{ns}*")).await.unwrap();
+    assert!(
+        left.iter().all(|k| k.ends_with("}:f")),
+        "only counters remain"
+    );
+    assert!(
+        left.len() <= 16_384,
+        "{} counters for 20,000 keys",
+        left.len()
+    );
+    assert!(
+        left.len() > 10_000,
+        "keys spread over slots: {}",
+        left.len()
+    );
+}
+
+/// Two namespaces on one Redis cannot see or release each other's locks.
+#[tokio::test]
+async fn namespaces_are_isolated() {
+    let a = module_with(redis_provider().await);
+    let b = module_with(redis_provider().await);
+    let _la = a.acquire("shared-name", owner("u")).await.unwrap();
+    let lb = b.acquire("shared-name", owner("u")).await.unwrap();
+    assert_eq!(b.release_all(ReleaseOptions::new()).await.unwrap(), 1);
+    assert!(
+        a.acquire("shared-name", owner("other")).await.is_err(),
+        "a's lock survived"
+    );
+    assert!(!lb.release().await.unwrap());
+}
+
+/// Keys with glob characters, newlines, braces, non-ASCII text and the
+/// maximum length are ordinary keys; distinct keys stay distinct.
+#[tokio::test]
+async fn hostile_keys_are_just_keys() {
+    let m = module_with(redis_provider().await);
+    let long = "x".repeat(lockstep::MAX_KEY_LEN);
+    let keys = [
+        "*",
+        "a?b",
+        "[ab]",
+        "line\nbreak",
+        "naïve ключ 鍵",
+        "{tag}",
+        "}",
+        "%7B",
+        "{",
+        long.as_str(),
+    ];
+    let lease = m.acquire(keys, owner("u")).await.unwrap();
+    assert_eq!(lease.keys().len(), keys.len());
+    for k in keys {
+        assert!(m.acquire(k, owner("other")).await.is_err(), "{k:?} is held");
+    }
+    // "*" as a key did not lock everything.
+    m.acquire("plain", owner("other")).await.unwrap();
+    assert!(lease.release().await.unwrap());
+}
+
+/// A lock key occupied by another type is reported, never overwritten.
+#[tokio::test]
+async fn a_foreign_value_is_a_typed_error() {
+    let p = redis_provider().await;
+    let m = module_with(p.clone());
+    let mut c = raw_connection(&shared_url()).await;
+    let _: () = c.hset(p.lock_key("taken"), "field", "value").await.unwrap();
+    let e = m.acquire(["free", "taken"], owner("u")).await.unwrap_err();
+    assert!(
+        matches!(&e, LockError::ForeignValue { key } if key == "taken"),
+        "{e:?}"
+    );
+    assert!(!m.release("taken", ReleaseOptions::new()).await.unwrap());
+    let kind: String = redis::cmd("TYPE")
+        .arg(p.lock_key("taken"))
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+    m.acquire("free", owner("u")).await.unwrap();
+}
+
+/// A server killed and restarted: calls fail with typed errors within their
+/// timeouts during the outage, and the same provider works again promptly.
+#[tokio::test]
+async fn the_provider_recovers_after_a_redis_restart() {
+    let mut server = RedisServer::start(&[]);
+    let config = RedisConfig::from_url(server.url())
+        .connect_timeout(Duration::from_millis(300))
+        .response_timeout(Duration::from_millis(300));
+    let m = module_with(RedisProvider::connect(config).await.unwrap());
+    m.acquire("before", owner("u")).await.unwrap();
+    server.signal("KILL");
+    eventually(Duration::from_secs(5), "redis is gone", || async {
+        !server.is_running()
+    })
+    .await;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let e = m.acquire("during", owner("u")).await.unwrap_err();
+        assert!(e.is_backend(), "{e:?}");
+        assert!(
+            started.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+    server.restart();
+    let back = Instant::now();
+    eventually(
+        Duration::from_secs(1),
+        "the provider works again",
+        || async { m.acquire("after", owner("u")).await.is_ok() },
+    )
+    .await;
+    println!("recovered {:?} after the restart", back.elapsed());
+}
+
+/// A paused server: calls time out with "outcome unknown" instead of
+/// hanging. The acquisition that was queued on the server runs when it
+/// resumes, and lockstep undoes it: no ghost lock.
+#[tokio::test]
+async fn an_unanswered_acquisition_is_undone() {
+    let server = RedisServer::start(&[]);
+    let config = RedisConfig::from_url(server.url()).response_timeout(Duration::from_millis(200));
+    let p = RedisProvider::connect(config).await.unwrap();
+    let m = module_with(p.clone());
+    server.signal("STOP");
+    let started = Instant::now();
+    let e = m.acquire("ghost", owner("u")).await.unwrap_err();
+    let took = started.elapsed();
+    server.signal("CONT");
+    assert!(e.is_outcome_unknown(), "{e:?}");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    let mut c = raw_connection(&server.url()).await;
+    eventually(
+        Duration::from_secs(5),
+        "the unanswered acquisition is undone",
+        || {
+            let key = p.lock_key("ghost");
+            let mut c = c.clone();
+            async move { !c.exists::<_, bool>(key).await.unwrap() }
+        },
+    )
+    .await;
+    let _: () = c.ping().await.unwrap();
+    m.acquire("ghost", owner("someone-else")).await.unwrap();
+}
+
+/// The undo touches only what the lost attempt took: a hold the owner had
+/// before (re-entry) survives it.
+#[tokio::test]
+async fn undo_keeps_an_earlier_hold_of_the_same_owner() {
+    let server = RedisServer::start(&[]);
+    let config = RedisConfig::from_url(server.url()).response_timeout(Duration::from_millis(200));
+    let p = RedisProvider::connect(config).await.unwrap();
+    let m = module_with(p.clone());
+    m.acquire("mine", owner("u")).await.unwrap();
+    server.signal("STOP");
+    let e = m.acquire(["mine", "new"], owner("u")).await.unwrap_err();
+    server.signal("CONT");
+    assert!(e.is_outcome_unknown(), "{e:?}");
+    wait_until_gone(&p, &server.url(), "new", "the new key is undone").await;
+    assert!(
+        m.acquire("mine", owner("other")).await.is_err(),
+        "the earlier hold survives"
+    );
+}
+
+/// Cancelling an acquisition (dropping its future) while the script is in
+/// flight leaves nothing held once the server answers.
+#[tokio::test]
+async fn a_dropped_acquisition_leaves_nothing_held() {
+    let server = RedisServer::start(&[]);
+    let p = RedisProvider::connect(RedisConfig::from_url(server.url()))
+        .await
+        .unwrap();
+    let m = module_with(p.clone());
+    server.signal("STOP");
+    let r =
+        tokio::time::timeout(Duration::from_millis(100), m.acquire("dropped", owner("u"))).await;
+    assert!(r.is_err(), "the acquisition was still in flight");
+    server.signal("CONT");
+    let c = raw_connection(&server.url()).await;
+    eventually(
+        Duration::from_secs(5),
+        "the dropped acquisition is undone",
+        || {
+            let (key, mut c) = (p.lock_key("dropped"), c.clone());
+            async move { !c.exists::<_, bool>(key).await.unwrap() }
+        },
+    )
+    .await;
+}
+
+/// A transient renewal failure (server paused for less than the lease) is
+/// retried, and the job's result comes back (Medusa's E8).
+#[tokio::test]
+async fn execute_survives_a_short_outage_during_renewal() {
+    let server = RedisServer::start(&[]);
+    let config = RedisConfig::from_url(server.url()).response_timeout(Duration::from_millis(100));
+    let m = module_with(RedisProvider::connect(config).await.unwrap());
+    let r = m
+        .execute(
+            "renewed",
+            ExecuteOptions::new().expire(Duration::from_millis(1500)),
+            |lost| {
+                let server = &server;
+                async move {
+                    // Renewals every 500 ms; the pause swallows one of them.
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    server.signal("STOP");
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    server.signal("CONT");
+                    tokio::time::sleep(Duration::from_millis(900)).await;
+                    !lost.is_cancelled()
+                }
+            },
+        )
+        .await;
+    assert!(r.unwrap(), "the job saw no loss");
+}
+
+/// After shutdown every call fails with a typed error and the connections
+/// are closed.
+#[tokio::test]
+async fn shutdown_closes_connections() {
+    let server = RedisServer::start(&[]);
+    let p = RedisProvider::connect(RedisConfig::from_url(server.url()))
+        .await
+        .unwrap();
+    let m = module_with(p);
+    m.acquire("k", owner("u")).await.unwrap();
+    let mut admin = raw_connection(&server.url()).await;
+    let clients = |list: String| list.lines().count();
+    let before: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(clients(before) >= 2);
+    m.shutdown().await;
+    eventually(
+        Duration::from_secs(5),
+        "only the admin connection is left",
+        || {
+            let mut admin = admin.clone();
+            async move {
+                let list: String = redis::cmd("CLIENT")
+                    .arg("LIST")
+                    .query_async(&mut admin)
+                    .await
+                    .unwrap();
+                clients(list) == 1
+            }
+        },
+    )
+    .await;
+    let e = m.acquire("k2", owner("u")).await.unwrap_err();
+    assert!(matches!(e, LockError::Shutdown { .. }), "{e:?}");
+}
+
+/// The module's provider accessor hands out the provider by id.
+#[tokio::test]
+async fn the_module_exposes_its_providers() {
+    let p = redis_provider().await;
+    let m = LockingModule::builder()
+        .provider("locking-redis", p)
+        .build()
+        .unwrap();
+    assert_eq!(m.default_provider_id(), "locking-redis");
+    assert_eq!(m.provider(None).unwrap().identifier(), "locking-redis");
+    assert_eq!(
+        m.provider(Some("in-memory")).unwrap().identifier(),
+        "in-memory"
+    );
+    assert!(m.provider(Some("x")).is_err());
+}
