@@ -216,7 +216,13 @@ fn ping(port: u16) -> bool {
 /// The redis-server binary, if there is one.
 pub fn server_bin() -> Option<PathBuf> {
     if let Ok(bin) = std::env::var("LOCKSTEP_REDIS_SERVER_BIN") {
-        return Some(PathBuf::from(bin));
+        let bin = PathBuf::from(bin);
+        assert!(
+            bin.is_file(),
+            "LOCKSTEP_REDIS_SERVER_BIN={} is not a file",
+            bin.display()
+        );
+        return Some(bin);
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
