@@ -15,6 +15,8 @@
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
 //!   tokens.
 //! - [`Keys`] (`keys.rs`) and the options (`options.rs`): call inputs.
+//! - [`workflow`] (`workflow/`): a small workflow engine with compensation,
+//!   and Medusa's `acquire_lock_step` / `release_lock_step`.
 //! - [`LockError`], [`ConfigError`] (`error.rs`).
 //!
 //! # Example
@@ -62,6 +64,7 @@ mod provider;
 #[cfg(feature = "redis")]
 mod redis;
 mod token;
+pub mod workflow;
 
 pub use error::{BackendError, BackendErrorKind, ConfigError, InvalidInput, LockError};
 pub use keys::{Keys, MAX_KEY_LEN, MAX_KEYS, MAX_OWNER_LEN};

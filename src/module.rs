@@ -92,6 +92,11 @@ impl LockingModule {
         Ok(self.route(id)?.1)
     }
 
+    /// The id of the provider a call with this `provider` option would use.
+    pub(crate) fn resolve_provider_id(&self, id: Option<&str>) -> Result<String, LockError> {
+        Ok(self.route(id)?.0.to_owned())
+    }
+
     pub(crate) fn route(
         &self,
         id: Option<&str>,

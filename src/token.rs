@@ -14,6 +14,11 @@ pub(crate) fn execute_owner() -> String {
     format!("execute:{}", Uuid::new_v4().simple())
 }
 
+/// A fresh run id (32 hex digits).
+pub(crate) fn random_id() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
 /// A nonce of [`NONCE_LEN`] hex digits (64 random bits), unique to one
 /// acquisition attempt.
 pub(crate) fn nonce() -> String {

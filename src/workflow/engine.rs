@@ -1,0 +1,550 @@
+//! Workflows, runs, and compensation.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use tracing::Instrument;
+
+use crate::error::LockError;
+use crate::provider::BoxFuture;
+use crate::workflow::StepError;
+use crate::workflow::container::Container;
+use crate::workflow::step::Step;
+
+type Body<I, O> = Arc<dyn Fn(Run, I) -> BoxFuture<'static, Result<O, StepError>> + Send + Sync>;
+
+/// A named workflow: an async body that runs steps in order through its
+/// [`Run`].
+///
+/// Inputs and outputs are ordinary Rust values: a step's input is built
+/// from the workflow input and the outputs of earlier steps, and the types
+/// check at compile time. When a step fails (the body returns an error), the
+/// steps completed so far are compensated in reverse order and the run ends
+/// with the original error in a [`WorkflowError`].
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use lockstep::workflow::{create_step, create_workflow, Container, StepError};
+///
+/// let add_one = create_step("add-one", |_ctx, n: u32| async move { Ok::<_, StepError>(n + 1) });
+/// let workflow = create_workflow("count", move |run, n: u32| {
+///     let add_one = add_one.clone();
+///     async move {
+///         let n = run.step(&add_one, n).await?;
+///         run.step(&add_one, n).await
+///     }
+/// });
+/// let done = workflow.run(&Container::new(), 40).await.unwrap();
+/// assert_eq!(done.output, 42);
+/// # }
+/// ```
+pub struct Workflow<I, O> {
+    name: Arc<str>,
+    body: Body<I, O>,
+}
+
+impl<I, O> Clone for Workflow<I, O> {
+    fn clone(&self) -> Self {
+        Workflow {
+            name: Arc::clone(&self.name),
+            body: Arc::clone(&self.body),
+        }
+    }
+}
+
+impl<I, O> fmt::Debug for Workflow<I, O> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Workflow")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// Defines a workflow (Medusa's `createWorkflow(name, body)`).
+pub fn create_workflow<I, O, F, Fut>(name: impl Into<String>, body: F) -> Workflow<I, O>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    F: Fn(Run, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, StepError>> + Send + 'static,
+{
+    let name: String = name.into();
+    Workflow {
+        name: name.into(),
+        body: Arc::new(move |run, input| Box::pin(body(run, input))),
+    }
+}
+
+/// What a successful run returns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutput<O> {
+    /// The run's id.
+    pub run_id: String,
+    /// The body's output.
+    pub output: O,
+}
+
+impl<I: Send + 'static, O: Send + 'static> Workflow<I, O> {
+    /// The workflow's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs the workflow with a fresh run id.
+    ///
+    /// # Errors
+    ///
+    /// [`WorkflowError`] when a step (or the body) fails, after the
+    /// completed steps were compensated.
+    ///
+    /// # Panics
+    ///
+    /// A panic in a step or the body is resumed after the completed steps
+    /// were compensated.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: if the future is dropped, the steps completed so far
+    /// are not compensated (locks taken by lock steps then expire with their
+    /// `ttl`).
+    pub async fn run(
+        &self,
+        container: &Container,
+        input: I,
+    ) -> Result<RunOutput<O>, WorkflowError> {
+        self.run_with_id(container, crate::token::random_id(), input)
+            .await
+    }
+
+    /// Runs the workflow with the given run id (e.g. a request id).
+    ///
+    /// # Errors
+    ///
+    /// As [`Workflow::run`].
+    pub async fn run_with_id(
+        &self,
+        container: &Container,
+        run_id: impl Into<String>,
+        input: I,
+    ) -> Result<RunOutput<O>, WorkflowError> {
+        let run = Run::root(&self.name, container.clone(), run_id.into());
+        let span =
+            tracing::debug_span!("lockstep.workflow", workflow = %self.name, run_id = %run.id());
+        let outcome = AssertUnwindSafe((self.body)(run.clone(), input))
+            .catch_unwind()
+            .instrument(span.clone())
+            .await;
+        match outcome {
+            Ok(Ok(output)) => Ok(RunOutput {
+                run_id: run.id().to_owned(),
+                output,
+            }),
+            Ok(Err(source)) => {
+                let (compensated, mut failures) = run.compensate().instrument(span).await;
+                failures.append(&mut run.take_sub_failures());
+                Err(WorkflowError {
+                    workflow: self.name.to_string(),
+                    run_id: run.id().to_owned(),
+                    failed_step: run.failed_step(),
+                    compensated,
+                    compensation_failures: failures,
+                    source,
+                })
+            }
+            Err(panic) => {
+                let _ = run.compensate().instrument(span).await;
+                std::panic::resume_unwind(panic)
+            }
+        }
+    }
+}
+
+/// A compensation waiting on a run's stack.
+struct Pending {
+    step: String,
+    undo: Box<dyn FnOnce() -> BoxFuture<'static, Result<(), CompensationErrors>> + Send>,
+}
+
+/// Failures of a group of compensations (a sub-workflow's).
+struct CompensationErrors(Vec<CompensationFailure>);
+
+/// A lock taken by a lock step of a run, for the sub-workflow rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HeldLock {
+    pub(crate) provider: String,
+    pub(crate) key: String,
+    pub(crate) owner: String,
+}
+
+/// One execution of a workflow: its id, its container, and its stack of
+/// compensations. The body runs steps with [`Run::step`] and sub-workflows
+/// with [`Run::run_sub`].
+///
+/// Cloning is cheap; clones are the same run.
+#[derive(Clone)]
+pub struct Run {
+    inner: Arc<RunInner>,
+}
+
+struct RunInner {
+    id: String,
+    workflow: Arc<str>,
+    container: Container,
+    parent: Option<Run>,
+    /// The root run's id: the default owner of lock steps, inherited by
+    /// sub-workflows.
+    root_id: String,
+    pending: Mutex<Vec<Pending>>,
+    failed_step: Mutex<Option<String>>,
+    sub_failures: Mutex<Vec<CompensationFailure>>,
+    held: Mutex<Vec<HeldLock>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Run {
+    fn root(workflow: &Arc<str>, container: Container, id: String) -> Run {
+        Run::new(workflow, container, id.clone(), id, None)
+    }
+
+    fn new(
+        workflow: &Arc<str>,
+        container: Container,
+        id: String,
+        root_id: String,
+        parent: Option<Run>,
+    ) -> Run {
+        Run {
+            inner: Arc::new(RunInner {
+                id,
+                workflow: Arc::clone(workflow),
+                container,
+                parent,
+                root_id,
+                pending: Mutex::default(),
+                failed_step: Mutex::default(),
+                sub_failures: Mutex::default(),
+                held: Mutex::default(),
+            }),
+        }
+    }
+
+    /// This run's id (unique per run; a sub-workflow has its own).
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// The id of the outermost run: the default owner of the lock steps of
+    /// this run and of every sub-workflow under it.
+    pub fn root_id(&self) -> &str {
+        &self.inner.root_id
+    }
+
+    /// The workflow's name.
+    pub fn workflow(&self) -> &str {
+        &self.inner.workflow
+    }
+
+    /// Whether this run is a sub-workflow of another.
+    pub fn is_nested(&self) -> bool {
+        self.inner.parent.is_some()
+    }
+
+    /// The parent run, for a sub-workflow.
+    pub fn parent(&self) -> Option<&Run> {
+        self.inner.parent.as_ref()
+    }
+
+    /// The services of the run.
+    pub fn container(&self) -> &Container {
+        &self.inner.container
+    }
+
+    /// Runs one step. On success its compensation (if it returned data for
+    /// one) is pushed on the run's stack; on failure the step's error is
+    /// returned as is, for the body to propagate with `?`.
+    ///
+    /// # Errors
+    ///
+    /// The step's own error.
+    pub async fn step<S: Step>(&self, step: &S, input: S::Input) -> Result<S::Output, StepError> {
+        let ctx = StepContext {
+            run: self.clone(),
+            step: step.name().into(),
+        };
+        let span = tracing::debug_span!("lockstep.step", workflow = %self.workflow(), run_id = %self.id(), step = %step.name());
+        match step.invoke(ctx.clone(), input).instrument(span).await {
+            Ok(response) => {
+                if let Some(data) = response.compensation {
+                    let step = step.clone();
+                    let name = step.name().to_owned();
+                    locked(&self.inner.pending).push(Pending {
+                        step: name.clone(),
+                        undo: Box::new(move || {
+                            Box::pin(async move {
+                                step.compensate(ctx, data).await.map_err(|error| {
+                                    CompensationErrors(vec![CompensationFailure {
+                                        step: name,
+                                        error,
+                                    }])
+                                })
+                            })
+                        }),
+                    });
+                }
+                Ok(response.output)
+            }
+            Err(e) => {
+                *locked(&self.inner.failed_step) = Some(step.name().to_owned());
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `workflow` as a sub-workflow of this run: with its own run id,
+    /// the same container, and this run's lock owner (see
+    /// [`acquire_lock_step`](crate::workflow::acquire_lock_step)).
+    ///
+    /// If it fails, its completed steps are compensated at once and its
+    /// error is returned. If it succeeds, its compensations join this run's
+    /// stack as one entry, so a later failure here undoes them too.
+    ///
+    /// # Errors
+    ///
+    /// The sub-workflow's own error.
+    pub async fn run_sub<I, O>(&self, workflow: &Workflow<I, O>, input: I) -> Result<O, StepError>
+    where
+        I: Send + 'static,
+        O: Send + 'static,
+    {
+        let child = Run::new(
+            &workflow.name,
+            self.inner.container.clone(),
+            crate::token::random_id(),
+            self.inner.root_id.clone(),
+            Some(self.clone()),
+        );
+        let span = tracing::debug_span!("lockstep.workflow", workflow = %workflow.name, run_id = %child.id(), parent = %self.id());
+        match (workflow.body)(child.clone(), input)
+            .instrument(span.clone())
+            .await
+        {
+            Ok(output) => {
+                let pending = std::mem::take(&mut *locked(&child.inner.pending));
+                if !pending.is_empty() {
+                    let name = workflow.name.to_string();
+                    locked(&self.inner.pending).push(Pending {
+                        step: name,
+                        undo: Box::new(move || {
+                            Box::pin(async move {
+                                let (_, failures) = compensate_stack(pending).await;
+                                if failures.is_empty() {
+                                    Ok(())
+                                } else {
+                                    Err(CompensationErrors(failures))
+                                }
+                            })
+                        }),
+                    });
+                }
+                let held = std::mem::take(&mut *locked(&child.inner.held));
+                locked(&self.inner.held).extend(held);
+                Ok(output)
+            }
+            Err(e) => {
+                let (_, mut failures) = child.compensate().instrument(span).await;
+                failures.append(&mut child.take_sub_failures());
+                locked(&self.inner.sub_failures).append(&mut failures);
+                let failed = child.failed_step().unwrap_or_else(|| "(body)".to_owned());
+                *locked(&self.inner.failed_step) = Some(format!("{}/{failed}", workflow.name));
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the pending compensations in reverse order; returns the names
+    /// compensated and the failures.
+    async fn compensate(&self) -> (Vec<String>, Vec<CompensationFailure>) {
+        let pending = std::mem::take(&mut *locked(&self.inner.pending));
+        compensate_stack(pending).await
+    }
+
+    fn failed_step(&self) -> Option<String> {
+        locked(&self.inner.failed_step).clone()
+    }
+
+    fn take_sub_failures(&self) -> Vec<CompensationFailure> {
+        std::mem::take(&mut *locked(&self.inner.sub_failures))
+    }
+
+    /// Records locks newly taken by a lock step of this run.
+    pub(crate) fn record_held(&self, locks: impl IntoIterator<Item = HeldLock>) {
+        locked(&self.inner.held).extend(locks);
+    }
+
+    /// Forgets locks released by a lock step of this run.
+    pub(crate) fn forget_held(&self, provider: &str, keys: &[String]) {
+        locked(&self.inner.held).retain(|h| !(h.provider == provider && keys.contains(&h.key)));
+    }
+
+    /// Whether an enclosing run holds `key` with `owner` through a lock step.
+    pub(crate) fn ancestor_holds(&self, provider: &str, key: &str, owner: &str) -> bool {
+        let mut next = self.inner.parent.as_ref();
+        while let Some(run) = next {
+            if locked(&run.inner.held)
+                .iter()
+                .any(|h| h.provider == provider && h.key == key && h.owner == owner)
+            {
+                return true;
+            }
+            next = run.inner.parent.as_ref();
+        }
+        false
+    }
+}
+
+async fn compensate_stack(mut pending: Vec<Pending>) -> (Vec<String>, Vec<CompensationFailure>) {
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    while let Some(p) = pending.pop() {
+        tracing::debug!(step = %p.step, "compensating");
+        if let Err(CompensationErrors(mut errors)) = (p.undo)().await {
+            for f in &errors {
+                tracing::warn!(step = %f.step, "compensation failed: {}", f.error);
+            }
+            failures.append(&mut errors);
+        }
+        done.push(p.step);
+    }
+    (done, failures)
+}
+
+impl fmt::Debug for Run {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Run")
+            .field("id", &self.inner.id)
+            .field("workflow", &self.inner.workflow)
+            .field("root_id", &self.inner.root_id)
+            .field("nested", &self.is_nested())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a step sees of its run (Medusa's `{ container }` argument and
+/// more).
+#[derive(Clone, Debug)]
+pub struct StepContext {
+    run: Run,
+    step: Arc<str>,
+}
+
+impl StepContext {
+    /// The run executing the step.
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        self.run.id()
+    }
+
+    /// The step's name.
+    pub fn step(&self) -> &str {
+        &self.step
+    }
+
+    /// The run's services: `ctx.container().locking()` is Medusa's
+    /// `container.resolve("locking")`.
+    pub fn container(&self) -> &Container {
+        self.run.container()
+    }
+}
+
+/// A step that failed to compensate.
+#[derive(Debug)]
+pub struct CompensationFailure {
+    /// The step (or `workflow/step` in a sub-workflow).
+    pub step: String,
+    /// Its error.
+    pub error: StepError,
+}
+
+/// A failed run: the original error, and what compensation did.
+#[derive(Debug)]
+pub struct WorkflowError {
+    /// The workflow's name.
+    pub workflow: String,
+    /// The run's id.
+    pub run_id: String,
+    /// The step that failed, if a step did (not the body itself);
+    /// `sub-workflow/step` for a step of a sub-workflow.
+    pub failed_step: Option<String>,
+    /// The steps compensated, in the order their compensations ran.
+    pub compensated: Vec<String>,
+    /// Compensations that failed; they are reported here, never swallowed.
+    pub compensation_failures: Vec<CompensationFailure>,
+    source: StepError,
+}
+
+impl WorkflowError {
+    /// The original error.
+    pub fn error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// The original error, owned.
+    pub fn into_error(self) -> StepError {
+        self.source
+    }
+
+    /// The original error as a [`LockError`], if it is one (for example a
+    /// lock step that could not acquire its keys).
+    pub fn lock_error(&self) -> Option<&LockError> {
+        let mut e: Option<&(dyn std::error::Error + 'static)> = Some(&*self.source);
+        while let Some(err) = e {
+            if let Some(lock) = err.downcast_ref::<LockError>() {
+                return Some(lock);
+            }
+            e = err.source();
+        }
+        None
+    }
+}
+
+impl fmt::Display for WorkflowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "workflow \"{}\" (run {}) failed",
+            self.workflow, self.run_id
+        )?;
+        if let Some(step) = &self.failed_step {
+            write!(f, " at step \"{step}\"")?;
+        }
+        write!(f, ": {}", self.source)?;
+        if !self.compensation_failures.is_empty() {
+            write!(
+                f,
+                "; {} compensation(s) failed:",
+                self.compensation_failures.len()
+            )?;
+            for c in &self.compensation_failures {
+                write!(f, " [{}: {}]", c.step, c.error)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for WorkflowError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
