@@ -3,6 +3,9 @@
 //! Built only with the `cli` feature, so that programs using the library do
 //! not compile argument parsing or JSON output.
 
+mod checkout;
+mod demo;
+
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -19,13 +22,13 @@ struct Cli {
 
 /// Connection flags shared by the commands that talk to Redis.
 #[derive(Debug, clap::Args)]
-struct RedisArgs {
+pub(crate) struct RedisArgs {
     /// Redis URL, e.g. redis://127.0.0.1:6379 (default: $LOCKING_REDIS_URL).
     #[arg(long, env = "LOCKING_REDIS_URL")]
-    redis_url: String,
+    pub(crate) redis_url: String,
     /// Key namespace.
     #[arg(long, default_value = lockstep::DEFAULT_NAMESPACE)]
-    namespace: String,
+    pub(crate) namespace: String,
 }
 
 impl RedisArgs {
@@ -37,6 +40,17 @@ impl RedisArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// The checkout demo: instances charge the same orders at once; the
+    /// locks keep every order charged exactly once. Exit status 0 when every
+    /// order is charged once, 1 on a double (or missing) charge, 2 on bad
+    /// usage or an unreachable Redis.
+    Demo(demo::DemoArgs),
+    /// One demo instance as a process (started by `demo --redis-url`, or by
+    /// docker compose with --start-now).
+    #[command(hide = true)]
+    Worker(demo::WorkerArgs),
+    /// Report on a demo run made by standalone workers (docker compose).
+    Report(demo::ReportArgs),
     /// Connect to Redis, load the scripts, and time a lock round trip.
     Check {
         #[command(flatten)]
@@ -56,6 +70,9 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Demo(args) => return finish(demo::demo(args).await),
+        Command::Worker(args) => return finish(demo::worker(args).await),
+        Command::Report(args) => return finish(demo::report_run(args).await),
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };
@@ -64,6 +81,16 @@ async fn main() -> ExitCode {
         Err(e) => {
             eprintln!("lockstep: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn finish(result: Result<u8, demo::Failure>) -> ExitCode {
+    match result {
+        Ok(status) => ExitCode::from(status),
+        Err(failure) => {
+            eprintln!("lockstep: {}", failure.message);
+            ExitCode::from(failure.status)
         }
     }
 }
