@@ -144,17 +144,39 @@ async fn passwords_and_acl_users() {
     let m = module_with(p);
     m.acquire("k", owner("u")).await.unwrap();
 
-    // An ACL user limited to lockstep's namespace.
+    // An ACL user limited to lockstep's namespace: its keys, and its
+    // notification channels (<namespace>c:<pid>).
     let mut admin = redis::Client::open(url(":right-pass@"))
         .unwrap()
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let _: () = redis::cmd("ACL")
-        .arg(&["SETUSER", "locker", "on", ">locker-pass", "~app:*", "+@all"])
-        .query_async(&mut admin)
-        .await
-        .unwrap();
+    for rule in [
+        &[
+            "SETUSER",
+            "locker",
+            "on",
+            ">locker-pass",
+            "~app:*",
+            "&app:*",
+            "+@all",
+        ][..],
+        &[
+            "SETUSER",
+            "keysonly",
+            "on",
+            ">keys-pass",
+            "~app:*",
+            "&*",
+            "+@all",
+        ][..],
+    ] {
+        let _: () = redis::cmd("ACL")
+            .arg(rule)
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+    }
     let p =
         RedisProvider::connect(RedisConfig::from_url(url("locker:locker-pass@")).namespace("app:"))
             .await
@@ -162,9 +184,16 @@ async fn passwords_and_acl_users() {
     let m = module_with(p);
     let lease = m.acquire("k", owner("u")).await.unwrap();
     assert!(lease.release().await.unwrap());
-    // The same user outside its key pattern: a typed auth error, not a panic.
-    let p = RedisProvider::connect(
+    // Outside its channels: refused at startup, with a typed error.
+    let e = RedisProvider::connect(
         RedisConfig::from_url(url("locker:locker-pass@")).namespace("other:"),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::AuthFailed { .. }), "{e:?}");
+    // Outside its keys: a typed auth error on the call, not a panic.
+    let p = RedisProvider::connect(
+        RedisConfig::from_url(url("keysonly:keys-pass@")).namespace("other:"),
     )
     .await
     .unwrap();

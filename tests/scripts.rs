@@ -12,21 +12,38 @@ use redis::{AsyncCommands, Script, Value};
 const NONCE: &str = "0123456789abcdef";
 const NONCE2: &str = "fedcba9876543210";
 
+/// What lockstep loads: prelude.lua, then the script.
+macro_rules! with_prelude {
+    ($file:literal) => {
+        concat!(
+            include_str!("../lua/prelude.lua"),
+            "\n",
+            include_str!($file)
+        )
+    };
+}
+
 fn acquire() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/acquire.lua")));
+    static S: LazyLock<Script> = LazyLock::new(|| Script::new(with_prelude!("../lua/acquire.lua")));
     &S
 }
 fn release() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/release.lua")));
+    static S: LazyLock<Script> = LazyLock::new(|| Script::new(with_prelude!("../lua/release.lua")));
     &S
 }
+fn withdraw() -> &'static Script {
+    static S: LazyLock<Script> =
+        LazyLock::new(|| Script::new(with_prelude!("../lua/withdraw.lua")));
+    &S
+}
+
 fn extend() -> &'static Script {
     static S: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/extend.lua")));
     &S
 }
 fn release_all() -> &'static Script {
     static S: LazyLock<Script> =
-        LazyLock::new(|| Script::new(include_str!("../lua/release_all.lua")));
+        LazyLock::new(|| Script::new(with_prelude!("../lua/release_all.lua")));
     &S
 }
 
@@ -35,6 +52,42 @@ async fn setup() -> (MultiplexedConnection, String) {
     let conn = support::raw_connection(&support::shared_url()).await;
     (conn, support::unique_namespace())
 }
+
+/// How an acquire call queues (acquire.lua's ARGV[5..11]).
+#[derive(Clone, Copy)]
+struct Q<'a> {
+    pid: &'a str,
+    entry: &'a str,
+    fair: bool,
+    more: bool,
+}
+
+const NO_QUEUE: Q<'static> = Q {
+    pid: "",
+    entry: "",
+    fair: true,
+    more: false,
+};
+
+/// The KEYS of acquire.lua and release.lua: locks, counters (one shared
+/// `ns{T}:f` here), queues, and the owner's index for a named owner.
+fn request_keys(inv: &mut redis::ScriptInvocation<'_>, ns: &str, keys: &[&str], owner: &str) {
+    for k in keys {
+        inv.key(format!("{ns}{{{k}}}"));
+    }
+    for _ in keys {
+        inv.key(format!("{ns}{{T}}:f"));
+    }
+    for k in keys {
+        inv.key(format!("{ns}{{{k}}}:q"));
+    }
+    if !owner.is_empty() {
+        inv.key(format!("{ns}{{{owner}}}:o"));
+    }
+}
+
+/// Reservations last this long in these tests.
+const CLAIM_MS: u64 = 2_000;
 
 /// Runs `acquire.lua` for `keys` (lock keys `ns{k}`, counter `ns{T}:f` per key).
 async fn take(
@@ -45,17 +98,29 @@ async fn take(
     nonce: &str,
     ttl: u64,
 ) -> Value {
+    take_q(c, ns, keys, owner, nonce, ttl, NO_QUEUE).await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn take_q(
+    c: &mut MultiplexedConnection,
+    ns: &str,
+    keys: &[&str],
+    owner: &str,
+    nonce: &str,
+    ttl: u64,
+    q: Q<'_>,
+) -> Value {
     let mut inv = acquire().prepare_invoke();
-    for k in keys {
-        inv.key(format!("{ns}{{{k}}}"));
-    }
-    for _ in keys {
-        inv.key(format!("{ns}{{T}}:f"));
-    }
-    if !owner.is_empty() {
-        inv.key(format!("{ns}{{{owner}}}:o"));
-    }
+    request_keys(&mut inv, ns, keys, owner);
     inv.arg(keys.len()).arg(owner).arg(nonce).arg(ttl);
+    inv.arg(q.pid)
+        .arg(q.entry)
+        .arg(if q.fair { "1" } else { "0" });
+    inv.arg(10_000)
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
+        .arg(if q.more { "1" } else { "0" });
     inv.invoke_async(c).await.expect("acquire.lua runs")
 }
 
@@ -220,28 +285,70 @@ async fn acquire_prunes_index_entries_of_expired_locks() {
     assert_eq!(members, [format!("{ns}{{long}}")]);
 }
 
-/// Invokes `script` the way release.lua and extend.lua expect: the lock
-/// keys, the owner's index for a named owner, then `n`, the owner and `last`.
-async fn call<T: redis::FromRedisValue>(
-    script: &Script,
+/// Invokes extend.lua: the lock keys, the owner's index for a named owner,
+/// then `n`, the owner and the lease.
+async fn prolong(
     c: &mut MultiplexedConnection,
     ns: &str,
     keys: &[&str],
     owner: &str,
-    last: &str,
-) -> T {
-    let mut inv = script.prepare_invoke();
+    ttl: u64,
+) -> i64 {
+    let mut inv = extend().prepare_invoke();
     for k in keys {
         inv.key(format!("{ns}{{{k}}}"));
     }
     if !owner.is_empty() {
         inv.key(format!("{ns}{{{owner}}}:o"));
     }
-    inv.arg(keys.len()).arg(owner).arg(last);
-    inv.invoke_async(c).await.expect("the script runs")
+    inv.arg(keys.len()).arg(owner).arg(ttl);
+    inv.invoke_async(c).await.expect("extend.lua runs")
 }
 
-/// release.lua
+/// A successor for release.lua: a local waiter of process `pid`.
+struct Succ<'a> {
+    owner: &'a str,
+    nonce: &'a str,
+    ttl: u64,
+    pid: &'a str,
+    more: bool,
+}
+
+/// Invokes release.lua; returns {released_1..released_n, successor_token}.
+async fn free_full(
+    c: &mut MultiplexedConnection,
+    ns: &str,
+    keys: &[&str],
+    owner: &str,
+    nonce: &str,
+    succ: Option<Succ<'_>>,
+) -> Vec<i64> {
+    let mut inv = release().prepare_invoke();
+    request_keys(&mut inv, ns, keys, owner);
+    inv.arg(keys.len())
+        .arg(owner)
+        .arg(nonce)
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"));
+    inv.arg(if owner.is_empty() { "0" } else { "1" });
+    match succ {
+        Some(s) => {
+            inv.arg(s.owner)
+                .arg(s.nonce)
+                .arg(s.ttl)
+                .arg("0")
+                .arg(s.pid)
+                .arg(if s.more { "1" } else { "0" });
+        }
+        None => {
+            inv.arg("").arg("").arg(0).arg("0").arg("").arg("0");
+        }
+    }
+    inv.arg(10_000);
+    inv.invoke_async(c).await.expect("release.lua runs")
+}
+
+/// release.lua without a successor: per key, 1 if released.
 async fn free(
     c: &mut MultiplexedConnection,
     ns: &str,
@@ -249,7 +356,9 @@ async fn free(
     owner: &str,
     nonce: &str,
 ) -> Vec<i64> {
-    call(release(), c, ns, keys, owner, nonce).await
+    let mut r = free_full(c, ns, keys, owner, nonce, None).await;
+    assert_eq!(r.pop(), Some(0), "no successor, no token");
+    r
 }
 
 #[tokio::test]
@@ -302,17 +411,6 @@ async fn release_of_a_key_of_another_type_reports_zero() {
     assert_eq!(len, 1);
 }
 
-/// extend.lua
-async fn prolong(
-    c: &mut MultiplexedConnection,
-    ns: &str,
-    keys: &[&str],
-    owner: &str,
-    ttl: u64,
-) -> i64 {
-    call(extend(), c, ns, keys, owner, &ttl.to_string()).await
-}
-
 #[tokio::test]
 async fn extend_is_all_or_nothing() {
     let (mut c, ns) = setup().await;
@@ -352,6 +450,8 @@ async fn release_all_with_an_owner_visits_only_its_index() {
         .key(format!("{ns}{{u1}}:o"))
         .arg("owner")
         .arg("u1")
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
         .invoke_async(&mut c)
         .await
         .unwrap();
@@ -390,6 +490,7 @@ async fn release_all_of_a_namespace_keeps_counters_and_other_namespaces() {
                 .replace('[', "\\[")
                 .replace(']', "\\]")
         ))
+        .arg(format!("{globby}c:"))
         .invoke_async(&mut c)
         .await
         .unwrap();
@@ -398,6 +499,7 @@ async fn release_all_of_a_namespace_keeps_counters_and_other_namespaces() {
         .arg("namespace")
         .arg(&ns)
         .arg(format!("{ns}*"))
+        .arg(format!("{ns}c:"))
         .invoke_async(&mut c)
         .await
         .unwrap();
@@ -457,8 +559,244 @@ async fn every_script_works_after_script_flush() {
         .key(format!("{ns}{{u1}}:o"))
         .arg("owner")
         .arg("u1")
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
         .invoke_async(&mut c)
         .await
         .unwrap();
     assert_eq!(n, 1);
+}
+
+// ---- The waiting protocol: queues, reservations, handoffs (prelude.lua) ----
+
+/// A process that listens on its channel, as a provider's subscription does.
+struct Listener {
+    stream: redis::aio::PubSubStream,
+    _sink: redis::aio::PubSubSink,
+}
+
+impl Listener {
+    async fn new(ns: &str, pid: &str) -> Listener {
+        let client = redis::Client::open(support::shared_url()).unwrap();
+        let (mut sink, stream) = client.get_async_pubsub().await.unwrap().split();
+        sink.subscribe(format!("{ns}c:{pid}")).await.unwrap();
+        Listener {
+            stream,
+            _sink: sink,
+        }
+    }
+
+    /// The next message, within a second.
+    async fn next(&mut self) -> String {
+        use futures_util::StreamExt;
+        let msg = tokio::time::timeout(std::time::Duration::from_secs(1), self.stream.next())
+            .await
+            .expect("a message within a second")
+            .expect("the subscription is open");
+        String::from_utf8(msg.get_payload_bytes().to_vec()).unwrap()
+    }
+}
+
+async fn queue_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Vec<String> {
+    c.lrange(format!("{ns}{{{key}}}:q"), 0, -1).await.unwrap()
+}
+
+async fn value_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Option<String> {
+    c.get(format!("{ns}{{{key}}}")).await.unwrap()
+}
+
+fn queued(pid: &str) -> Q<'_> {
+    Q {
+        pid,
+        entry: pid,
+        fair: true,
+        more: false,
+    }
+}
+
+#[tokio::test]
+async fn a_conflict_queues_the_process_once_with_a_lifetime() {
+    let (mut c, ns) = setup().await;
+    granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 0).await);
+    for _ in 0..3 {
+        let r = ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
+        assert_eq!(r[0], 0);
+    }
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
+    let ttl: i64 = c.pttl(format!("{ns}{{k}}:q")).await.unwrap();
+    assert!((9_000..=10_000).contains(&ttl), "{ttl}");
+    // A single attempt (no entry) does not queue.
+    ints(
+        &take_q(
+            &mut c,
+            &ns,
+            &["k"],
+            "w2",
+            NONCE2,
+            0,
+            Q {
+                pid: "p2",
+                ..NO_QUEUE
+            },
+        )
+        .await,
+    );
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
+}
+
+#[tokio::test]
+async fn a_release_reserves_the_lock_for_the_first_listening_process() {
+    let (mut c, ns) = setup().await;
+    let mut p1 = Listener::new(&ns, "p1").await;
+    granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 0).await);
+    // "gone" never listens: it is skipped.
+    ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("gone")).await);
+    ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
+    assert_eq!(free(&mut c, &ns, &["k"], "holder", "").await, [1]);
+    assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
+    assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
+    let pttl: i64 = c.pttl(format!("{ns}{{k}}")).await.unwrap();
+    assert!((0..=CLAIM_MS as i64).contains(&pttl));
+    assert!(queue_of(&mut c, &ns, "k").await.is_empty());
+    // Nobody else can take it; p1 claims it.
+    let r = ints(&take(&mut c, &ns, &["k"], "barger", NONCE, 0).await);
+    assert_eq!(r[..2], [0, 1]);
+    let (tokens, _) = granted(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 5_000, queued("p1")).await);
+    assert!(tokens[0] > 0);
+    assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("w{NONCE2}")));
+}
+
+#[tokio::test]
+async fn a_free_lock_goes_to_the_queued_process_first_unless_barging() {
+    let (mut c, ns) = setup().await;
+    let mut p1 = Listener::new(&ns, "p1").await;
+    // A lock whose holder's lease ran out, with p1 queued for it.
+    granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 30).await);
+    ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    // Barging: a newcomer simply takes it.
+    let barging = Q {
+        fair: false,
+        ..queued("p2")
+    };
+    granted(&take_q(&mut c, &ns, &["k"], "new", NONCE, 30, barging).await);
+    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    // Fair: the newcomer reserves it for p1 and queues behind.
+    let r = ints(&take_q(&mut c, &ns, &["k"], "new", NONCE, 0, queued("p2")).await);
+    assert_eq!(r, [0, 1, CLAIM_MS as i64]);
+    assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
+    assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p2"]);
+}
+
+#[tokio::test]
+async fn a_release_hands_the_lock_straight_to_a_local_successor() {
+    let (mut c, ns) = setup().await;
+    let (t0, _) = granted(&take(&mut c, &ns, &["k"], "a", NONCE, 0).await);
+    ints(&take_q(&mut c, &ns, &["k"], "b", NONCE2, 0, queued("p1")).await);
+    let succ = Succ {
+        owner: "b",
+        nonce: NONCE2,
+        ttl: 5_000,
+        pid: "p1",
+        more: true,
+    };
+    let r = free_full(&mut c, &ns, &["k"], "a", "", Some(succ)).await;
+    assert_eq!(r[0], 1);
+    assert!(r[1] > t0[0], "the successor's token is newer");
+    assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("b{NONCE2}")));
+    let pttl: i64 = c.pttl(format!("{ns}{{k}}")).await.unwrap();
+    assert!((4_000..=5_000).contains(&pttl));
+    // More local waiters follow: p1 stays queued, now at the back.
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
+}
+
+#[tokio::test]
+async fn another_process_queued_first_gets_the_lock_before_a_local_successor() {
+    let (mut c, ns) = setup().await;
+    let mut p2 = Listener::new(&ns, "p2").await;
+    granted(&take(&mut c, &ns, &["k"], "a", NONCE, 0).await);
+    ints(&take_q(&mut c, &ns, &["k"], "x", NONCE2, 0, queued("p2")).await);
+    ints(&take_q(&mut c, &ns, &["k"], "b", NONCE2, 0, queued("p1")).await);
+    let succ = Succ {
+        owner: "b",
+        nonce: NONCE2,
+        ttl: 0,
+        pid: "p1",
+        more: false,
+    };
+    let r = free_full(&mut c, &ns, &["k"], "a", "", Some(succ)).await;
+    assert_eq!(r, [1, 0], "no direct grant");
+    assert_eq!(p2.next().await, format!("r{ns}{{k}}"));
+    assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p2"));
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
+}
+
+#[tokio::test]
+async fn wake_entries_are_told_and_do_not_block() {
+    let (mut c, ns) = setup().await;
+    let mut p1 = Listener::new(&ns, "p1").await;
+    granted(&take(&mut c, &ns, &["a"], "holder", NONCE, 0).await);
+    let wake = Q {
+        pid: "p1",
+        entry: "~p1",
+        fair: true,
+        more: false,
+    };
+    let r = ints(&take_q(&mut c, &ns, &["b", "a"], "multi", NONCE2, 0, wake).await);
+    assert_eq!(r[..2], [0, 2]);
+    assert_eq!(queue_of(&mut c, &ns, "a").await, ["~p1"]);
+    assert!(queue_of(&mut c, &ns, "b").await.is_empty());
+    assert_eq!(free(&mut c, &ns, &["a"], "holder", "").await, [1]);
+    assert_eq!(p1.next().await, format!("w{ns}{{a}}"));
+    assert_eq!(
+        value_of(&mut c, &ns, "a").await,
+        None,
+        "woken, not reserved"
+    );
+    granted(&take_q(&mut c, &ns, &["b", "a"], "multi", NONCE2, 0, wake).await);
+}
+
+#[tokio::test]
+async fn withdraw_passes_a_reservation_on() {
+    let (mut c, ns) = setup().await;
+    let mut p2 = Listener::new(&ns, "p2").await;
+    let _p1 = Listener::new(&ns, "p1").await;
+    granted(&take(&mut c, &ns, &["k"], "a", NONCE, 0).await);
+    ints(&take_q(&mut c, &ns, &["k"], "x", NONCE2, 0, queued("p1")).await);
+    ints(&take_q(&mut c, &ns, &["k"], "y", NONCE2, 0, queued("p2")).await);
+    free(&mut c, &ns, &["k"], "a", "").await;
+    assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
+    let n: i64 = withdraw()
+        .key(format!("{ns}{{k}}"))
+        .key(format!("{ns}{{k}}:q"))
+        .arg("p1")
+        .arg("p1")
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
+        .invoke_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(p2.next().await, format!("r{ns}{{k}}"));
+    assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p2"));
+}
+
+#[tokio::test]
+async fn release_all_of_an_owner_hands_its_locks_on() {
+    let (mut c, ns) = setup().await;
+    let mut p1 = Listener::new(&ns, "p1").await;
+    granted(&take(&mut c, &ns, &["k"], "u1", NONCE, 0).await);
+    ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
+    let n: i64 = release_all()
+        .key(format!("{ns}{{u1}}:o"))
+        .arg("owner")
+        .arg("u1")
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
+        .invoke_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
 }

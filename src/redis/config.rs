@@ -65,6 +65,20 @@ pub struct RedisConfig {
     /// operations share one multiplexed connection; the pool supplies it and
     /// its replacements.
     pub pool_size: usize,
+    /// Whether waiters are woken by releases through a subscription (one
+    /// extra connection per provider; default true). Without it, waiters
+    /// poll with a jittered backoff of 5-100 ms.
+    pub notifications: bool,
+    /// Whether waiters are served in arrival order (default true): a
+    /// released lock is handed to the next queued waiter. With `false`
+    /// (barging), a release wakes the waiters and whoever retries first
+    /// wins, newcomers included.
+    pub fair: bool,
+    /// How long a waiter waits at most without news before trying again,
+    /// when notifications are on (default 1 s): a safety net only, since
+    /// releases, lease expiries and reconnects wake waiters by themselves.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
+    pub wait_fallback: Duration,
 }
 
 impl Default for RedisConfig {
@@ -76,6 +90,9 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(1),
             pool_size: 8,
+            notifications: true,
+            fair: true,
+            wait_fallback: Duration::from_secs(1),
         }
     }
 }
@@ -166,6 +183,28 @@ impl RedisConfig {
         self
     }
 
+    /// Turns release notifications on or off (see the field).
+    #[must_use]
+    pub fn notifications(mut self, on: bool) -> Self {
+        self.notifications = on;
+        self
+    }
+
+    /// Sets the waiters' fallback period (see the field).
+    #[must_use]
+    pub fn wait_fallback(mut self, period: Duration) -> Self {
+        self.wait_fallback = period;
+        self
+    }
+
+    /// Serves waiters in arrival order (`true`, the default) or lets them
+    /// barge (`false`); see the field.
+    #[must_use]
+    pub fn fair(mut self, fair: bool) -> Self {
+        self.fair = fair;
+        self
+    }
+
     /// Checks every setting but the URL.
     pub(crate) fn check(&self) -> Result<(), ConfigError> {
         check_namespace(&self.namespace).map_err(|reason| ConfigError::InvalidSetting {
@@ -176,6 +215,7 @@ impl RedisConfig {
             ("wait_timeout", self.wait_timeout, true),
             ("connect_timeout", self.connect_timeout, false),
             ("response_timeout", self.response_timeout, false),
+            ("wait_fallback", self.wait_fallback, false),
         ] {
             if d.is_zero() && !zero_ok {
                 return Err(ConfigError::InvalidSetting {
@@ -210,6 +250,9 @@ impl std::fmt::Debug for RedisConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("pool_size", &self.pool_size)
+            .field("notifications", &self.notifications)
+            .field("fair", &self.fair)
+            .field("wait_fallback", &self.wait_fallback)
             .finish()
     }
 }

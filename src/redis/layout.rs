@@ -7,6 +7,7 @@
 //! |---------------------|-----------------------------------------------------|
 //! | `ns{esc(k)}`        | the lock: `<owner><16-byte nonce>`, with its lease  |
 //! | `ns{T}:f`           | the fencing counter of the lock's hash slot         |
+//! | `ns{esc(k)}:q`      | the lock's wait queue: processes waiting (list)     |
 //! | `ns{esc(o)}:o`      | the owner's index: lock key -> expiry (sorted set)  |
 //!
 //! The braces are a Redis Cluster hash tag: the lock key hashes on `esc(k)`
@@ -51,6 +52,18 @@ impl Layout {
     pub(crate) fn fence_key(&self, key: &str) -> String {
         let slot = key_slot(escape(key).as_bytes());
         format!("{}{{{}}}:f", self.namespace, SLOT_TAGS[slot as usize])
+    }
+
+    /// `ns{T}:f` for an already-mapped lock key `ns{esc(key)}`.
+    pub(crate) fn fence_key_of(&self, lock_key: &str) -> String {
+        let tag = &lock_key[self.namespace.len() + 1..lock_key.len() - 1];
+        let slot = key_slot(tag.as_bytes());
+        format!("{}{{{}}}:f", self.namespace, SLOT_TAGS[slot as usize])
+    }
+
+    /// `<lock key>:q`: the wait queue of a lock (same hash slot).
+    pub(crate) fn queue_key(&self, lock_key: &str) -> String {
+        format!("{lock_key}:q")
     }
 
     /// `ns{esc(owner)}:o`
@@ -191,6 +204,8 @@ mod tests {
             let lock = l.lock_key(key);
             let fence = l.fence_key(key);
             assert_eq!(redis_slot(&lock), redis_slot(&fence), "{key}");
+            assert_eq!(fence, l.fence_key_of(&lock));
+            assert_eq!(redis_slot(&lock), redis_slot(&l.queue_key(&lock)));
         }
     }
 

@@ -4,6 +4,7 @@ mod config;
 mod connection;
 mod layout;
 mod scripts;
+mod waiting;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,19 +18,22 @@ pub use config::{DEFAULT_NAMESPACE, ENV_URL, RedisConfig};
 
 use crate::error::{BackendError, BackendErrorKind, ConfigError, LockError};
 use crate::options::millis_ceil;
-use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider};
+use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
 use crate::token::{nonce, unit_random};
 use config::redact_url;
 use connection::{Connections, RawError, is_auth_error};
 use layout::Layout;
+use waiting::{Left, Waiter, Waiting};
 
-/// The first pause before retrying a contended lock.
+/// The first pause before retrying a contended lock, when polling.
 const RETRY_MIN: Duration = Duration::from_millis(5);
-/// The longest pause between retries of a contended lock.
+/// The longest pause between retries of a contended lock, when polling.
 const RETRY_MAX: Duration = Duration::from_millis(100);
 /// The longest pause between attempts to undo an acquisition whose reply
 /// was lost.
 const UNDO_RETRY_MAX: Duration = Duration::from_secs(5);
+/// The longest a wait queue is kept alive by one waiter without news.
+const QUEUE_TTL_MAX: Duration = Duration::from_secs(3600);
 
 /// Locks in Redis, shared by every process that uses the same server and
 /// namespace.
@@ -37,13 +41,19 @@ const UNDO_RETRY_MAX: Duration = Duration::from_secs(5);
 /// - **Atomic.** Each operation is one Lua script (`lua/` in the
 ///   repository), so a multi-key acquisition takes all keys or none, and
 ///   ownership checks cannot race with expiry.
+/// - **Waiting without polling.** Waiters are woken by the release of the
+///   lock they wait for (or by its lease running out), and served in arrival
+///   order: a release hands the lock to the next waiter, often in the same
+///   round trip. Each process keeps one subscription and queues its own
+///   waiters locally, so many local waiters cost Redis nothing more than
+///   one. See [`RedisConfig::notifications`] and [`RedisConfig::fair`].
 /// - **Connections.** All operations share one multiplexed connection,
 ///   supplied by a deadpool pool and replaced after a failure; nothing holds
 ///   a pooled connection while waiting. [`shutdown`](LockingProvider::shutdown)
 ///   closes them.
 /// - **Failures.** Every call is bounded by the response timeout. A call
 ///   whose reply did not arrive has an *unknown outcome*; an acquisition in
-///   that state is undone (its keys released by this attempt's nonce, so
+///   that state is undone (its keys released by this acquisition's nonce, so
 ///   nothing the caller held before is touched) before the error reaches
 ///   the caller, or in the background if Redis is still unreachable.
 /// - **Key layout** (cluster-ready hash tags, bounded fencing state): see
@@ -61,6 +71,22 @@ struct Inner {
     wait_timeout: Duration,
     /// The URL without its password, for messages.
     url: String,
+    /// The notification channel and local waiters; `None` when polling.
+    waiting: Option<Arc<Waiting>>,
+    fair: bool,
+    /// How long a lock reserved for a waiting process stays reserved.
+    claim_ms: u64,
+    response_timeout: Duration,
+    /// The longest a waiter sleeps without news.
+    fallback: Duration,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(w) = &self.waiting {
+            w.stop.cancel();
+        }
+    }
 }
 
 /// A decoded reply of `acquire.lua`.
@@ -78,10 +104,40 @@ enum AcquireReply {
     },
 }
 
+/// The Redis keys of one request: the lock keys, then their fencing
+/// counters and wait queues, then the owner's index if it has one.
+struct Keyset {
+    n: usize,
+    all: Vec<String>,
+    index: Option<String>,
+}
+
+impl Keyset {
+    fn locks(&self) -> &[String] {
+        &self.all[..self.n]
+    }
+}
+
+/// How an attempt asks to be queued if it finds a lock held.
+struct Queueing<'a> {
+    pid: &'a str,
+    entry: &'a str,
+    more: bool,
+    queue_ttl_ms: u64,
+}
+
+const NO_QUEUE: Queueing<'static> = Queueing {
+    pid: "",
+    entry: "",
+    more: false,
+    queue_ttl_ms: 0,
+};
+
 impl RedisProvider {
     /// Connects to Redis as configured: checks the settings, opens the
-    /// first connection (with AUTH when the URL has credentials), pings
-    /// and loads the scripts, all within the connect timeout.
+    /// first connection (with AUTH when the URL has credentials), pings,
+    /// loads the scripts and subscribes to this process's notification
+    /// channel, all within the connect timeout.
     ///
     /// # Errors
     ///
@@ -99,7 +155,7 @@ impl RedisProvider {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
-        let manager = Manager::new_with_config(info, connection_config).map_err(|e| {
+        let manager = Manager::new_with_config(info.clone(), connection_config).map_err(|e| {
             ConfigError::InvalidUrl {
                 url: redact_url(url),
                 reason: e.to_string(),
@@ -116,7 +172,11 @@ impl RedisProvider {
                 name: "pool",
                 reason: e.to_string(),
             })?;
-        Self::start(pool, &config, redact_url(url)).await
+        let client = redis::Client::open(info).map_err(|e| ConfigError::InvalidUrl {
+            url: redact_url(url),
+            reason: e.to_string(),
+        })?;
+        Self::start(pool, Some(client), &config, redact_url(url)).await
     }
 
     /// Connects using the environment (see [`RedisConfig::from_env`]).
@@ -128,26 +188,50 @@ impl RedisProvider {
         Self::connect(RedisConfig::from_env()?).await
     }
 
-    /// Uses an existing deadpool pool; `config.url` and `config.pool_size`
-    /// are not used. The pool's own connection settings apply (redis-rs
-    /// defaults to a 500 ms response timeout); lockstep's response timeout
-    /// bounds every call as well.
+    /// Uses an existing deadpool pool; `config.pool_size` is not used. The
+    /// pool's own connection settings apply (redis-rs defaults to a 500 ms
+    /// response timeout); lockstep's response timeout bounds every call as
+    /// well. Release notifications need a connection of their own, which a
+    /// pool cannot lend for good: they are on when `config.url` names the
+    /// same server, otherwise waiters poll.
     ///
     /// # Errors
     ///
-    /// As [`RedisProvider::connect`], except for URL errors.
+    /// As [`RedisProvider::connect`].
     pub async fn from_pool(pool: Pool, config: &RedisConfig) -> Result<Self, ConfigError> {
         config.check()?;
-        Self::start(pool, config, "the given pool".to_owned()).await
+        let client =
+            match config.url.as_deref() {
+                Some(url) => Some(redis::Client::open(parse_url(url)?).map_err(|e| {
+                    ConfigError::InvalidUrl {
+                        url: redact_url(url),
+                        reason: e.to_string(),
+                    }
+                })?),
+                None => None,
+            };
+        Self::start(pool, client, config, "the given pool".to_owned()).await
     }
 
-    async fn start(pool: Pool, config: &RedisConfig, url: String) -> Result<Self, ConfigError> {
+    async fn start(
+        pool: Pool,
+        client: Option<redis::Client>,
+        config: &RedisConfig,
+        url: String,
+    ) -> Result<Self, ConfigError> {
+        let waiting =
+            (config.notifications && client.is_some()).then(|| Waiting::new(&config.namespace));
         let provider = RedisProvider {
             inner: Arc::new(Inner {
                 conns: Connections::new(pool, config.connect_timeout, config.response_timeout),
                 layout: Layout::new(&config.namespace),
                 wait_timeout: config.wait_timeout,
                 url,
+                waiting,
+                fair: config.fair,
+                claim_ms: (2 * config.response_timeout.as_millis() as u64).max(200),
+                response_timeout: config.response_timeout,
+                fallback: config.wait_fallback,
             }),
         };
         let unreachable =
@@ -171,7 +255,35 @@ impl RedisProvider {
             }
             pipe.query_async::<()>(&mut conn)
                 .await
-                .map_err(RawError::Redis)
+                .map_err(RawError::Redis)?;
+            if let (Some(waiting), Some(client)) = (&provider.inner.waiting, client) {
+                let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+                let weak = Arc::downgrade(&provider.inner);
+                tokio::spawn(waiting::subscribe(
+                    client,
+                    Arc::clone(waiting),
+                    config.connect_timeout,
+                    ready_tx,
+                    move |key| {
+                        // A reservation nobody here wants any more: pass it on.
+                        if let Some(inner) = weak.upgrade() {
+                            let provider = RedisProvider { inner };
+                            tokio::spawn(async move { provider.withdraw(&key, false).await });
+                        }
+                    },
+                ));
+                match ready_rx.await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return Err(RawError::Redis(e)),
+                    Err(_) => {
+                        return Err(RawError::Connect(
+                            "the subscription task ended".into(),
+                            None,
+                        ));
+                    }
+                }
+            }
+            Ok(())
         };
         match tokio::time::timeout(config.connect_timeout, startup).await {
             Ok(Ok(())) => Ok(provider),
@@ -202,6 +314,14 @@ impl RedisProvider {
     /// The Redis key that holds the lock `key` (for inspection and tests).
     pub fn lock_key(&self, key: &str) -> String {
         self.inner.layout.lock_key(key)
+    }
+
+    /// Whether release notifications are currently being received.
+    pub fn is_notified(&self) -> bool {
+        self.inner
+            .waiting
+            .as_ref()
+            .is_some_and(|w| w.is_subscribed())
     }
 
     async fn eval(
@@ -235,84 +355,424 @@ impl RedisProvider {
         Ok(())
     }
 
-    async fn acquire_inner(&self, request: &AcquireRequest) -> Result<Acquired, LockError> {
-        self.check_open()?;
+    fn keyset(&self, request: &AcquireRequest) -> Keyset {
         let layout = &self.inner.layout;
         let n = request.keys.len();
-        let mut keys: Vec<String> = request.keys.iter().map(|k| layout.lock_key(k)).collect();
-        keys.extend(request.keys.iter().map(|k| layout.fence_key(k)));
-        if let Some(owner) = &request.owner {
-            keys.push(layout.owner_index(owner));
+        let mut all: Vec<String> = request.keys.iter().map(|k| layout.lock_key(k)).collect();
+        all.extend(request.keys.iter().map(|k| layout.fence_key(k)));
+        for i in 0..n {
+            let queue = layout.queue_key(&all[i]);
+            all.push(queue);
         }
+        let index = request.owner.as_deref().map(|o| layout.owner_index(o));
+        if let Some(index) = &index {
+            all.push(index.clone());
+        }
+        Keyset { n, all, index }
+    }
+
+    /// One run of `acquire.lua`.
+    async fn attempt(
+        &self,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+        queueing: &Queueing<'_>,
+    ) -> Result<AcquireReply, LockError> {
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl = request.expire.map_or(0, millis_ceil).to_string();
-        let count = n.to_string();
+        let args = [
+            keys.n.to_string(),
+            owner.to_owned(),
+            nonce.to_owned(),
+            ttl,
+            queueing.pid.to_owned(),
+            queueing.entry.to_owned(),
+            if self.inner.fair { "1" } else { "0" }.to_owned(),
+            queueing.queue_ttl_ms.to_string(),
+            self.inner.claim_ms.to_string(),
+            self.channel_prefix().to_owned(),
+            if queueing.more { "1" } else { "0" }.to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let reply = self
+            .eval("acquire", &scripts::ACQUIRE, &keys.all, &args)
+            .await?;
+        decode_acquire(reply, keys.n)
+    }
+
+    fn channel_prefix(&self) -> &str {
+        self.inner
+            .waiting
+            .as_ref()
+            .map_or("", |w| w.channel_prefix.as_str())
+    }
+
+    async fn acquire_inner(&self, request: &AcquireRequest) -> Result<Acquired, LockError> {
+        self.check_open()?;
+        let keys = self.keyset(request);
+        let nonce = nonce();
+        // Any attempt may have taken the locks without our hearing of it
+        // (a lost reply, a dropped future): undo by this call's nonce
+        // unless the call ends with an answer.
+        let undo = UndoGuard {
+            provider: self,
+            keys: keys.locks(),
+            owner: request.owner.as_deref().unwrap_or(""),
+            nonce: &nonce,
+            expire: request.expire,
+            armed: true,
+        };
+        let result = match (&self.inner.waiting, request.wait) {
+            (_, Wait::Once) => self.acquire_once(request, &keys, &nonce).await,
+            (Some(w), _) if keys.n == 1 && self.inner.fair => {
+                self.acquire_queued(w, request, &keys, &nonce).await
+            }
+            (Some(w), _) => self.acquire_woken(w, request, &keys, &nonce).await,
+            (None, _) => self.acquire_polling(request, &keys, &nonce).await,
+        };
+        match &result {
+            Err(e) if e.is_outcome_unknown() => {} // `undo` fires on drop
+            _ => undo.disarm(),
+        }
+        result
+    }
+
+    /// A single attempt; never queues (and, when fair, never takes a lock
+    /// another process is queued for).
+    async fn acquire_once(
+        &self,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
+        let sent_at = Instant::now();
+        match self.attempt(request, keys, nonce, &NO_QUEUE).await? {
+            AcquireReply::Acquired { tokens, reentered } => {
+                Ok(Acquired::new(tokens, reentered, sent_at))
+            }
+            AcquireReply::Held { index, .. } => Err(request.wait.give_up(&request.keys[index])),
+            AcquireReply::Foreign { index } => Err(foreign(request, index)),
+        }
+    }
+
+    /// Waiting without notifications: jittered exponential backoff, never
+    /// past the holder's lease nor past the deadline.
+    async fn acquire_polling(
+        &self,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
         let mut pause = RETRY_MIN;
-        let mut waited = None::<tracing::Span>;
+        let mut span = None::<tracing::Span>;
         loop {
-            let nonce = nonce();
             let sent_at = Instant::now();
-            let undo = UndoGuard {
-                provider: self,
-                keys: &keys[..n],
-                owner,
-                nonce: &nonce,
-                expire: request.expire,
-                armed: true,
-            };
-            let reply = self
-                .eval(
-                    "acquire",
-                    &scripts::ACQUIRE,
-                    &keys,
-                    &[&count, owner, &nonce, &ttl],
-                )
-                .await;
-            let reply = match reply {
-                Err(e) if e.is_outcome_unknown() => return Err(e), // `undo` fires on drop
-                other => {
-                    undo.disarm();
-                    decode_acquire(other?, n)?
-                }
-            };
-            match reply {
+            let (index, pttl) = match self.attempt(request, keys, nonce, &NO_QUEUE).await? {
                 AcquireReply::Acquired { tokens, reentered } => {
                     return Ok(Acquired::new(tokens, reentered, sent_at));
                 }
-                AcquireReply::Foreign { index } => {
-                    let key = request.keys.get(index).unwrap_or(&request.keys[0]);
-                    return Err(LockError::ForeignValue { key: key.clone() });
-                }
-                AcquireReply::Held { index, pttl } => {
-                    let key = &request.keys[index];
-                    let remaining = request.wait.remaining();
-                    if remaining == Some(Duration::ZERO) {
-                        return Err(request.wait.give_up(key));
+                AcquireReply::Foreign { index } => return Err(foreign(request, index)),
+                AcquireReply::Held { index, pttl } => (index, pttl),
+            };
+            let key = &request.keys[index];
+            let remaining = request.wait.remaining();
+            if remaining == Some(Duration::ZERO) {
+                return Err(request.wait.give_up(key));
+            }
+            let mut nap = pause.mul_f64(0.5 + 0.5 * unit_random());
+            if pttl > 0 {
+                nap = nap.min(Duration::from_millis(pttl as u64 + 1));
+            }
+            if let Some(r) = remaining {
+                nap = nap.min(r);
+            }
+            pause = (pause * 2).min(RETRY_MAX);
+            let span = span.get_or_insert_with(|| wait_span(key));
+            sleep(nap).instrument(span.clone()).await;
+            self.check_open()?;
+        }
+    }
+
+    /// A single-key, fair wait: this process queues once in Redis; local
+    /// waiters queue behind each other and are handed the lock in order.
+    async fn acquire_queued(
+        &self,
+        waiting: &Arc<Waiting>,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
+        let key = &keys.locks()[0];
+        let owner = request.owner.as_deref().unwrap_or("");
+        let ttl_ms = request.expire.map_or(0, millis_ceil);
+        let waiter = Waiter::new(owner, nonce, ttl_ms, keys.index.clone());
+        let mut guard = LocalGuard {
+            provider: self,
+            waiting,
+            waiter: &waiter,
+            key: Some(key.clone()),
+            single: true,
+        };
+        let span = wait_span(&request.keys[0]);
+        let mut attempt_now = waiting.join_single(key, &waiter);
+        let mut holder_expiry = None::<Instant>;
+        let mut pause = RETRY_MIN;
+        loop {
+            if let Some((token, sent_at)) = waiter.granted() {
+                guard.finish(waiting.mark_gone(&waiter).is_some());
+                return Ok(Acquired::new(vec![token], vec![false], sent_at));
+            }
+            if attempt_now && waiter.begin_attempt() {
+                let queueing = Queueing {
+                    pid: &waiting.pid,
+                    entry: &waiting.pid,
+                    more: waiting.others_waiting(key, &waiter),
+                    queue_ttl_ms: self.queue_ttl_ms(request),
+                };
+                let sent_at = Instant::now();
+                let reply = self.attempt(request, keys, nonce, &queueing).await;
+                waiter.end_attempt();
+                match reply? {
+                    AcquireReply::Acquired { tokens, reentered } => {
+                        waiting.mark_gone(&waiter);
+                        guard.finish(true);
+                        return Ok(Acquired::new(tokens, reentered, sent_at));
                     }
-                    // Jittered exponential backoff, never past the holder's
-                    // lease (the lock is free then) nor past the deadline.
-                    let mut nap = pause.mul_f64(0.5 + 0.5 * unit_random());
-                    if pttl > 0 {
-                        nap = nap.min(Duration::from_millis(pttl as u64 + 1));
+                    AcquireReply::Foreign { index } => return Err(foreign(request, index)),
+                    AcquireReply::Held { pttl, .. } => {
+                        holder_expiry = (pttl > 0)
+                            .then(|| Instant::now() + Duration::from_millis(pttl as u64 + 1));
                     }
-                    if let Some(r) = remaining {
-                        nap = nap.min(r);
-                    }
-                    pause = (pause * 2).min(RETRY_MAX);
-                    let span = waited.get_or_insert_with(|| {
-                        tracing::trace_span!("lockstep.wait", provider = "locking-redis", key = %key)
-                    });
-                    sleep(nap).instrument(span.clone()).await;
-                    self.check_open()?;
                 }
             }
+            let now = Instant::now();
+            if let Wait::Until(deadline) = request.wait
+                && now >= deadline
+            {
+                if waiter.is_being_handed() {
+                    // A release is handing us the lock: take its answer.
+                    waiter
+                        .sleep_until(now + 2 * self.inner.response_timeout)
+                        .await;
+                    attempt_now = false;
+                    continue;
+                }
+                if waiter.granted().is_some() {
+                    continue;
+                }
+                return Err(request.wait.give_up(&request.keys[0]));
+            }
+            let fallback = self.quiet_period(waiting, &mut pause);
+            let mut until = now + fallback;
+            if let Some(at) = holder_expiry.filter(|_| waiting.is_first(key, &waiter)) {
+                until = until.min(at);
+            }
+            if let Wait::Until(deadline) = request.wait {
+                until = until.min(deadline);
+            }
+            waiter.sleep_until(until).instrument(span.clone()).await;
+            waiter.take_woken();
+            self.check_open()?;
+            // Only the first local waiter speaks for the process; the
+            // others wait for their turn or for a release to hand them
+            // the lock.
+            attempt_now = waiting.is_first(key, &waiter);
+        }
+    }
+
+    /// Waiting to be woken: multi-key requests, and every request when
+    /// barging. Each wake-up is a new attempt.
+    async fn acquire_woken(
+        &self,
+        waiting: &Arc<Waiting>,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
+        let owner = request.owner.as_deref().unwrap_or("");
+        let waiter = Waiter::new(owner, nonce, 0, None);
+        let mut guard = LocalGuard {
+            provider: self,
+            waiting,
+            waiter: &waiter,
+            key: None,
+            single: false,
+        };
+        let entry = format!("~{}", waiting.pid);
+        let mut span = None::<tracing::Span>;
+        let mut pause = RETRY_MIN;
+        loop {
+            let queueing = Queueing {
+                pid: &waiting.pid,
+                entry: &entry,
+                more: false,
+                queue_ttl_ms: self.queue_ttl_ms(request),
+            };
+            let sent_at = Instant::now();
+            let (index, pttl) = match self.attempt(request, keys, nonce, &queueing).await? {
+                AcquireReply::Acquired { tokens, reentered } => {
+                    guard.finish(true);
+                    return Ok(Acquired::new(tokens, reentered, sent_at));
+                }
+                AcquireReply::Foreign { index } => return Err(foreign(request, index)),
+                AcquireReply::Held { index, pttl } => (index, pttl),
+            };
+            let held = &keys.locks()[index];
+            if guard.key.as_deref() != Some(held.as_str()) {
+                guard.leave();
+                waiting.join_other(held, &waiter);
+                guard.key = Some(held.clone());
+            }
+            let now = Instant::now();
+            let remaining = request.wait.remaining();
+            if remaining == Some(Duration::ZERO) {
+                return Err(request.wait.give_up(&request.keys[index]));
+            }
+            let fallback = self.quiet_period(waiting, &mut pause);
+            let mut until = now + fallback;
+            if pttl > 0 {
+                until = until.min(now + Duration::from_millis(pttl as u64 + 1));
+            }
+            if let Some(r) = remaining {
+                until = until.min(now + r);
+            }
+            let span = span.get_or_insert_with(|| wait_span(&request.keys[index]));
+            waiter.sleep_until(until).instrument(span.clone()).await;
+            waiter.take_woken();
+            self.check_open()?;
+        }
+    }
+
+    /// How long a waiter sleeps without news: the fallback period while
+    /// notifications arrive, a jittered backoff (`pause`) while they cannot.
+    fn quiet_period(&self, waiting: &Waiting, pause: &mut Duration) -> Duration {
+        if waiting.is_subscribed() {
+            self.inner.fallback
+        } else {
+            *pause = (*pause * 2).min(RETRY_MAX);
+            pause.mul_f64(0.5 + 0.5 * unit_random())
+        }
+    }
+
+    /// How long a queue must live for this request's wait.
+    fn queue_ttl_ms(&self, request: &AcquireRequest) -> u64 {
+        let wait = request
+            .wait
+            .remaining()
+            .unwrap_or(QUEUE_TTL_MAX)
+            .min(QUEUE_TTL_MAX);
+        millis_ceil(wait) + self.inner.claim_ms + 1000
+    }
+
+    /// Takes this process's entry out of the queue of `lock_key`, passing
+    /// on a reservation made for it.
+    async fn withdraw(&self, lock_key: &str, wake_entry: bool) {
+        let Some(waiting) = &self.inner.waiting else {
+            return;
+        };
+        let entry = if wake_entry {
+            format!("~{}", waiting.pid)
+        } else {
+            waiting.pid.clone()
+        };
+        let keys = [lock_key.to_owned(), self.inner.layout.queue_key(lock_key)];
+        let claim = self.inner.claim_ms.to_string();
+        let args = [
+            entry.as_str(),
+            waiting.pid.as_str(),
+            claim.as_str(),
+            waiting.channel_prefix.as_str(),
+        ];
+        if let Err(e) = self
+            .eval("withdraw", &scripts::WITHDRAW, &keys, &args)
+            .await
+        {
+            tracing::debug!("withdrawing from the queue of {lock_key} failed: {e}");
         }
     }
 }
 
-/// Undoes an acquisition attempt whose reply never arrived, when dropped
-/// armed: on an "outcome unknown" error, and when the caller's future is
-/// dropped mid-call. Releases only what this attempt took (matched by its
+fn wait_span(key: &str) -> tracing::Span {
+    tracing::trace_span!("lockstep.wait", provider = "locking-redis", key = %key)
+}
+
+fn foreign(request: &AcquireRequest, index: usize) -> LockError {
+    let key = request.keys.get(index).unwrap_or(&request.keys[0]);
+    LockError::ForeignValue { key: key.clone() }
+}
+
+/// Keeps a waiter's local registration honest however its call ends: on
+/// drop (return, error, or a dropped future) it leaves the local queue, and
+/// withdraws the process's Redis queue entry when it was the last local
+/// waiter of its kind.
+struct LocalGuard<'a> {
+    provider: &'a RedisProvider,
+    waiting: &'a Arc<Waiting>,
+    waiter: &'a Arc<Waiter>,
+    key: Option<String>,
+    single: bool,
+}
+
+impl LocalGuard<'_> {
+    /// Leaves the local queue now. `acquired`: the call holds the lock, so
+    /// the process's queue entry was already dealt with by the script.
+    fn finish(&mut self, acquired: bool) {
+        if acquired {
+            if let Some(key) = self.key.take() {
+                if self.single {
+                    self.waiting.leave_single(&key, self.waiter);
+                } else {
+                    self.waiting.leave_other(&key, self.waiter);
+                }
+            }
+        } else {
+            self.leave();
+        }
+    }
+
+    /// Leaves the local queue of the current key, withdrawing from Redis if
+    /// it was the last local waiter.
+    fn leave(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        let left = if self.single {
+            self.waiting.leave_single(&key, self.waiter)
+        } else {
+            self.waiting.leave_other(&key, self.waiter)
+        };
+        if left == Left::Last
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let provider = self.provider.clone();
+            let wake = !self.single;
+            runtime.spawn(async move { provider.withdraw(&key, wake).await });
+        }
+    }
+}
+
+impl Drop for LocalGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            if self.waiting.mark_gone(self.waiter).is_some() {
+                // Handed the lock after the call had decided to give up:
+                // nobody will use it.
+                self.provider.undo_later(
+                    vec![key.clone()],
+                    self.waiter.owner.clone(),
+                    self.waiter.nonce.clone(),
+                    None,
+                );
+            }
+            self.leave();
+        }
+    }
+}
+
+/// Undoes an acquisition whose reply never arrived, when dropped armed: on
+/// an "outcome unknown" error, and when the caller's future is dropped
+/// mid-call. Releases only what this acquisition took (matched by its
 /// nonce), in a background task that retries until it succeeds, the lease
 /// would have ended anyway, or the provider shuts down.
 struct UndoGuard<'a> {
@@ -332,26 +792,43 @@ impl UndoGuard<'_> {
 
 impl Drop for UndoGuard<'_> {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            self.provider.undo_later(
+                self.keys.to_vec(),
+                self.owner.to_owned(),
+                self.nonce.to_owned(),
+                self.expire,
+            );
         }
+    }
+}
+
+impl RedisProvider {
+    /// Releases, in the background, whatever the acquisition `nonce` of
+    /// `owner` holds among `lock_keys`.
+    fn undo_later(
+        &self,
+        lock_keys: Vec<String>,
+        owner: String,
+        nonce: String,
+        expire: Option<Duration>,
+    ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             tracing::warn!(
                 "acquisition abandoned outside a Tokio runtime; its locks expire with their lease"
             );
             return;
         };
-        let provider = self.provider.clone();
-        let keys = self.keys.to_vec();
-        let owner = self.owner.to_owned();
-        let nonce = self.nonce.to_owned();
-        let give_up_at = self.expire.map(|e| Instant::now() + e);
+        let provider = self.clone();
+        let give_up_at = expire.map(|e| Instant::now() + e);
         runtime.spawn(async move {
             let mut pause = RETRY_MIN;
             loop {
-                match provider.release_keys(&keys, &owner, &nonce).await {
-                    Ok(_) => return,
-                    Err(LockError::Shutdown { .. }) => return,
+                match provider
+                    .release_keys(&lock_keys, &owner, &nonce, None)
+                    .await
+                {
+                    Ok(_) | Err(LockError::Shutdown { .. }) => return,
                     Err(e) => {
                         tracing::debug!("undoing an unanswered acquisition failed, retrying: {e}")
                     }
@@ -364,27 +841,102 @@ impl Drop for UndoGuard<'_> {
             }
         });
     }
-}
 
-impl RedisProvider {
-    /// Runs `release.lua` on already-mapped lock keys.
+    /// Runs `release.lua` on already-mapped lock keys, handing the first to
+    /// `successor` (a local waiter, and whether more follow it) if no other
+    /// process is queued first. Returns per key whether it was released, and
+    /// the successor's token if it got the lock.
     async fn release_keys(
         &self,
         lock_keys: &[String],
         owner: &str,
         nonce: &str,
-    ) -> Result<Vec<bool>, LockError> {
+        successor: Option<(&Waiter, bool)>,
+    ) -> Result<(Vec<bool>, u64), LockError> {
+        let layout = &self.inner.layout;
+        let n = lock_keys.len();
         let mut keys = lock_keys.to_vec();
+        keys.extend(lock_keys.iter().map(|k| layout.fence_key_of(k)));
+        keys.extend(lock_keys.iter().map(|k| layout.queue_key(k)));
         if !owner.is_empty() {
-            keys.push(self.inner.layout.owner_index(owner));
+            keys.push(layout.owner_index(owner));
         }
-        let count = lock_keys.len().to_string();
+        let (succ_owner, succ_nonce, succ_ttl, more) = match successor {
+            Some((w, more)) => (w.owner.as_str(), w.nonce.as_str(), w.ttl_ms, more),
+            None => ("", "", 0, false),
+        };
+        let succ_index = successor.and_then(|(w, _)| w.index.clone());
+        if let Some(i) = &succ_index {
+            keys.push(i.clone());
+        }
+        let pid = self.inner.waiting.as_ref().map_or("", |w| w.pid.as_str());
+        let args = [
+            n.to_string(),
+            owner.to_owned(),
+            nonce.to_owned(),
+            self.inner.claim_ms.to_string(),
+            self.channel_prefix().to_owned(),
+            if owner.is_empty() { "0" } else { "1" }.to_owned(),
+            succ_owner.to_owned(),
+            succ_nonce.to_owned(),
+            succ_ttl.to_string(),
+            if succ_index.is_some() { "1" } else { "0" }.to_owned(),
+            pid.to_owned(),
+            if more { "1" } else { "0" }.to_owned(),
+            (2 * self.inner.claim_ms + 1000).to_string(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let reply = self
-            .eval("release", &scripts::RELEASE, &keys, &[&count, owner, nonce])
+            .eval("release", &scripts::RELEASE, &keys, &args)
             .await?;
-        let flags: Vec<i64> =
+        let mut flags: Vec<i64> =
             redis::from_redis_value(reply).map_err(|e| unexpected("release", e))?;
-        Ok(flags.into_iter().map(|f| f == 1).collect())
+        if flags.len() != n + 1 {
+            return Err(unexpected("release", "wrong number of results"));
+        }
+        let token = flags.pop().unwrap_or(0).max(0) as u64;
+        Ok((flags.into_iter().map(|f| f == 1).collect(), token))
+    }
+
+    async fn release_inner(
+        &self,
+        keys: &[String],
+        owner: Option<&str>,
+    ) -> Result<Vec<bool>, LockError> {
+        self.check_open()?;
+        let lock_keys: Vec<String> = keys.iter().map(|k| self.inner.layout.lock_key(k)).collect();
+        let owner = owner.unwrap_or("");
+        let successor = match &self.inner.waiting {
+            Some(w) if lock_keys.len() == 1 => {
+                w.successor(&lock_keys[0]).map(|s| (Arc::clone(w), s))
+            }
+            _ => None,
+        };
+        let sent_at = Instant::now();
+        let result = self
+            .release_keys(
+                &lock_keys,
+                owner,
+                "",
+                successor.as_ref().map(|(_, (w, more))| (&**w, *more)),
+            )
+            .await;
+        if let Some((waiting, (w, _))) = &successor {
+            let grant = match &result {
+                Ok((_, token)) if *token > 0 => Some((*token, sent_at)),
+                _ => None,
+            };
+            if waiting.handed(&lock_keys[0], w, grant) {
+                // Its call ended meanwhile: nobody holds this grant.
+                self.undo_later(
+                    vec![lock_keys[0].clone()],
+                    w.owner.clone(),
+                    w.nonce.clone(),
+                    None,
+                );
+            }
+        }
+        result.map(|(released, _)| released)
     }
 }
 
@@ -443,8 +995,9 @@ fn decode_acquire(reply: Value, n: usize) -> Result<AcquireReply, LockError> {
             let index = items.get(1).and_then(int).ok_or_else(|| bad("no index"))?;
             // Indices past the lock keys name internal keys; report the first
             // lock key then, the one the caller can act on.
+            let index = index.max(1) as usize - 1;
             Ok(AcquireReply::Foreign {
-                index: (index.max(1) as usize - 1).min(n),
+                index: if index < n { index } else { 0 },
             })
         }
         _ => Err(bad("unknown status")),
@@ -519,12 +1072,7 @@ impl LockingProvider for RedisProvider {
         keys: &'a [String],
         owner: Option<&'a str>,
     ) -> BoxFuture<'a, Result<Vec<bool>, LockError>> {
-        Box::pin(async move {
-            self.check_open()?;
-            let lock_keys: Vec<String> =
-                keys.iter().map(|k| self.inner.layout.lock_key(k)).collect();
-            self.release_keys(&lock_keys, owner.unwrap_or(""), "").await
-        })
+        Box::pin(self.release_inner(keys, owner))
     }
 
     fn extend<'a>(
@@ -567,8 +1115,14 @@ impl LockingProvider for RedisProvider {
             let reply = match owner {
                 Some(o) => {
                     let keys = [layout.owner_index(o)];
-                    self.eval("release_all", &scripts::RELEASE_ALL, &keys, &["owner", o])
-                        .await?
+                    let claim = self.inner.claim_ms.to_string();
+                    self.eval(
+                        "release_all",
+                        &scripts::RELEASE_ALL,
+                        &keys,
+                        &["owner", o, &claim, self.channel_prefix()],
+                    )
+                    .await?
                 }
                 None => {
                     let pattern = layout.scan_pattern();
@@ -576,7 +1130,12 @@ impl LockingProvider for RedisProvider {
                         "release_all",
                         &scripts::RELEASE_ALL,
                         &[],
-                        &["namespace", layout.namespace(), &pattern],
+                        &[
+                            "namespace",
+                            layout.namespace(),
+                            &pattern,
+                            self.channel_prefix(),
+                        ],
                     )
                     .await?
                 }
@@ -586,6 +1145,11 @@ impl LockingProvider for RedisProvider {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move { self.inner.conns.close() })
+        Box::pin(async move {
+            if let Some(w) = &self.inner.waiting {
+                w.stop.cancel();
+            }
+            self.inner.conns.close()
+        })
     }
 }

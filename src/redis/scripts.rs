@@ -3,19 +3,30 @@
 //! Each is invoked with `EVALSHA`; on `NOSCRIPT` (a restarted or flushed
 //! server) redis-rs loads it on the same connection and retries. Their
 //! KEYS/ARGV/return contracts are at the top of each file in `lua/`, and
-//! `tests/scripts.rs` checks each against a real server.
+//! `tests/scripts.rs` checks each against a real server. The scripts that
+//! hand locks on are prefixed with `lua/prelude.lua`, their shared helpers.
 
 use std::sync::LazyLock;
 
 use redis::Script;
 
-/// `lua/acquire.lua`: all keys or none, re-entry, fencing tokens.
-pub(crate) static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/acquire.lua")));
+macro_rules! with_prelude {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../lua/prelude.lua"),
+            "\n",
+            include_str!($file)
+        )
+    };
+}
 
-/// `lua/release.lua`: owner- (or nonce-) checked release, per key.
+/// `lua/acquire.lua`: all keys or none, re-entry, fencing tokens, queueing.
+pub(crate) static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("../../lua/acquire.lua")));
+
+/// `lua/release.lua`: owner- (or nonce-) checked release, per key, with handoff.
 pub(crate) static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/release.lua")));
+    LazyLock::new(|| Script::new(with_prelude!("../../lua/release.lua")));
 
 /// `lua/extend.lua`: owner-checked lease extension, all or nothing.
 pub(crate) static EXTEND: LazyLock<Script> =
@@ -23,9 +34,13 @@ pub(crate) static EXTEND: LazyLock<Script> =
 
 /// `lua/release_all.lua`: one owner's locks, or the namespace's.
 pub(crate) static RELEASE_ALL: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../lua/release_all.lua")));
+    LazyLock::new(|| Script::new(with_prelude!("../../lua/release_all.lua")));
+
+/// `lua/withdraw.lua`: a process stops waiting for a lock.
+pub(crate) static WITHDRAW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("../../lua/withdraw.lua")));
 
 /// Every script, to load them up front.
-pub(crate) fn all() -> [&'static Script; 4] {
-    [&ACQUIRE, &RELEASE, &EXTEND, &RELEASE_ALL]
+pub(crate) fn all() -> [&'static Script; 5] {
+    [&ACQUIRE, &RELEASE, &EXTEND, &RELEASE_ALL, &WITHDRAW]
 }

@@ -78,7 +78,7 @@ macro_rules! contract_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let fixture = $make().await;
-                contract::$case(&fixture).await;
+                crate::contract::$case(&fixture).await;
                 fixture.module.shutdown().await;
             }
         )*

@@ -1,0 +1,503 @@
+//! Waiting for locks without polling: the process's notification channel and
+//! its registry of local waiters.
+//!
+//! The protocol (the Redis side is in `lua/prelude.lua`):
+//!
+//! - Each provider (process) has a random `pid` and one subscription, to
+//!   `<namespace>c:<pid>`, on a connection of its own.
+//! - A single-key waiter that finds its lock held puts its process in the
+//!   lock's Redis queue (`<lock key>:q`), at most once per process. Other
+//!   local waiters for the same lock queue up **locally**, behind it, without
+//!   touching Redis: a thousand local waiters cost one queue entry.
+//! - A release hands the lock on. If the releasing process has a local
+//!   waiter and no other process is queued before it, the release script
+//!   gives the lock straight to that waiter (one round trip serves both).
+//!   Otherwise it reserves the lock for the first queued process that hears
+//!   its message, and that process's first local waiter claims it with one
+//!   acquire call. Processes are served in queue order, and each process's
+//!   waiters in arrival order: FIFO across processes, round-robin when a
+//!   process has several waiters.
+//! - Multi-key waiters (and every waiter in barging mode) queue a wake-only
+//!   entry: a release wakes them and they try again.
+//! - Nothing relies on a message arriving: a waiter also wakes when the
+//!   holder's lease runs out (it knows the PTTL from its last attempt), at a
+//!   fallback period, and after the subscription reconnects, each costing
+//!   one acquire call per waiting process and lock. A process whose
+//!   subscription is down hears nothing, so the release scripts skip it
+//!   instead of reserving locks for it.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio::time::{Instant, sleep, timeout};
+use tokio_util::sync::CancellationToken;
+
+/// How often the subscription connection is pinged, to notice a silent
+/// (half-open) connection.
+const PING_EVERY: Duration = Duration::from_secs(2);
+
+/// One waiter: an acquire call waiting for its lock(s).
+#[derive(Debug)]
+pub(crate) struct Waiter {
+    pub(crate) owner: String,
+    pub(crate) nonce: String,
+    pub(crate) ttl_ms: u64,
+    pub(crate) index: Option<String>,
+    state: Mutex<State>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Asked to make an attempt (a message for its lock, a reconnect, or it
+    /// became the first local waiter after another gave up).
+    woken: bool,
+    /// A local release is handing it the lock right now.
+    handing: bool,
+    /// The lock was handed to it: the token, and when the release was sent.
+    granted: Option<(u64, Instant)>,
+    /// Its acquire call has ended; a grant arriving now must be undone.
+    gone: bool,
+    /// Its own acquire script is in flight: no release may hand it the
+    /// lock meanwhile (it could end up granted twice).
+    attempting: bool,
+}
+
+impl Waiter {
+    pub(crate) fn new(owner: &str, nonce: &str, ttl_ms: u64, index: Option<String>) -> Arc<Waiter> {
+        Arc::new(Waiter {
+            owner: owner.to_owned(),
+            nonce: nonce.to_owned(),
+            ttl_ms,
+            index,
+            state: Mutex::default(),
+            notify: Notify::new(),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wake(&self) {
+        self.state().woken = true;
+        self.notify.notify_one();
+    }
+
+    /// Waits until woken, granted, or `until`.
+    pub(crate) async fn sleep_until(&self, until: Instant) {
+        tokio::select! {
+            _ = self.notify.notified() => {}
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+
+    /// Takes the "make an attempt" flag.
+    pub(crate) fn take_woken(&self) -> bool {
+        std::mem::take(&mut self.state().woken)
+    }
+
+    /// The grant, if the lock was handed to this waiter.
+    pub(crate) fn granted(&self) -> Option<(u64, Instant)> {
+        self.state().granted
+    }
+
+    /// Whether a local release is handing this waiter the lock right now.
+    pub(crate) fn is_being_handed(&self) -> bool {
+        self.state().handing
+    }
+
+    /// Starts an attempt of its own, unless a release is handing it the
+    /// lock or already did. Returns whether it may attempt.
+    pub(crate) fn begin_attempt(&self) -> bool {
+        let mut st = self.state();
+        if st.handing || st.granted.is_some() {
+            return false;
+        }
+        st.attempting = true;
+        true
+    }
+
+    /// Ends an attempt of its own.
+    pub(crate) fn end_attempt(&self) {
+        self.state().attempting = false;
+    }
+}
+
+/// The local waiters of one lock.
+#[derive(Debug, Default)]
+struct KeyWaiters {
+    /// Single-key waiters, in arrival order. The first one speaks for the
+    /// process in Redis.
+    singles: VecDeque<Arc<Waiter>>,
+    /// Multi-key (or barging) waiters that found this lock held.
+    others: Vec<Arc<Waiter>>,
+}
+
+/// What leaving the local queue of a lock requires.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Left {
+    /// Other local waiters remain; the process stays queued in Redis.
+    OthersRemain,
+    /// This was the last local waiter of its kind: the process's queue
+    /// entry should be withdrawn.
+    Last,
+}
+
+/// The registry of local waiters, and the notification channel's state.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    /// This process's id in queues and channel names.
+    pub(crate) pid: String,
+    /// Channels are `<channel_prefix><pid>`.
+    pub(crate) channel_prefix: String,
+    local: Mutex<HashMap<String, KeyWaiters>>,
+    subscribed: AtomicBool,
+    /// Stops the subscription task.
+    pub(crate) stop: CancellationToken,
+}
+
+impl Waiting {
+    pub(crate) fn new(namespace: &str) -> Arc<Waiting> {
+        let pid = {
+            let mut id = crate::token::random_id();
+            id.truncate(16);
+            id
+        };
+        Arc::new(Waiting {
+            pid,
+            channel_prefix: format!("{namespace}c:"),
+            local: Mutex::default(),
+            subscribed: AtomicBool::new(false),
+            stop: CancellationToken::new(),
+        })
+    }
+
+    fn local(&self) -> MutexGuard<'_, HashMap<String, KeyWaiters>> {
+        self.local.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// This process's channel.
+    pub(crate) fn channel(&self) -> String {
+        format!("{}{}", self.channel_prefix, self.pid)
+    }
+
+    /// Whether messages can arrive now.
+    pub(crate) fn is_subscribed(&self) -> bool {
+        self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Queues a single-key waiter. Returns true when it is the only one, so
+    /// it should make an attempt at once; otherwise it waits its turn.
+    pub(crate) fn join_single(&self, key: &str, w: &Arc<Waiter>) -> bool {
+        let mut local = self.local();
+        let k = local.entry(key.to_owned()).or_default();
+        k.singles.push_back(Arc::clone(w));
+        k.singles.len() == 1
+    }
+
+    /// Whether `w` is the first local single-key waiter of `key`.
+    pub(crate) fn is_first(&self, key: &str, w: &Arc<Waiter>) -> bool {
+        self.local()
+            .get(key)
+            .and_then(|k| k.singles.front())
+            .is_some_and(|f| Arc::ptr_eq(f, w))
+    }
+
+    /// Whether other local single-key waiters wait for `key` besides `w`.
+    pub(crate) fn others_waiting(&self, key: &str, w: &Arc<Waiter>) -> bool {
+        self.local()
+            .get(key)
+            .is_some_and(|k| k.singles.iter().any(|o| !Arc::ptr_eq(o, w)))
+    }
+
+    /// Removes a single-key waiter. If it was first and others remain, the
+    /// next one is woken to make an attempt.
+    pub(crate) fn leave_single(&self, key: &str, w: &Arc<Waiter>) -> Left {
+        let mut local = self.local();
+        let Some(k) = local.get_mut(key) else {
+            return Left::Last;
+        };
+        let was_first = k.singles.front().is_some_and(|f| Arc::ptr_eq(f, w));
+        k.singles.retain(|o| !Arc::ptr_eq(o, w));
+        let left = if k.singles.is_empty() {
+            Left::Last
+        } else {
+            if was_first && w.granted().is_none() {
+                // It gave up: the next one takes over the attempts.
+                k.singles[0].wake();
+            }
+            Left::OthersRemain
+        };
+        if k.singles.is_empty() && k.others.is_empty() {
+            local.remove(key);
+        }
+        left
+    }
+
+    /// Registers a multi-key (or barging) waiter as waiting for `key`.
+    pub(crate) fn join_other(&self, key: &str, w: &Arc<Waiter>) {
+        let mut local = self.local();
+        let k = local.entry(key.to_owned()).or_default();
+        if !k.others.iter().any(|o| Arc::ptr_eq(o, w)) {
+            k.others.push(Arc::clone(w));
+        }
+    }
+
+    /// Removes a multi-key (or barging) waiter from `key`.
+    pub(crate) fn leave_other(&self, key: &str, w: &Arc<Waiter>) -> Left {
+        let mut local = self.local();
+        let Some(k) = local.get_mut(key) else {
+            return Left::Last;
+        };
+        k.others.retain(|o| !Arc::ptr_eq(o, w));
+        let left = if k.others.is_empty() {
+            Left::Last
+        } else {
+            Left::OthersRemain
+        };
+        if k.singles.is_empty() && k.others.is_empty() {
+            local.remove(key);
+        }
+        left
+    }
+
+    /// Picks the first local single-key waiter of `key` as the successor of
+    /// a release, marking it as being handed the lock. Returns it and
+    /// whether more local waiters come after it.
+    pub(crate) fn successor(&self, key: &str) -> Option<(Arc<Waiter>, bool)> {
+        let local = self.local();
+        let k = local.get(key)?;
+        let first = k.singles.front()?;
+        let mut st = first.state();
+        if st.gone || st.granted.is_some() || st.handing || st.attempting {
+            return None;
+        }
+        st.handing = true;
+        drop(st);
+        Some((Arc::clone(first), k.singles.len() > 1))
+    }
+
+    /// Ends a handing: with `Some(token)` the successor now holds the lock.
+    /// Returns true when the successor's call had already ended, so the
+    /// grant must be undone.
+    pub(crate) fn handed(&self, key: &str, w: &Arc<Waiter>, grant: Option<(u64, Instant)>) -> bool {
+        let mut local = self.local();
+        let mut st = w.state();
+        st.handing = false;
+        let abandoned = grant.is_some() && st.gone;
+        if let Some(g) = grant {
+            st.granted = Some(g);
+            drop(st);
+            if let Some(k) = local.get_mut(key) {
+                k.singles.retain(|o| !Arc::ptr_eq(o, w));
+                if k.singles.is_empty() && k.others.is_empty() {
+                    local.remove(key);
+                }
+            }
+        } else {
+            drop(st);
+        }
+        w.notify.notify_one();
+        abandoned
+    }
+
+    /// Marks a waiter's call as ended. Returns its grant if it had one
+    /// (which the caller must then undo).
+    pub(crate) fn mark_gone(&self, w: &Arc<Waiter>) -> Option<(u64, Instant)> {
+        let mut st = w.state();
+        st.gone = true;
+        st.granted
+    }
+
+    /// Handles a message: wakes the first single-key waiter of the lock (for
+    /// a reservation) and every other waiter of it. Returns the lock key if
+    /// the lock was reserved for this process but nobody here wants it any
+    /// more, so that the reservation can be passed on.
+    pub(crate) fn dispatch(&self, message: &str) -> Option<String> {
+        let (kind, key) = message.split_at_checked(1)?;
+        let local = self.local();
+        match local.get(key) {
+            Some(k) => {
+                if let Some(first) = k.singles.front() {
+                    first.wake();
+                } else if kind == "r" {
+                    return Some(key.to_owned());
+                }
+                for o in &k.others {
+                    o.wake();
+                }
+                None
+            }
+            None if kind == "r" => Some(key.to_owned()),
+            None => None,
+        }
+    }
+
+    /// Wakes every waiter that makes attempts: after a reconnect, messages
+    /// may have been lost.
+    pub(crate) fn wake_all(&self) {
+        for k in self.local().values() {
+            if let Some(first) = k.singles.front() {
+                first.wake();
+            }
+            for o in &k.others {
+                o.wake();
+            }
+        }
+    }
+
+    /// How many local waiters there are (for tests and introspection).
+    #[allow(dead_code)]
+    pub(crate) fn len(&self) -> usize {
+        self.local()
+            .values()
+            .map(|k| k.singles.len() + k.others.len())
+            .sum()
+    }
+}
+
+/// Keeps the process subscribed to its channel and dispatches messages,
+/// reconnecting after a failure, until `waiting.stop` fires. `withdraw` is
+/// called with a lock reserved for this process that nobody here wants.
+pub(crate) async fn subscribe(
+    client: redis::Client,
+    waiting: Arc<Waiting>,
+    connect_timeout: Duration,
+    ready: tokio::sync::oneshot::Sender<Result<(), redis::RedisError>>,
+    withdraw: impl Fn(String) + Send + 'static,
+) {
+    let mut ready = Some(ready);
+    let mut pause = Duration::from_millis(20);
+    let channel = waiting.channel();
+    loop {
+        let attempt = async {
+            let pubsub = client.get_async_pubsub().await?;
+            let (mut sink, stream) = pubsub.split();
+            sink.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>((sink, stream))
+        };
+        let connected = tokio::select! {
+            r = timeout(connect_timeout, attempt) => r,
+            _ = waiting.stop.cancelled() => return,
+        };
+        let (mut sink, mut stream) = match connected {
+            Ok(Ok(halves)) => halves,
+            failed => {
+                let error = match failed {
+                    Ok(Err(e)) => e,
+                    _ => redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "subscription timed out",
+                    )),
+                };
+                tracing::debug!("lock notification subscription failed: {error}");
+                if let Some(r) = ready.take() {
+                    let _ = r.send(Err(error));
+                    return;
+                }
+                tokio::select! {
+                    _ = sleep(pause) => {}
+                    _ = waiting.stop.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        pause = Duration::from_millis(20);
+        waiting.subscribed.store(true, Ordering::Release);
+        if let Some(r) = ready.take() {
+            let _ = r.send(Ok(()));
+        }
+        // Messages sent while we were away are lost: everyone tries again.
+        waiting.wake_all();
+        let mut ping = tokio::time::interval(PING_EVERY);
+        ping.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(m) => {
+                        if let Ok(text) = std::str::from_utf8(m.get_payload_bytes())
+                            && let Some(key) = waiting.dispatch(text) {
+                                withdraw(key);
+                            }
+                    }
+                    None => break,
+                },
+                _ = ping.tick() => {
+                    if !matches!(timeout(connect_timeout, sink.ping::<String>()).await, Ok(Ok(_))) {
+                        break;
+                    }
+                }
+                _ = waiting.stop.cancelled() => {
+                    waiting.subscribed.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        }
+        waiting.subscribed.store(false, Ordering::Release);
+        tracing::debug!("lock notification subscription lost; reconnecting");
+        waiting.wake_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(n: &str) -> Arc<Waiter> {
+        Waiter::new(n, "0123456789abcdef", 1000, None)
+    }
+
+    #[test]
+    fn local_waiters_queue_in_order_and_hand_over() {
+        let w = Waiting::new("ns:");
+        let (a, b, c) = (waiter("a"), waiter("b"), waiter("c"));
+        assert!(w.join_single("k", &a));
+        assert!(!w.join_single("k", &b));
+        assert!(!w.join_single("k", &c));
+        assert!(w.is_first("k", &a) && w.others_waiting("k", &a));
+        let (s, more) = w.successor("k").unwrap();
+        assert!(Arc::ptr_eq(&s, &a) && more);
+        assert!(w.successor("k").is_none(), "already being handed");
+        assert!(!w.handed("k", &a, Some((7, Instant::now()))));
+        assert_eq!(a.granted().map(|g| g.0), Some(7));
+        assert!(w.is_first("k", &b));
+        // b gives up: c becomes first and is woken to attempt.
+        assert_eq!(w.leave_single("k", &b), Left::OthersRemain);
+        assert!(c.take_woken());
+        assert_eq!(w.leave_single("k", &c), Left::Last);
+        assert_eq!(w.len(), 0);
+    }
+
+    #[test]
+    fn messages_wake_the_first_waiter_and_report_unwanted_reservations() {
+        let w = Waiting::new("ns:");
+        let (a, b, m) = (waiter("a"), waiter("b"), waiter("m"));
+        w.join_single("k", &a);
+        w.join_single("k", &b);
+        w.join_other("k", &m);
+        assert_eq!(w.dispatch("rk"), None);
+        assert!(a.take_woken() && !b.take_woken() && m.take_woken());
+        assert_eq!(w.dispatch("rother"), Some("other".to_owned()));
+        assert_eq!(w.dispatch("wother"), None);
+        assert_eq!(w.dispatch(""), None);
+    }
+
+    #[test]
+    fn a_grant_to_a_gone_waiter_is_reported_for_undo() {
+        let w = Waiting::new("ns:");
+        let a = waiter("a");
+        w.join_single("k", &a);
+        let (s, _) = w.successor("k").unwrap();
+        assert!(w.mark_gone(&s).is_none());
+        assert!(
+            w.handed("k", &s, Some((1, Instant::now()))),
+            "must be undone"
+        );
+    }
+}
