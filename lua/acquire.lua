@@ -9,7 +9,7 @@
 --                 in ms), passed only for named owners
 -- ARGV[1]   n, the number of lock keys
 -- ARGV[2]   owner id; "" means anonymous (named owners are never empty)
--- ARGV[3]   nonce: exactly 16 bytes, unique to this acquisition
+-- ARGV[3]   nonce: exactly 12 bytes, unique to this acquisition
 -- ARGV[4]   lease in milliseconds; "0" means the lock does not expire
 -- ARGV[5]   pid of the calling process, or "" if it takes no notifications
 -- ARGV[6]   queue entry to add to the first held lock's queue on conflict:
@@ -90,7 +90,7 @@ for i = 1, n do
       if next and next ~= pid then
         -- Another process's turn: it holds the reservation now.
         if entry ~= '' then
-          enqueue(queue, entry, queue_ttl)
+          enqueue(queue, entry, queue_ttl, false)
         end
         return {0, i, claim_ms}
       end
@@ -100,7 +100,7 @@ for i = 1, n do
     reentered[i] = 1
   else
     if entry ~= '' then
-      enqueue(queue, entry, queue_ttl)
+      enqueue(queue, entry, queue_ttl, false)
     end
     return {0, i, redis.call('PTTL', lock)}
   end
@@ -123,18 +123,28 @@ for i = 1, n do
   end
   tokens[i] = next_token(KEYS[n + i], now)
   if pid ~= '' then
+    local popped = false
     if redis.call('LINDEX', queue, 0) == pid then
       redis.call('LPOP', queue)
+      popped = true
     end
     if string.sub(entry, 1, 1) == '~' then
       redis.call('LREM', queue, 0, entry)
     end
     if more then
-      enqueue(queue, pid, queue_ttl)
+      -- A process has one handoff entry per queue: popped, it is absent.
+      enqueue(queue, pid, queue_ttl, popped)
     end
   end
   if index then
-    index_add(index, lock, now_ms)
+    local left = ttl
+    if reentered[i] == 1 and ttl == 0 then
+      left = redis.call('PTTL', lock)
+      if left < 0 then
+        left = 0
+      end
+    end
+    index_add(index, lock, now_ms, left)
   end
 end
 return {1, tokens, reentered}

@@ -10,7 +10,7 @@
 -- ms; otherwise i, the first KEYS[i] not held by the owner, and nothing was
 -- changed.
 
-local NONCE_LEN = 16
+local NONCE_LEN = 12
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
 local ttl = tonumber(ARGV[3])

@@ -3,7 +3,7 @@
 -- side builds each script as prelude .. script), so it defines functions
 -- only and touches no key.
 --
--- Values: a lock holds <owner><16-byte nonce>; an anonymous lock holds the
+-- Values: a lock holds <owner><12-byte nonce>; an anonymous lock holds the
 -- nonce alone. A lock *reserved* for a waiting process holds "\0" .. <pid>
 -- (owner ids never contain NUL, so a reservation never looks owned).
 --
@@ -15,7 +15,7 @@
 -- "r<lock key>" when the lock was reserved for it, "w<lock key>" when it
 -- should look again.
 
-local NONCE_LEN = 16
+local NONCE_LEN = 12
 
 -- Whether value v is held by owner (anonymous: owner == '').
 local function held_by(v, owner)
@@ -63,10 +63,10 @@ local function grant_next(lock, queue, prefix, claim_ms, me)
   end
 end
 
--- Appends entry e to queue q unless it is there, and keeps q alive for at
--- least ttl_ms.
-local function enqueue(q, e, ttl_ms)
-  if not redis.call('LPOS', q, e) then
+-- Appends entry e to queue q unless it is there (the caller may know it is
+-- not: `absent`), and keeps q alive for at least ttl_ms.
+local function enqueue(q, e, ttl_ms, absent)
+  if absent or not redis.call('LPOS', q, e) then
     redis.call('RPUSH', q, e)
   end
   if redis.call('PTTL', q) < ttl_ms then
@@ -74,22 +74,26 @@ local function enqueue(q, e, ttl_ms)
   end
 end
 
--- Records in owner index `index` that `key` (taken at now_ms) expires with
--- its current PTTL, drops entries of locks expired since, and lets the index
--- live exactly as long as its longest lock, so it cannot outlive what it
--- indexes.
-local function index_add(index, key, now_ms)
-  local pttl = redis.call('PTTL', key)
+-- Records in owner index `index` that `key` (taken at now_ms) expires in
+-- ttl ms (0: never), and keeps the index alive at least as long as its
+-- longest lock (never shortening it). Entries of locks expired since are dropped once the index
+-- holds more than 32, so it stays small without a sweep on every call.
+local function index_add(index, key, now_ms, ttl)
+  -- -2: no index yet; -1: kept for good (a lock without expiry is in it).
+  local left = redis.call('PTTL', index)
   local score = 'inf'
-  if pttl >= 0 then
-    score = string.format('%.0f', now_ms + pttl)
+  if ttl > 0 then
+    score = string.format('%.0f', now_ms + ttl)
   end
   redis.call('ZADD', index, score, key)
-  redis.call('ZREMRANGEBYSCORE', index, '-inf', string.format('%.0f', now_ms))
-  local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
-  if top[2] == 'inf' then
-    redis.call('PERSIST', index)
-  elseif top[2] then
-    redis.call('PEXPIREAT', index, top[2])
+  if redis.call('ZCARD', index) > 32 then
+    redis.call('ZREMRANGEBYSCORE', index, '-inf', string.format('%.0f', now_ms))
+  end
+  if ttl == 0 then
+    if left >= 0 then
+      redis.call('PERSIST', index)
+    end
+  elseif left == -2 or (left >= 0 and left < ttl) then
+    redis.call('PEXPIRE', index, ttl)
   end
 end

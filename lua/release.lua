@@ -80,16 +80,17 @@ for i = 1, n do
           local now = now_us()
           succ_token = next_token(KEYS[n + 1], now)
           if more then
-            enqueue(queue, pid, queue_ttl)
+            -- Our one handoff entry was at the head, or there was none.
+            enqueue(queue, pid, queue_ttl, true)
           end
           if succ_index then
-            index_add(succ_index, lock, math.floor(now / 1000))
+            index_add(succ_index, lock, math.floor(now / 1000), succ_ttl)
           end
           break
         else
           grant_next(lock, queue, prefix, claim_ms, '')
           -- Our successor keeps its place behind.
-          enqueue(queue, pid, queue_ttl)
+          enqueue(queue, pid, queue_ttl, false)
           break
         end
       end

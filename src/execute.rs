@@ -105,6 +105,8 @@ impl LockingModule {
             owner: Some(owner),
             expire: Some(lease),
             wait,
+            // The owner is private to this call, which releases by itself.
+            indexed: false,
         };
         let acquired = acquire_traced(id, provider, &request).await?;
         let (keys, owner) = (&request.keys, request.owner.as_deref());

@@ -152,6 +152,7 @@ impl LockingModule {
             owner: options.owner_id,
             expire,
             wait,
+            indexed: true,
         };
         let acquired = acquire_traced(id, provider, &request).await?;
         Ok(Lease {

@@ -65,6 +65,10 @@ pub struct AcquireRequest {
     pub expire: Option<Duration>,
     /// When to give up.
     pub wait: Wait,
+    /// Whether `release_all` with this owner must find these locks. False
+    /// for owners that never outlive one call (`execute`'s), so that a
+    /// provider can skip its owner index.
+    pub indexed: bool,
 }
 
 /// What a successful acquisition returns, per key in request order.

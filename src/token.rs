@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 /// The length of an acquisition nonce, in bytes. The Lua scripts rely on it
 /// (`NONCE_LEN`).
-pub(crate) const NONCE_LEN: usize = 16;
+pub(crate) const NONCE_LEN: usize = 12;
 
 /// A fresh owner for one `execute` call: `execute:<32 hex digits>`.
 pub(crate) fn execute_owner() -> String {
@@ -19,12 +19,20 @@ pub(crate) fn random_id() -> String {
     Uuid::new_v4().simple().to_string()
 }
 
-/// A nonce of [`NONCE_LEN`] hex digits (64 random bits), unique to one
-/// acquisition attempt.
+/// A nonce of [`NONCE_LEN`] base64url characters (72 random bits), unique
+/// to one acquisition. Twelve bytes keep a lock's value small enough for
+/// Redis's compact string encoding.
 pub(crate) fn nonce() -> String {
-    let mut s = Uuid::new_v4().simple().to_string();
-    s.truncate(NONCE_LEN);
-    s
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    // The low 72 bits of a v4 UUID are random (its fixed bits are in bytes 6 and 8).
+    let mut bits = Uuid::new_v4().as_u128();
+    (0..NONCE_LEN)
+        .map(|_| {
+            let c = ALPHABET[(bits & 63) as usize] as char;
+            bits >>= 6;
+            c
+        })
+        .collect()
 }
 
 /// A random fraction in [0, 1), for jitter.

@@ -128,3 +128,104 @@ fn the_summary_is_readable() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("charged more than once"), "{stdout}");
 }
+
+/// `lockstep bench` prints one JSON line per run, with the documented
+/// fields, against a redis-server it starts itself. (A smoke test of the
+/// harness: the figures themselves are measurements, asserted nowhere.)
+#[test]
+fn bench_prints_one_json_line_per_run() {
+    for (workload, fields) in [
+        (
+            "w1",
+            &[
+                "pairs_per_s",
+                "acquire_us",
+                "client_cmds_per_op",
+                "redis_cmds_per_op",
+            ][..],
+        ),
+        (
+            "w2",
+            &[
+                "acq_per_s",
+                "wait_us",
+                "timeouts",
+                "violations",
+                "fairness",
+                "client_cmds_per_op",
+            ][..],
+        ),
+        (
+            "w3",
+            &[
+                "acq_per_s",
+                "wait_us",
+                "timeouts",
+                "violations",
+                "redis_cmds_per_op",
+            ][..],
+        ),
+    ] {
+        let out = lockstep(&[
+            "bench",
+            "--workload",
+            workload,
+            "--spawn-redis",
+            "--duration",
+            "0.3",
+            "--runs",
+            "2",
+        ]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("JSON"))
+            .collect();
+        assert_eq!(lines.len(), 3, "two runs and their medians: {stdout}");
+        for line in &lines[..2] {
+            assert_eq!(line["workload"], workload);
+            for f in fields {
+                assert!(
+                    line["results"].get(*f).is_some(),
+                    "{workload} lacks {f}: {line}"
+                );
+            }
+            assert_eq!(line["results"]["violations"].as_u64().unwrap_or(0), 0);
+        }
+        assert_eq!(lines[2]["median_of"], 2);
+    }
+}
+
+/// bench refuses to flush a database that holds data unless told to.
+#[test]
+fn bench_does_not_flush_a_database_silently() {
+    let server = support::RedisServer::start(&[]);
+    let mut c = redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("precious")
+        .arg("1")
+        .query(&mut c)
+        .unwrap();
+    let out = lockstep(&[
+        "bench",
+        "--workload",
+        "w1",
+        "--redis-url",
+        &server.url(),
+        "--duration",
+        "0.2",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--flush"));
+    let kept: Option<String> = redis::cmd("GET").arg("precious").query(&mut c).unwrap();
+    assert_eq!(kept.as_deref(), Some("1"));
+}

@@ -217,7 +217,7 @@ async fn an_existing_deadpool_pool_can_be_used() {
     let lease = m.acquire("k", owner("u")).await.unwrap();
     let mut c = pool.get().await.unwrap();
     let v: String = c.get(format!("{namespace}{{k}}")).await.unwrap();
-    assert!(v.starts_with('u') && v.len() == 1 + 16);
+    assert!(v.starts_with('u') && v.len() == 1 + 12);
     assert!(lease.release().await.unwrap());
 }
 

@@ -34,6 +34,8 @@ pub(crate) struct Connections {
     connect_timeout: Duration,
     response_timeout: Duration,
     closed: AtomicBool,
+    /// Requests sent on the shared connection.
+    sent: AtomicU64,
 }
 
 impl Connections {
@@ -46,11 +48,17 @@ impl Connections {
             connect_timeout,
             response_timeout,
             closed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
         }
     }
 
     pub(crate) fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// How many requests were sent on the shared connection so far.
+    pub(crate) fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -128,6 +136,7 @@ impl Connections {
             .get()
             .await
             .map_err(|e| e.into_lock_error(operation, false))?;
+        self.sent.fetch_add(1, Ordering::Relaxed);
         match timeout(self.response_timeout, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {

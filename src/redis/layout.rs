@@ -5,7 +5,7 @@
 //!
 //! | Redis key           | holds                                               |
 //! |---------------------|-----------------------------------------------------|
-//! | `ns{esc(k)}`        | the lock: `<owner><16-byte nonce>`, with its lease  |
+//! | `ns{esc(k)}`        | the lock: `<owner><12-byte nonce>`, with its lease  |
 //! | `ns{T}:f`           | the fencing counter of the lock's hash slot         |
 //! | `ns{esc(k)}:q`      | the lock's wait queue: processes waiting (list)     |
 //! | `ns{esc(o)}:o`      | the owner's index: lock key -> expiry (sorted set)  |

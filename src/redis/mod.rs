@@ -316,6 +316,13 @@ impl RedisProvider {
         self.inner.layout.lock_key(key)
     }
 
+    /// How many requests (round trips) this provider has sent to Redis on
+    /// its shared connection: one per script call, retries included. The
+    /// subscription's own traffic is not counted.
+    pub fn round_trips(&self) -> u64 {
+        self.inner.conns.sent()
+    }
+
     /// Whether release notifications are currently being received.
     pub fn is_notified(&self) -> bool {
         self.inner
@@ -364,7 +371,11 @@ impl RedisProvider {
             let queue = layout.queue_key(&all[i]);
             all.push(queue);
         }
-        let index = request.owner.as_deref().map(|o| layout.owner_index(o));
+        let index = request
+            .owner
+            .as_deref()
+            .filter(|_| request.indexed)
+            .map(|o| layout.owner_index(o));
         if let Some(index) = &index {
             all.push(index.clone());
         }

@@ -3,6 +3,7 @@
 //! Built only with the `cli` feature, so that programs using the library do
 //! not compile argument parsing or JSON output.
 
+mod bench;
 mod checkout;
 mod demo;
 
@@ -51,6 +52,9 @@ enum Command {
     Worker(demo::WorkerArgs),
     /// Report on a demo run made by standalone workers (docker compose).
     Report(demo::ReportArgs),
+    /// Measure throughput, latency, fairness and cost against a real Redis
+    /// (workloads w1, w2, w3, mem, waiters); prints JSON lines.
+    Bench(bench::BenchArgs),
     /// Connect to Redis, load the scripts, and time a lock round trip.
     Check {
         #[command(flatten)]
@@ -73,6 +77,7 @@ async fn main() -> ExitCode {
         Command::Demo(args) => return finish(demo::demo(args).await),
         Command::Worker(args) => return finish(demo::worker(args).await),
         Command::Report(args) => return finish(demo::report_run(args).await),
+        Command::Bench(args) => return finish(bench::bench(args).await),
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };
