@@ -128,9 +128,6 @@ for i = 1, n do
       redis.call('LPOP', queue)
       popped = true
     end
-    if string.sub(entry, 1, 1) == '~' then
-      redis.call('LREM', queue, 0, entry)
-    end
     if more then
       -- A process has one handoff entry per queue: popped, it is absent.
       enqueue(queue, pid, queue_ttl, popped)

@@ -339,3 +339,54 @@ async fn without_notifications_waiters_poll() {
     timeout(WAIT, waiter).await.unwrap().unwrap().unwrap();
     let _ = LockingModule::new();
 }
+
+/// Multi-key waiters under contention are never left waiting for a wake-up
+/// that went to nobody: a release published before the waiter's own reply
+/// arrives still wakes it. (With a 60 s fallback and 30 s leases, a lost
+/// wake-up shows as a 3 s timeout; acquisitions here take milliseconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn contended_multi_key_waiters_never_miss_a_wake_up() {
+    let ns = support::unique_namespace();
+    let m = module_with(provider(&ns).await);
+    let longest = Arc::new(Mutex::new(Duration::ZERO));
+    let tasks: Vec<_> = (0..8)
+        .map(|w| {
+            let (m, longest) = (m.clone(), Arc::clone(&longest));
+            tokio::spawn(async move {
+                for i in 0..30 {
+                    let keys = [
+                        format!("k{}", (w + i) % 6),
+                        format!("k{}", (w + i + 1) % 6),
+                        format!("k{}", (w + i + 3) % 6),
+                    ];
+                    let started = Instant::now();
+                    let lease = m
+                        .acquire(
+                            keys,
+                            owner(&format!("w{w}"))
+                                .expire(Duration::from_secs(30))
+                                .timeout(WAIT),
+                        )
+                        .await
+                        .unwrap_or_else(|e| panic!("worker {w}, round {i}: {e}"));
+                    let waited = started.elapsed();
+                    {
+                        let mut l = longest.lock().unwrap();
+                        *l = (*l).max(waited);
+                    }
+                    assert!(lease.release().await.unwrap());
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        timeout(WAIT * 2, t).await.expect("no stall").unwrap();
+    }
+    // Every wait here is a few holders long (milliseconds); a lost wake-up
+    // would last until a later release of the same key rescued it.
+    let longest = *longest.lock().unwrap();
+    assert!(
+        longest < Duration::from_secs(1),
+        "a waiter waited {longest:?}"
+    );
+}

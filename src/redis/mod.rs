@@ -338,19 +338,19 @@ impl RedisProvider {
         keys: &[String],
         args: &[&str],
     ) -> Result<Value, LockError> {
-        self.inner
-            .conns
-            .run(operation, |mut conn| async move {
-                let mut invocation = script.prepare_invoke();
-                for k in keys {
-                    invocation.key(k);
-                }
-                for a in args {
-                    invocation.arg(*a);
-                }
-                invocation.invoke_async::<Value>(&mut conn).await
-            })
-            .await
+        // Boxed: redis-rs's invocation future is several kilobytes, and
+        // inline it would make every waiting acquisition that large too.
+        Box::pin(self.inner.conns.run(operation, |mut conn| async move {
+            let mut invocation = script.prepare_invoke();
+            for k in keys {
+                invocation.key(k);
+            }
+            for a in args {
+                invocation.arg(*a);
+            }
+            invocation.invoke_async::<Value>(&mut conn).await
+        }))
+        .await
     }
 
     fn check_open(&self) -> Result<(), LockError> {
@@ -523,7 +523,6 @@ impl RedisProvider {
             waiting,
             waiter: &waiter,
             key: Some(key.clone()),
-            single: true,
         };
         let span = wait_span(&request.keys[0]);
         let mut attempt_now = waiting.join_single(key, &waiter);
@@ -603,12 +602,18 @@ impl RedisProvider {
     ) -> Result<Acquired, LockError> {
         let owner = request.owner.as_deref().unwrap_or("");
         let waiter = Waiter::new(owner, nonce, 0, None);
-        let mut guard = LocalGuard {
+        // Registered for every key before the first attempt: a release can
+        // be published before the reply that says which key was held
+        // reaches us, and must not find nobody to wake.
+        for key in keys.locks() {
+            waiting.join_other(key, &waiter);
+        }
+        let mut guard = WokenGuard {
             provider: self,
             waiting,
             waiter: &waiter,
-            key: None,
-            single: false,
+            keys: keys.locks(),
+            enqueued: Vec::new(),
         };
         let entry = format!("~{}", waiting.pid);
         let mut span = None::<tracing::Span>;
@@ -623,17 +628,17 @@ impl RedisProvider {
             let sent_at = Instant::now();
             let (index, pttl) = match self.attempt(request, keys, nonce, &queueing).await? {
                 AcquireReply::Acquired { tokens, reentered } => {
-                    guard.finish(true);
+                    // Wake entries left in queues cost one stray message at
+                    // the next release: cheaper than a call to remove them
+                    // (and other local waiters may still need them).
+                    guard.enqueued.clear();
                     return Ok(Acquired::new(tokens, reentered, sent_at));
                 }
                 AcquireReply::Foreign { index } => return Err(foreign(request, index)),
                 AcquireReply::Held { index, pttl } => (index, pttl),
             };
-            let held = &keys.locks()[index];
-            if guard.key.as_deref() != Some(held.as_str()) {
-                guard.leave();
-                waiting.join_other(held, &waiter);
-                guard.key = Some(held.clone());
+            if !guard.enqueued.contains(&index) {
+                guard.enqueued.push(index);
             }
             let now = Instant::now();
             let remaining = request.wait.remaining();
@@ -676,6 +681,14 @@ impl RedisProvider {
         millis_ceil(wait) + self.inner.claim_ms + 1000
     }
 
+    /// [`withdraw`](Self::withdraw) in the background (from a `Drop`).
+    fn withdraw_later(&self, lock_key: String, wake_entry: bool) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let provider = self.clone();
+            runtime.spawn(async move { provider.withdraw(&lock_key, wake_entry).await });
+        }
+    }
+
     /// Takes this process's entry out of the queue of `lock_key`, passing
     /// on a reservation made for it.
     async fn withdraw(&self, lock_key: &str, wake_entry: bool) {
@@ -713,16 +726,15 @@ fn foreign(request: &AcquireRequest, index: usize) -> LockError {
     LockError::ForeignValue { key: key.clone() }
 }
 
-/// Keeps a waiter's local registration honest however its call ends: on
-/// drop (return, error, or a dropped future) it leaves the local queue, and
-/// withdraws the process's Redis queue entry when it was the last local
-/// waiter of its kind.
+/// Keeps a single-key waiter's local registration honest however its call
+/// ends: on drop (return, error, or a dropped future) it leaves the local
+/// queue, and withdraws the process's Redis queue entry when it was the
+/// last local waiter.
 struct LocalGuard<'a> {
     provider: &'a RedisProvider,
     waiting: &'a Arc<Waiting>,
     waiter: &'a Arc<Waiter>,
     key: Option<String>,
-    single: bool,
 }
 
 impl LocalGuard<'_> {
@@ -731,34 +743,21 @@ impl LocalGuard<'_> {
     fn finish(&mut self, acquired: bool) {
         if acquired {
             if let Some(key) = self.key.take() {
-                if self.single {
-                    self.waiting.leave_single(&key, self.waiter);
-                } else {
-                    self.waiting.leave_other(&key, self.waiter);
-                }
+                self.waiting.leave_single(&key, self.waiter);
             }
         } else {
             self.leave();
         }
     }
 
-    /// Leaves the local queue of the current key, withdrawing from Redis if
-    /// it was the last local waiter.
+    /// Leaves the local queue, withdrawing from Redis if it was the last
+    /// local waiter.
     fn leave(&mut self) {
         let Some(key) = self.key.take() else {
             return;
         };
-        let left = if self.single {
-            self.waiting.leave_single(&key, self.waiter)
-        } else {
-            self.waiting.leave_other(&key, self.waiter)
-        };
-        if left == Left::Last
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            let provider = self.provider.clone();
-            let wake = !self.single;
-            runtime.spawn(async move { provider.withdraw(&key, wake).await });
+        if self.waiting.leave_single(&key, self.waiter) == Left::Last {
+            self.provider.withdraw_later(key, false);
         }
     }
 }
@@ -777,6 +776,28 @@ impl Drop for LocalGuard<'_> {
                 );
             }
             self.leave();
+        }
+    }
+}
+
+/// The same for a waiter that waits to be woken (multi-key or barging): it
+/// is registered for all its keys, and queued in Redis on those it found
+/// held (`enqueued`, indices into `keys`).
+struct WokenGuard<'a> {
+    provider: &'a RedisProvider,
+    waiting: &'a Arc<Waiting>,
+    waiter: &'a Arc<Waiter>,
+    keys: &'a [String],
+    enqueued: Vec<usize>,
+}
+
+impl Drop for WokenGuard<'_> {
+    fn drop(&mut self) {
+        for (i, key) in self.keys.iter().enumerate() {
+            let last = self.waiting.leave_other(key, self.waiter) == Left::Last;
+            if last && self.enqueued.contains(&i) {
+                self.provider.withdraw_later(key.clone(), true);
+            }
         }
     }
 }

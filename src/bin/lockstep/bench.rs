@@ -542,12 +542,16 @@ async fn baseline(url: &str, args: &BenchArgs) -> Option<f64> {
     let requests = ((args.duration * 100_000.0) as u64)
         .max(100_000)
         .to_string();
-    let out = tokio::process::Command::new("redis-benchmark")
+    // The same call shape as the workload: with an owner, its index too.
+    let port = port.to_string();
+    let ttl = args.ttl_ms.to_string();
+    let mut command = tokio::process::Command::new("redis-benchmark");
+    command
         .args([
             "-h",
             "127.0.0.1",
             "-p",
-            &port.to_string(),
+            &port,
             "-c",
             "50",
             "-P",
@@ -555,17 +559,21 @@ async fn baseline(url: &str, args: &BenchArgs) -> Option<f64> {
             "-n",
             &requests,
         ])
-        .args(["-r", "100000", "--csv"])
-        .args(["EVALSHA", &sha, "3"])
+        .args(["-r", "100000", "--csv", "EVALSHA", &sha])
+        .arg(if args.anonymous { "3" } else { "4" })
         .args([
             "bench:{k__rand_int__}",
             "bench:{T}:f",
             "bench:{k__rand_int__}:q",
-        ])
-        .args(["1", "worker-1"])
+        ]);
+    if !args.anonymous {
+        command.arg("bench:{w__rand_int__}:o");
+    }
+    let out = command
+        .args(["1", if args.anonymous { "" } else { "worker-1" }])
         .args([
             "0123456789ab",
-            &args.ttl_ms.to_string(),
+            &ttl,
             "",
             "",
             "1",
