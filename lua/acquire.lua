@@ -33,7 +33,9 @@
 -- Re-entry: a lock already held by the same named owner is kept with its
 -- original nonce; its lease is reset only when ARGV[4] > 0, otherwise the
 -- current lease (or none) stays. Anonymous locks are never re-entrant.
--- A lock reserved for the caller's process counts as free for it (claim).
+-- A lock reserved for the caller's process counts as free for it (claim),
+-- and so does one holding this very acquisition's value (a retry after a
+-- lost reply).
 --
 -- Fencing tokens: every successful call returns, per key, a token strictly
 -- greater than any token this slot's counter handed out before: max(last + 1,
@@ -84,7 +86,9 @@ for i = 1, n do
   if type(v) == 'table' and v.err then
     return {2, i}
   end
-  if not v or v == reserved_for_me then
+  -- Free for us: absent, reserved for our process, or already ours from
+  -- an earlier attempt of this same call whose reply was lost (same nonce).
+  if not v or v == reserved_for_me or v == owner .. nonce then
     if not v and fair then
       local next = grant_next(lock, queue, prefix, claim_ms, pid)
       if next and next ~= pid then

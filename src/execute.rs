@@ -16,6 +16,53 @@ use crate::options::{DEFAULT_EXECUTE_LEASE, ExecuteOptions, check_lease};
 use crate::provider::{AcquireRequest, LockingProvider, Wait};
 use crate::token::execute_owner;
 
+/// What an `execute` job holds: the lease's fencing tokens, and the signal
+/// that fires when the lease is lost.
+///
+/// It dereferences to that [`CancellationToken`], so `held.is_cancelled()`
+/// and `held.cancelled().await` work directly. Pass
+/// [`fencing_token`](Held::fencing_token) with every write the lock guards,
+/// and have the store refuse tokens lower than the highest it has seen.
+#[derive(Debug, Clone)]
+pub struct Held {
+    lost: CancellationToken,
+    keys: Arc<[String]>,
+    tokens: Arc<[u64]>,
+}
+
+impl Held {
+    /// The fencing token of the first key (the only one, for one key).
+    pub fn fencing_token(&self) -> u64 {
+        self.tokens[0]
+    }
+
+    /// The fencing token of `key`, if the job holds it.
+    pub fn token_of(&self, key: &str) -> Option<u64> {
+        self.keys
+            .iter()
+            .position(|k| k == key)
+            .map(|i| self.tokens[i])
+    }
+
+    /// The keys held.
+    pub fn keys(&self) -> &[String] {
+        &self.keys
+    }
+
+    /// The signal that fires when the lease is lost.
+    pub fn lost(&self) -> &CancellationToken {
+        &self.lost
+    }
+}
+
+impl std::ops::Deref for Held {
+    type Target = CancellationToken;
+
+    fn deref(&self) -> &CancellationToken {
+        &self.lost
+    }
+}
+
 /// The shortest renewal interval, so that a tiny lease cannot turn the
 /// renewal into a busy loop.
 const MIN_RENEW_INTERVAL: Duration = Duration::from_millis(1);
@@ -29,8 +76,9 @@ impl LockingModule {
     /// Each call gets a fresh owner (`execute:<uuid>`), so only this call can
     /// release its locks. The lease (`expire`, default 60 s) is renewed every
     /// third of it while the job runs, on every provider. The job receives a
-    /// [`CancellationToken`] that fires when the lease is lost (a renewal
-    /// finds the lock gone, or renewals fail until the lease has run out);
+    /// [`Held`]: the fencing tokens, and a [`CancellationToken`] that fires
+    /// when the lease is lost (a renewal finds the lock gone, or renewals
+    /// fail until the lease has run out);
     /// `execute` then returns [`LockError::LeaseLost`] once the job has
     /// returned. The job should stop early when the token fires: nothing
     /// stops it by force.
@@ -75,9 +123,10 @@ impl LockingModule {
     ///
     /// let locking = LockingModule::new();
     /// let stock = locking
-    ///     .execute("item_1", ExecuteOptions::new(), |lost| async move {
-    ///         // ... read, check and write, stopping if `lost` fires ...
-    ///         assert!(!lost.is_cancelled());
+    ///     .execute("item_1", ExecuteOptions::new(), |held| async move {
+    ///         // ... read, check and write with held.fencing_token(),
+    ///         // stopping if the lease is lost ...
+    ///         assert!(!held.is_cancelled() && held.fencing_token() > 0);
     ///         41 + 1
     ///     })
     ///     .await?;
@@ -91,7 +140,7 @@ impl LockingModule {
         job: F,
     ) -> Result<T, LockError>
     where
-        F: FnOnce(CancellationToken) -> Fut,
+        F: FnOnce(Held) -> Fut,
         Fut: Future<Output = T>,
     {
         let (id, provider) = self.route(options.provider.as_deref())?;
@@ -112,7 +161,12 @@ impl LockingModule {
         let (keys, owner) = (&request.keys, request.owner.as_deref());
 
         let lost = CancellationToken::new();
-        let job = AssertUnwindSafe(job(lost.clone())).catch_unwind();
+        let held = Held {
+            lost: lost.clone(),
+            keys: keys.clone().into(),
+            tokens: acquired.tokens.clone().into(),
+        };
+        let job = AssertUnwindSafe(job(held)).catch_unwind();
         let renewal = keep_alive(id, provider, keys, owner, lease, acquired.sent_at);
         tokio::pin!(job, renewal);
         let mut lease_lost = None;

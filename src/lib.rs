@@ -67,6 +67,7 @@ mod token;
 pub mod workflow;
 
 pub use error::{BackendError, BackendErrorKind, ConfigError, InvalidInput, LockError};
+pub use execute::Held;
 pub use keys::{Keys, MAX_KEY_LEN, MAX_KEYS, MAX_OWNER_LEN};
 pub use lease::Lease;
 pub use memory::InMemoryProvider;

@@ -803,3 +803,20 @@ async fn release_all_of_an_owner_hands_its_locks_on() {
     assert_eq!(n, 1);
     assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
 }
+
+/// A retry of one acquisition (same owner and nonce, after a lost reply)
+/// finds the lock its own, anonymous or not, and renews its lease.
+#[tokio::test]
+async fn a_retry_with_the_same_nonce_finds_its_own_lock() {
+    let (mut c, ns) = setup().await;
+    granted(&take(&mut c, &ns, &["anon"], "", NONCE, 1_000).await);
+    let (_, reentered) = granted(&take(&mut c, &ns, &["anon"], "", NONCE, 5_000).await);
+    assert_eq!(reentered, [0], "taken by this call, not re-entered");
+    let pttl: i64 = c.pttl(format!("{ns}{{anon}}")).await.unwrap();
+    assert!(pttl > 4_000, "{pttl}");
+    // Another anonymous acquisition still conflicts.
+    assert_eq!(
+        ints(&take(&mut c, &ns, &["anon"], "", NONCE2, 0).await)[0],
+        0
+    );
+}

@@ -110,6 +110,8 @@ struct Keyset {
     n: usize,
     all: Vec<String>,
     index: Option<String>,
+    /// Set when an attempt got no reply: it may have taken the locks.
+    uncertain: std::sync::atomic::AtomicBool,
 }
 
 impl Keyset {
@@ -379,7 +381,12 @@ impl RedisProvider {
         if let Some(index) = &index {
             all.push(index.clone());
         }
-        Keyset { n, all, index }
+        Keyset {
+            n,
+            all,
+            index,
+            uncertain: std::sync::atomic::AtomicBool::new(false),
+        }
     }
 
     /// One run of `acquire.lua`.
@@ -408,8 +415,12 @@ impl RedisProvider {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let reply = self
             .eval("acquire", &scripts::ACQUIRE, &keys.all, &args)
-            .await?;
-        decode_acquire(reply, keys.n)
+            .await;
+        if reply.as_ref().is_err_and(LockError::is_outcome_unknown) {
+            keys.uncertain
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        decode_acquire(reply?, keys.n)
     }
 
     fn channel_prefix(&self) -> &str {
@@ -442,9 +453,10 @@ impl RedisProvider {
             (Some(w), _) => self.acquire_woken(w, request, &keys, &nonce).await,
             (None, _) => self.acquire_polling(request, &keys, &nonce).await,
         };
-        match &result {
-            Err(e) if e.is_outcome_unknown() => {} // `undo` fires on drop
-            _ => undo.disarm(),
+        // An attempt without a reply may have taken the locks: unless this
+        // call ends holding them, `undo` releases them (by nonce) on drop.
+        if result.is_ok() || !keys.uncertain.load(std::sync::atomic::Ordering::Relaxed) {
+            undo.disarm();
         }
         result
     }
@@ -479,12 +491,14 @@ impl RedisProvider {
         let mut span = None::<tracing::Span>;
         loop {
             let sent_at = Instant::now();
-            let (index, pttl) = match self.attempt(request, keys, nonce, &NO_QUEUE).await? {
-                AcquireReply::Acquired { tokens, reentered } => {
+            let (index, pttl) = match self.attempt(request, keys, nonce, &NO_QUEUE).await {
+                Ok(AcquireReply::Acquired { tokens, reentered }) => {
                     return Ok(Acquired::new(tokens, reentered, sent_at));
                 }
-                AcquireReply::Foreign { index } => return Err(foreign(request, index)),
-                AcquireReply::Held { index, pttl } => (index, pttl),
+                Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
+                Ok(AcquireReply::Held { index, pttl }) => (index, pttl),
+                Err(e) if keep_trying(request, &e) => (0, RETRY_MAX.as_millis() as i64),
+                Err(e) => return Err(e),
             };
             let key = &request.keys[index];
             let remaining = request.wait.remaining();
@@ -528,6 +542,7 @@ impl RedisProvider {
         let mut attempt_now = waiting.join_single(key, &waiter);
         let mut holder_expiry = None::<Instant>;
         let mut pause = RETRY_MIN;
+        let mut last_error = None::<LockError>;
         loop {
             if let Some((token, sent_at)) = waiter.granted() {
                 guard.finish(waiting.mark_gone(&waiter).is_some());
@@ -543,17 +558,23 @@ impl RedisProvider {
                 let sent_at = Instant::now();
                 let reply = self.attempt(request, keys, nonce, &queueing).await;
                 waiter.end_attempt();
-                match reply? {
-                    AcquireReply::Acquired { tokens, reentered } => {
+                match reply {
+                    Ok(AcquireReply::Acquired { tokens, reentered }) => {
                         waiting.mark_gone(&waiter);
                         guard.finish(true);
                         return Ok(Acquired::new(tokens, reentered, sent_at));
                     }
-                    AcquireReply::Foreign { index } => return Err(foreign(request, index)),
-                    AcquireReply::Held { pttl, .. } => {
+                    Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
+                    Ok(AcquireReply::Held { pttl, .. }) => {
                         holder_expiry = (pttl > 0)
                             .then(|| Instant::now() + Duration::from_millis(pttl as u64 + 1));
                     }
+                    Err(e) if keep_trying(request, &e) => {
+                        // Redis is away: try again soon, as the first waiter.
+                        last_error = Some(e);
+                        holder_expiry = Some(Instant::now() + self.retry_pause(&mut pause));
+                    }
+                    Err(e) => return Err(e),
                 }
             }
             let now = Instant::now();
@@ -571,7 +592,10 @@ impl RedisProvider {
                 if waiter.granted().is_some() {
                     continue;
                 }
-                return Err(request.wait.give_up(&request.keys[0]));
+                // Out of time while Redis was away: say so.
+                return Err(last_error
+                    .take()
+                    .unwrap_or_else(|| request.wait.give_up(&request.keys[0])));
             }
             let fallback = self.quiet_period(waiting, &mut pause);
             let mut until = now + fallback;
@@ -626,20 +650,27 @@ impl RedisProvider {
                 queue_ttl_ms: self.queue_ttl_ms(request),
             };
             let sent_at = Instant::now();
-            let (index, pttl) = match self.attempt(request, keys, nonce, &queueing).await? {
-                AcquireReply::Acquired { tokens, reentered } => {
+            let (index, pttl) = match self.attempt(request, keys, nonce, &queueing).await {
+                Ok(AcquireReply::Acquired { tokens, reentered }) => {
                     // Wake entries left in queues cost one stray message at
                     // the next release: cheaper than a call to remove them
                     // (and other local waiters may still need them).
                     guard.enqueued.clear();
                     return Ok(Acquired::new(tokens, reentered, sent_at));
                 }
-                AcquireReply::Foreign { index } => return Err(foreign(request, index)),
-                AcquireReply::Held { index, pttl } => (index, pttl),
+                Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
+                Ok(AcquireReply::Held { index, pttl }) => {
+                    if !guard.enqueued.contains(&index) {
+                        guard.enqueued.push(index);
+                    }
+                    (index, pttl)
+                }
+                // Redis is away: try again soon.
+                Err(e) if keep_trying(request, &e) => {
+                    (0, self.retry_pause(&mut pause).as_millis() as i64)
+                }
+                Err(e) => return Err(e),
             };
-            if !guard.enqueued.contains(&index) {
-                guard.enqueued.push(index);
-            }
             let now = Instant::now();
             let remaining = request.wait.remaining();
             if remaining == Some(Duration::ZERO) {
@@ -669,6 +700,12 @@ impl RedisProvider {
             *pause = (*pause * 2).min(RETRY_MAX);
             pause.mul_f64(0.5 + 0.5 * unit_random())
         }
+    }
+
+    /// A jittered backoff (`pause`), for attempts while Redis is away.
+    fn retry_pause(&self, pause: &mut Duration) -> Duration {
+        *pause = (*pause * 2).min(RETRY_MAX);
+        pause.mul_f64(0.5 + 0.5 * unit_random())
     }
 
     /// How long a queue must live for this request's wait.
@@ -715,6 +752,18 @@ impl RedisProvider {
             tracing::debug!("withdrawing from the queue of {lock_key} failed: {e}");
         }
     }
+}
+
+/// Whether a waiting acquisition should try again after `e`: a backend
+/// failure that may pass (no connection, no reply), with time left before
+/// the deadline. An attempt without a reply may have taken the locks; a
+/// later attempt with the same nonce finds them its own.
+fn keep_trying(request: &AcquireRequest, e: &LockError) -> bool {
+    let passing = matches!(
+        e,
+        LockError::Backend(b) if matches!(b.kind(), BackendErrorKind::Unavailable | BackendErrorKind::OutcomeUnknown)
+    );
+    passing && request.wait.remaining() != Some(Duration::ZERO)
 }
 
 fn wait_span(key: &str) -> tracing::Span {

@@ -6,6 +6,8 @@
 mod bench;
 mod checkout;
 mod demo;
+mod fenced;
+mod hold;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -52,6 +54,9 @@ enum Command {
     Worker(demo::WorkerArgs),
     /// Report on a demo run made by standalone workers (docker compose).
     Report(demo::ReportArgs),
+    /// Hold one lock as a process of its own (for fault injection).
+    #[command(hide = true)]
+    Hold(hold::HoldArgs),
     /// Measure throughput, latency, fairness and cost against a real Redis
     /// (workloads w1, w2, w3, mem, waiters); prints JSON lines.
     Bench(bench::BenchArgs),
@@ -78,6 +83,7 @@ async fn main() -> ExitCode {
         Command::Worker(args) => return finish(demo::worker(args).await),
         Command::Report(args) => return finish(demo::report_run(args).await),
         Command::Bench(args) => return finish(bench::bench(args).await),
+        Command::Hold(args) => return finish(hold::hold(args).await),
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };
