@@ -28,6 +28,8 @@ pub struct Held {
     lost: CancellationToken,
     keys: Arc<[String]>,
     tokens: Arc<[u64]>,
+    sent_at: Instant,
+    lease: Duration,
 }
 
 impl Held {
@@ -52,6 +54,12 @@ impl Held {
     /// The signal that fires when the lease is lost.
     pub fn lost(&self) -> &CancellationToken {
         &self.lost
+    }
+
+    /// When the first lease ends if no renewal succeeds: the acquisition's
+    /// send time plus the lease, so never later than Redis's own deadline.
+    pub fn first_lease_ends(&self) -> Instant {
+        self.sent_at + self.lease
     }
 }
 
@@ -165,6 +173,8 @@ impl LockingModule {
             lost: lost.clone(),
             keys: keys.clone().into(),
             tokens: acquired.tokens.clone().into(),
+            sent_at: acquired.sent_at,
+            lease,
         };
         let job = AssertUnwindSafe(job(held)).catch_unwind();
         let renewal = keep_alive(id, provider, keys, owner, lease, acquired.sent_at);

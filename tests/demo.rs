@@ -229,3 +229,25 @@ fn bench_does_not_flush_a_database_silently() {
     let kept: Option<String> = redis::cmd("GET").arg("precious").query(&mut c).unwrap();
     assert_eq!(kept.as_deref(), Some("1"));
 }
+
+/// `lockstep torture` injects faults and reports, as one JSON object, no
+/// violation. (CI runs a longer one; see `.ci/run`.)
+#[test]
+fn a_short_torture_run_injects_faults_and_finds_no_violation() {
+    let out = lockstep(&["torture", "--duration", "6", "--json"]);
+    let r = json(&out);
+    assert_eq!(out.status.code(), Some(0), "{r}");
+    for f in [
+        "operations",
+        "violations",
+        "lost_leases",
+        "errors",
+        "faults_injected",
+        "elapsed_ms",
+    ] {
+        assert!(r.get(f).is_some(), "missing {f}: {r}");
+    }
+    assert_eq!(r["violations"], 0, "{r}");
+    assert!(r["faults_injected"].as_u64().unwrap() >= 1, "{r}");
+    assert!(r["operations"].as_u64().unwrap() > 0, "{r}");
+}

@@ -203,7 +203,10 @@ impl RawError {
             RawError::Redis(e) => {
                 let kind = if is_auth_error(&e) {
                     BackendErrorKind::Auth
-                } else if e.is_connection_refusal() || !sent && e.is_io_error() {
+                } else if e.is_connection_refusal()
+                    || !sent && e.is_io_error()
+                    || refused_for_now(&e)
+                {
                     BackendErrorKind::Unavailable
                 } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {
                     BackendErrorKind::OutcomeUnknown
@@ -215,6 +218,21 @@ impl RawError {
         };
         LockError::Backend(BackendError::new(kind, operation, message, source))
     }
+}
+
+/// A server that refused the request without running it, for a reason that
+/// passes: loading its data after a restart, a failover in progress.
+fn refused_for_now(e: &RedisError) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::ReadOnly
+        )
+    )
 }
 
 /// Whether the connection must be replaced after this error.

@@ -8,6 +8,7 @@ mod checkout;
 mod demo;
 mod fenced;
 mod hold;
+mod torture;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -54,6 +55,13 @@ enum Command {
     Worker(demo::WorkerArgs),
     /// Report on a demo run made by standalone workers (docker compose).
     Report(demo::ReportArgs),
+    /// A checkout-style workload from several processes under injected
+    /// faults (Redis restarts, paused holders, dropped connections), checked
+    /// by fencing tokens. Exit status 1 on any mutual-exclusion violation.
+    Torture(torture::TortureArgs),
+    /// One torture worker.
+    #[command(hide = true)]
+    TortureWorker(torture::TortureWorkerArgs),
     /// Hold one lock as a process of its own (for fault injection).
     #[command(hide = true)]
     Hold(hold::HoldArgs),
@@ -84,6 +92,8 @@ async fn main() -> ExitCode {
         Command::Report(args) => return finish(demo::report_run(args).await),
         Command::Bench(args) => return finish(bench::bench(args).await),
         Command::Hold(args) => return finish(hold::hold(args).await),
+        Command::Torture(args) => return finish(torture::torture(args).await),
+        Command::TortureWorker(args) => return finish(torture::torture_worker(args).await),
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };

@@ -1,0 +1,521 @@
+//! `lockstep torture`: a checkout-style workload from several processes
+//! against redis-servers this command starts itself, under a schedule of
+//! faults, with the guarded data checked by fencing tokens.
+//!
+//! - Two servers: the lock server (the one faults hit) and the store, which
+//!   holds the guarded records (a lock service and the data it guards are
+//!   different systems). The lock server persists with `appendfsync always`,
+//!   so an acknowledged lock survives a `kill -9`: without persistence a
+//!   restart forgets every lock, and two holders at once follow by design
+//!   (see the README).
+//! - Workers (`torture-worker` processes) loop over `execute` on a few hot
+//!   keys. Inside each job: `begin` (the store records the holder, its token
+//!   and when its first lease ends, and counts an overlap if another holder's
+//!   lease was still running), two fenced writes, `end`.
+//! - Faults, every 0.5-1.5 s: the lock server killed with -9 and restarted;
+//!   a worker paused (SIGSTOP) past its lease, then resumed; every client
+//!   connection of the lock server cut.
+//! - Violations: an overlap (two holders with running leases), or a write
+//!   accepted with a token lower than one accepted before for that record
+//!   (audited afterwards from the store's log, independently of the check
+//!   that should have refused it).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use lockstep::{ExecuteOptions, LockError, LockingModule, RedisConfig, RedisProvider};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::time::Instant;
+
+use crate::demo::{EXIT_OK, EXIT_WRONG, Failure};
+
+/// The store's side of a critical section, atomic.
+///
+/// KEYS[1]  `rec:<key>`: a hash with `holder` (token), `until` (ms, when that
+///          holder's first lease ends), `token` (highest accepted), `value`
+/// KEYS[2]  `log:<key>`: a list of accepted write tokens, for the audit
+/// KEYS[3]  `violations`: a hash of counters
+/// ARGV[1]  "begin" | "write" | "end"
+/// ARGV[2]  the caller's fencing token
+/// ARGV[3]  begin: the caller's lease end (ms since the epoch); write: value
+/// ARGV[4]  begin: the caller's process id (so faults can pause a holder)
+/// Returns 1 if done, 0 if refused (a stale token).
+const STORE: &str = r"
+local rec, log, violations = KEYS[1], KEYS[2], KEYS[3]
+local token = tonumber(ARGV[2])
+local last = tonumber(redis.call('HGET', rec, 'token') or '0')
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if ARGV[1] == 'begin' then
+  if token < last then
+    return 0
+  end
+  local holder = redis.call('HGET', rec, 'holder')
+  local lease_end = tonumber(redis.call('HGET', rec, 'until') or '0')
+  if holder and tonumber(holder) ~= token and lease_end > now_ms then
+    redis.call('HINCRBY', violations, 'overlap', 1)
+  end
+  redis.call('HSET', rec, 'holder', ARGV[2], 'until', ARGV[3], 'token', ARGV[2], 'pid', ARGV[4])
+  return 1
+elseif ARGV[1] == 'write' then
+  if token < last then
+    redis.call('HINCRBY', violations, 'refused', 1)
+    return 0
+  end
+  redis.call('HSET', rec, 'token', ARGV[2], 'value', ARGV[3])
+  redis.call('RPUSH', log, ARGV[2])
+  return 1
+else
+  if redis.call('HGET', rec, 'holder') == ARGV[2] then
+    redis.call('HDEL', rec, 'holder', 'until')
+  end
+  return 1
+end
+";
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TortureArgs {
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 30.0)]
+    duration: f64,
+    /// The redis-server binary to start.
+    #[arg(long, default_value = "redis-server")]
+    redis_server_bin: PathBuf,
+    /// Worker processes.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// Hot keys they contend for.
+    #[arg(long, default_value_t = 3)]
+    keys: usize,
+    /// Lease of each execute, ms.
+    #[arg(long, default_value_t = 500)]
+    lease_ms: u64,
+    /// Print one JSON object instead of the summary.
+    #[arg(long)]
+    json: bool,
+    /// Run the lock server without persistence, so that a restart forgets
+    /// every lock: shows that the checker does see two holders at once.
+    #[arg(long)]
+    no_persistence: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct TortureWorkerArgs {
+    #[arg(long)]
+    redis_url: String,
+    #[arg(long)]
+    store_url: String,
+    #[arg(long)]
+    keys: usize,
+    #[arg(long)]
+    lease_ms: u64,
+    #[arg(long)]
+    duration: f64,
+    #[arg(long)]
+    seed: u64,
+}
+
+/// What a worker reports.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct WorkerStats {
+    operations: u64,
+    lost_leases: u64,
+    refused_writes: u64,
+    errors: HashMap<String, u64>,
+}
+
+/// A redis-server started by this command, killed when dropped.
+struct Server {
+    child: Option<tokio::process::Child>,
+    port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+    persist: bool,
+}
+
+impl Server {
+    async fn start(bin: &Path, name: &str, persist: bool) -> Result<Server, Failure> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| Failure::usage(e.to_string()))?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("lockstep-torture-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| Failure::usage(e.to_string()))?;
+        let mut server = Server {
+            child: None,
+            port,
+            dir,
+            bin: bin.to_owned(),
+            persist,
+        };
+        server.spawn().await?;
+        Ok(server)
+    }
+
+    async fn spawn(&mut self) -> Result<(), Failure> {
+        let mut command = tokio::process::Command::new(&self.bin);
+        command
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true);
+        if self.persist {
+            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
+        } else {
+            command.args(["--appendonly", "no"]);
+        }
+        self.child =
+            Some(command.spawn().map_err(|e| {
+                Failure::usage(format!("cannot start {}: {e}", self.bin.display()))
+            })?);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = self.connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err(Failure::usage("a redis-server did not start"))
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// kill -9, then start again on the same port and data directory.
+    async fn restart(&mut self) -> Result<(), Failure> {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+        // The port can linger for a moment after the kill.
+        for _ in 0..50 {
+            if self.spawn().await.is_ok() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(Failure::usage("the lock server did not restart"))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let _ = std::process::Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
+    if args.workers == 0 || args.keys == 0 || args.lease_ms < 100 {
+        return Err(Failure::usage(
+            "--workers and --keys must be at least 1, --lease-ms at least 100",
+        ));
+    }
+    let started = Instant::now();
+    let mut locks = Server::start(&args.redis_server_bin, "locks", !args.no_persistence).await?;
+    let store = Server::start(&args.redis_server_bin, "store", false).await?;
+    let exe = std::env::current_exe().map_err(|e| Failure::usage(e.to_string()))?;
+    let mut workers = Vec::new();
+    for i in 0..args.workers {
+        let mut child = tokio::process::Command::new(&exe)
+            .args([
+                "torture-worker",
+                "--redis-url",
+                &locks.url(),
+                "--store-url",
+                &store.url(),
+            ])
+            .args([
+                "--keys",
+                &args.keys.to_string(),
+                "--lease-ms",
+                &args.lease_ms.to_string(),
+            ])
+            .args([
+                "--duration",
+                &args.duration.to_string(),
+                "--seed",
+                &(i as u64 + 1).to_string(),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| Failure::usage(format!("cannot start a worker: {e}")))?;
+        let pid = child.id().unwrap_or(0);
+        let stdout = child.stdout.take().expect("piped");
+        workers.push((child, pid, stdout));
+    }
+
+    // The fault schedule.
+    let mut faults: HashMap<&'static str, u64> = HashMap::new();
+    let end = started + Duration::from_secs_f64(args.duration);
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    // Let the workers connect and get going first.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    while Instant::now() + Duration::from_millis(2000) < end {
+        tokio::time::sleep(Duration::from_millis(500 + next() % 1000)).await;
+        match next() % 3 {
+            0 => {
+                locks.restart().await?;
+                *faults.entry("redis_restarts").or_default() += 1;
+            }
+            1 => {
+                // Pause whoever holds a key right now, past its lease.
+                let key = next() % args.keys as u64;
+                let holder: Option<u32> = match store.connection().await {
+                    Ok(mut c) => c
+                        .hget(format!("rec:key-{key}"), "pid")
+                        .await
+                        .unwrap_or(None),
+                    Err(_) => None,
+                };
+                let pid = holder
+                    .filter(|p| workers.iter().any(|(_, w, _)| w == p))
+                    .unwrap_or(workers[(next() % workers.len() as u64) as usize].1);
+                signal(pid, "STOP");
+                tokio::time::sleep(Duration::from_millis(args.lease_ms + 300)).await;
+                signal(pid, "CONT");
+                *faults.entry("paused_holders").or_default() += 1;
+            }
+            _ => {
+                if let Ok(mut c) = locks.connection().await {
+                    for kind in ["normal", "pubsub"] {
+                        let _: Result<i64, _> = redis::cmd("CLIENT")
+                            .arg(&["KILL", "TYPE", kind])
+                            .query_async(&mut c)
+                            .await;
+                    }
+                }
+                *faults.entry("dropped_connections").or_default() += 1;
+            }
+        }
+    }
+
+    let mut totals = WorkerStats::default();
+    for (mut child, _, stdout) in workers {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(json) = line.strip_prefix("stats ")
+                && let Ok(s) = serde_json::from_str::<WorkerStats>(json)
+            {
+                totals.operations += s.operations;
+                totals.lost_leases += s.lost_leases;
+                totals.refused_writes += s.refused_writes;
+                for (k, v) in s.errors {
+                    *totals.errors.entry(k).or_default() += v;
+                }
+            }
+        }
+        let _ = child.wait().await;
+    }
+
+    // The audit.
+    let mut c = store
+        .connection()
+        .await
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let overlaps: u64 = c.hget("violations", "overlap").await.unwrap_or(0);
+    let refused: u64 = c.hget("violations", "refused").await.unwrap_or(0);
+    let mut stale_accepted = 0u64;
+    for k in 0..args.keys {
+        let log: Vec<u64> = c
+            .lrange(format!("log:key-{k}"), 0, -1)
+            .await
+            .unwrap_or_default();
+        stale_accepted += log.windows(2).filter(|w| w[1] < w[0]).count() as u64;
+    }
+    let violations = overlaps + stale_accepted;
+    let report = json!({
+        "operations": totals.operations,
+        "violations": violations,
+        "violations_by_kind": {"two_holders_at_once": overlaps, "stale_writes_accepted": stale_accepted},
+        "lost_leases": totals.lost_leases,
+        "stale_writes_refused": refused,
+        "errors": totals.errors,
+        "faults_injected": faults.values().sum::<u64>(),
+        "faults_by_kind": faults,
+        "workers": args.workers, "keys": args.keys, "lease_ms": args.lease_ms,
+        "lock_server_persistence": !args.no_persistence,
+        "elapsed_ms": started.elapsed().as_millis() as u64,
+    });
+    if args.json {
+        println!("{report}");
+    } else {
+        println!(
+            "torture: {} operations by {} workers on {} keys in {:.1} s; faults injected: {}",
+            totals.operations,
+            args.workers,
+            args.keys,
+            started.elapsed().as_secs_f64(),
+            report["faults_by_kind"]
+        );
+        println!(
+            "  {} leases lost (detected), {} stale writes refused by the fenced store, errors: {}",
+            totals.lost_leases, refused, report["errors"]
+        );
+        println!(
+            "  violations: {violations} ({overlaps} two holders at once, {stale_accepted} stale writes accepted)"
+        );
+    }
+    Ok(if violations > 0 { EXIT_WRONG } else { EXIT_OK })
+}
+
+fn wall_ms(at: Instant) -> u64 {
+    let now = Instant::now();
+    let wall = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let wall = if at >= now {
+        wall + (at - now)
+    } else {
+        wall.saturating_sub(now - at)
+    };
+    wall.as_millis() as u64
+}
+
+/// One worker: `execute` on random hot keys until the time is up.
+pub(crate) async fn torture_worker(args: TortureWorkerArgs) -> Result<u8, Failure> {
+    let config = RedisConfig::from_url(&args.redis_url)
+        .namespace("torture:")
+        .connect_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(300));
+    let provider = RedisProvider::connect(config)
+        .await
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let locking = LockingModule::builder()
+        .provider("locking-redis", provider)
+        .build()
+        .expect("one provider");
+    let store = redis::Client::open(args.store_url.as_str())
+        .map_err(|e| Failure::usage(e.to_string()))?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    let script = redis::Script::new(STORE);
+    let mut stats = WorkerStats::default();
+    let end = Instant::now() + Duration::from_secs_f64(args.duration);
+    let mut rng = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    while Instant::now() < end {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let key = format!("key-{}", rng % args.keys as u64);
+        let (store, script) = (store.clone(), &script);
+        let record = (format!("rec:{key}"), format!("log:{key}"));
+        let result = locking
+            .execute(
+                key.as_str(),
+                ExecuteOptions::new()
+                    .expire(Duration::from_millis(args.lease_ms))
+                    .timeout(Duration::from_secs(2)),
+                |held| async move {
+                    let token = held.fencing_token();
+                    let call = |op: &'static str, arg: String| {
+                        let mut store = store.clone();
+                        let record = record.clone();
+                        async move {
+                            script
+                                .key(&record.0)
+                                .key(&record.1)
+                                .key("violations")
+                                .arg(op)
+                                .arg(token)
+                                .arg(arg)
+                                .arg(std::process::id())
+                                .invoke_async::<i64>(&mut store)
+                                .await
+                        }
+                    };
+                    let mut refused = 0;
+                    match call("begin", wall_ms(held.first_lease_ends()).to_string()).await {
+                        Ok(1) => {}
+                        Ok(_) => return Ok(refused + 1),
+                        Err(e) => return Err(e),
+                    }
+                    for step in 0..2 {
+                        if call("write", format!("{token}/{step}")).await? != 1 {
+                            refused += 1;
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    call("end", String::new()).await?;
+                    Ok(refused)
+                },
+            )
+            .await;
+        match result {
+            Ok(Ok(refused)) => {
+                stats.operations += 1;
+                stats.refused_writes += refused;
+            }
+            Ok(Err(store_error)) => {
+                eprintln!("torture-worker: the store failed: {store_error}");
+                *stats.errors.entry("store".to_owned()).or_default() += 1;
+            }
+            Err(LockError::LeaseLost { .. }) => stats.lost_leases += 1,
+            Err(e) => {
+                let kind = match &e {
+                    LockError::TimedOut { .. } | LockError::Contended { .. } => {
+                        "timed_out".to_owned()
+                    }
+                    LockError::Backend(b) => format!("backend_{:?}", b.kind()).to_lowercase(),
+                    other => format!("{other:?}")
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("other")
+                        .to_lowercase(),
+                };
+                *stats.errors.entry(kind).or_default() += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+    println!(
+        "stats {}",
+        serde_json::to_string(&stats).expect("stats serialize")
+    );
+    locking.shutdown().await;
+    Ok(EXIT_OK)
+}
