@@ -79,6 +79,9 @@ pub struct RedisConfig {
     /// releases, lease expiries and reconnects wake waiters by themselves.
     #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
     pub wait_fallback: Duration,
+    /// For `rediss://` URLs (feature `tls`): a PEM file of the certificate
+    /// authorities to trust instead of the usual roots (a private CA).
+    pub tls_root_cert: Option<std::path::PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -93,6 +96,7 @@ impl Default for RedisConfig {
             notifications: true,
             fair: true,
             wait_fallback: Duration::from_secs(1),
+            tls_root_cert: None,
         }
     }
 }
@@ -197,6 +201,14 @@ impl RedisConfig {
         self
     }
 
+    /// Trusts the certificate authorities in this PEM file for `rediss://`
+    /// (see the field).
+    #[must_use]
+    pub fn tls_root_cert(mut self, pem_file: impl Into<std::path::PathBuf>) -> Self {
+        self.tls_root_cert = Some(pem_file.into());
+        self
+    }
+
     /// Serves waiters in arrival order (`true`, the default) or lets them
     /// barge (`false`); see the field.
     #[must_use]
@@ -253,6 +265,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("notifications", &self.notifications)
             .field("fair", &self.fair)
             .field("wait_fallback", &self.wait_fallback)
+            .field("tls_root_cert", &self.tls_root_cert)
             .finish()
     }
 }

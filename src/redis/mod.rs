@@ -153,11 +153,12 @@ impl RedisProvider {
             .as_deref()
             .filter(|u| !u.trim().is_empty())
             .ok_or(ConfigError::MissingUrl { env: ENV_URL })?;
-        let info = parse_url(url)?;
+        let client = client_for(url, &config)?;
+        let info = client.get_connection_info().clone();
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
-        let manager = Manager::new_with_config(info.clone(), connection_config).map_err(|e| {
+        let manager = Manager::new_with_config(info, connection_config).map_err(|e| {
             ConfigError::InvalidUrl {
                 url: redact_url(url),
                 reason: e.to_string(),
@@ -174,10 +175,6 @@ impl RedisProvider {
                 name: "pool",
                 reason: e.to_string(),
             })?;
-        let client = redis::Client::open(info).map_err(|e| ConfigError::InvalidUrl {
-            url: redact_url(url),
-            reason: e.to_string(),
-        })?;
         Self::start(pool, Some(client), &config, redact_url(url)).await
     }
 
@@ -202,16 +199,10 @@ impl RedisProvider {
     /// As [`RedisProvider::connect`].
     pub async fn from_pool(pool: Pool, config: &RedisConfig) -> Result<Self, ConfigError> {
         config.check()?;
-        let client =
-            match config.url.as_deref() {
-                Some(url) => Some(redis::Client::open(parse_url(url)?).map_err(|e| {
-                    ConfigError::InvalidUrl {
-                        url: redact_url(url),
-                        reason: e.to_string(),
-                    }
-                })?),
-                None => None,
-            };
+        let client = match config.url.as_deref() {
+            Some(url) => Some(client_for(url, config)?),
+            None => None,
+        };
         Self::start(pool, client, config, "the given pool".to_owned()).await
     }
 
@@ -1083,6 +1074,42 @@ fn decode_acquire(reply: Value, n: usize) -> Result<AcquireReply, LockError> {
         }
         _ => Err(bad("unknown status")),
     }
+}
+
+/// A redis-rs client for `url`: its connection info (with TLS settings)
+/// feeds the pool, and it opens the subscription.
+fn client_for(url: &str, config: &RedisConfig) -> Result<redis::Client, ConfigError> {
+    let info = parse_url(url)?;
+    let invalid = |reason: String| ConfigError::InvalidUrl {
+        url: redact_url(url),
+        reason,
+    };
+    let tls = url.starts_with("rediss://");
+    if config.tls_root_cert.is_some() && !tls {
+        return Err(ConfigError::InvalidSetting {
+            name: "tls_root_cert",
+            reason: "is only used with rediss:// URLs".into(),
+        });
+    }
+    #[cfg(feature = "tls")]
+    if tls {
+        // redis-rs's rustls comes without a crypto provider: install ring's
+        // (a no-op if the application installed one first).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        if let Some(path) = &config.tls_root_cert {
+            let pem = std::fs::read(path).map_err(|e| ConfigError::InvalidSetting {
+                name: "tls_root_cert",
+                reason: format!("cannot read {}: {e}", path.display()),
+            })?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            };
+            return redis::Client::build_with_tls(info, certificates)
+                .map_err(|e| invalid(e.to_string()));
+        }
+    }
+    redis::Client::open(info).map_err(|e| invalid(e.to_string()))
 }
 
 /// Checks a URL's scheme and syntax, with errors that never show the password.
