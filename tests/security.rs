@@ -51,7 +51,10 @@ impl Subscriber for Capture {
 #[tokio::test]
 async fn a_wrong_password_never_appears_in_errors_or_logs() {
     let capture = Capture::default();
-    let _guard = tracing::subscriber::set_default(capture.clone());
+    // Global, not thread-local: callsites that other tests of this binary
+    // hit first would otherwise have cached "nobody is interested".
+    tracing::subscriber::set_global_default(capture.clone())
+        .expect("the only global subscriber of this binary");
     let server = RedisServer::start(&["--requirepass", "the-right-one"]);
     let url = format!("redis://user:hunter2-secret@127.0.0.1:{}", server.port);
     let e = RedisProvider::connect(RedisConfig::from_url(&url))
