@@ -148,6 +148,10 @@ pub enum InvalidInput {
     /// An owner id was the empty string (use no owner for an anonymous lock).
     #[error("invalid input: the owner id is empty; pass no owner for an anonymous lock")]
     EmptyOwner,
+    /// An owner id contained a NUL byte (lockstep marks lock reservations
+    /// with one, so no owner may look like them).
+    #[error("invalid input: the owner id contains a NUL byte")]
+    NulInOwner,
     /// An owner id was longer than [`MAX_OWNER_LEN`](crate::MAX_OWNER_LEN) bytes.
     #[error("invalid input: the owner id is {len} bytes long; the limit is {max} bytes")]
     OwnerTooLong {

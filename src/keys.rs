@@ -76,6 +76,7 @@ impl Keys {
 pub(crate) fn validate_owner(owner: Option<&str>) -> Result<(), InvalidInput> {
     match owner {
         Some("") => Err(InvalidInput::EmptyOwner),
+        Some(o) if o.contains('\0') => Err(InvalidInput::NulInOwner),
         Some(o) if o.len() > MAX_OWNER_LEN => Err(InvalidInput::OwnerTooLong {
             len: o.len(),
             max: MAX_OWNER_LEN,
@@ -162,6 +163,7 @@ mod tests {
         assert_eq!(validate_owner(Some("")), Err(InvalidInput::EmptyOwner));
         assert!(validate_owner(None).is_ok());
         assert!(validate_owner(Some("*")).is_ok());
+        assert_eq!(validate_owner(Some("\0p1")), Err(InvalidInput::NulInOwner));
         assert!(validate_owner(Some(&"o".repeat(MAX_OWNER_LEN + 1))).is_err());
     }
 }

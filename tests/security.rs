@@ -183,6 +183,10 @@ async fn hostile_input_table() {
         LockError::InvalidInput(InvalidInput::EmptyOwner)
     ));
     assert!(matches!(
+        m.acquire("k", o("\0abcd")).await.unwrap_err(),
+        LockError::InvalidInput(InvalidInput::NulInOwner)
+    ));
+    assert!(matches!(
         m.acquire("k", o(&"o".repeat(lockstep::MAX_OWNER_LEN + 1)))
             .await
             .unwrap_err(),
