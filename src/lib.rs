@@ -5,13 +5,15 @@
 //!
 //! - [`LockingModule`] (`module.rs`, `execute.rs`): the service. `execute`,
 //!   `acquire`, `release`, `release_all` and `extend`, routed to a provider
-//!   by id.
+//!   by id; `execute`'s job gets a [`Held`] (fencing tokens, loss signal).
 //! - [`LockingProvider`] (`provider.rs`): the trait a backend implements,
 //!   and its contract.
 //! - [`InMemoryProvider`] (`memory.rs`): locks in this process; the default.
-//! - [`RedisProvider`] (`redis/`): locks in Redis for many processes, its
-//!   [`RedisConfig`], key layout, shared connection, and the Lua scripts in
-//!   `lua/` at the repository root.
+//! - [`RedisProvider`] (`redis/`): locks in Redis for many processes.
+//!   `redis/config.rs` ([`RedisConfig`]), `redis/layout.rs` (key names, hash
+//!   tags), `redis/connection.rs` (the shared connection, error kinds),
+//!   `redis/waiting.rs` (notifications and local waiter queues),
+//!   `redis/scripts.rs` (the Lua scripts in `lua/` at the repository root).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
 //!   tokens.
 //! - [`Keys`] (`keys.rs`) and the options (`options.rs`): call inputs.
@@ -44,7 +46,7 @@
 //!
 //! - `redis` (default): the Redis provider.
 //! - `serde`: `Deserialize` for [`RedisConfig`].
-//! - `tls`: `rediss://` URLs.
+//! - `tls`: `rediss://` URLs (rustls), with a private CA if needed.
 //! - `cli`: the `lockstep` command line (and its dependencies).
 //! - `testcontainers`: lets the test suite start Redis in Docker.
 
