@@ -193,6 +193,9 @@ pub enum BackendErrorKind {
     /// The server answered with an error or with a reply lockstep did not
     /// expect.
     Server,
+    /// An acquisition did not reach the required number of replicas in
+    /// time (see `RedisConfig::replicas`); it was released again.
+    NotReplicated,
 }
 
 /// A failure of the backend, with the backend's own error as its source.
@@ -247,6 +250,7 @@ impl fmt::Display for BackendError {
             BackendErrorKind::OutcomeUnknown => "no reply from the backend (outcome unknown)",
             BackendErrorKind::Auth => "backend refused the credentials",
             BackendErrorKind::Server => "backend error",
+            BackendErrorKind::NotReplicated => "not acknowledged by enough replicas",
         };
         write!(f, "{} failed: {what}: {}", self.operation, self.message)
     }

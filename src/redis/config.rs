@@ -79,6 +79,19 @@ pub struct RedisConfig {
     /// releases, lease expiries and reconnects wake waiters by themselves.
     #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
     pub wait_fallback: Duration,
+    /// How many replicas must have acknowledged an acquisition before it
+    /// is reported (`WAIT`; default 0: none). An acquisition that does not
+    /// reach them within `replica_timeout` is released and fails with
+    /// [`BackendErrorKind::NotReplicated`](crate::BackendErrorKind::NotReplicated).
+    /// This closes the window in which a failover to a replica that had not
+    /// yet received the lock would let a second holder in; it costs a
+    /// replica round trip per acquisition, and a connection of the pool per
+    /// acquisition instead of the shared one (the `WAIT` must follow the
+    /// write on one client).
+    pub replicas: usize,
+    /// How long an acquisition waits for its replicas (default 1 s).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
+    pub replica_timeout: Duration,
     /// For `rediss://` URLs (feature `tls`): a PEM file of the certificate
     /// authorities to trust instead of the usual roots (a private CA).
     pub tls_root_cert: Option<std::path::PathBuf>,
@@ -96,6 +109,8 @@ impl Default for RedisConfig {
             notifications: true,
             fair: true,
             wait_fallback: Duration::from_secs(1),
+            replicas: 0,
+            replica_timeout: Duration::from_secs(1),
             tls_root_cert: None,
         }
     }
@@ -201,6 +216,15 @@ impl RedisConfig {
         self
     }
 
+    /// Requires `replicas` replicas to acknowledge each acquisition within
+    /// `timeout` (see the field).
+    #[must_use]
+    pub fn wait_for_replicas(mut self, replicas: usize, timeout: Duration) -> Self {
+        self.replicas = replicas;
+        self.replica_timeout = timeout;
+        self
+    }
+
     /// Trusts the certificate authorities in this PEM file for `rediss://`
     /// (see the field).
     #[must_use]
@@ -228,6 +252,7 @@ impl RedisConfig {
             ("connect_timeout", self.connect_timeout, false),
             ("response_timeout", self.response_timeout, false),
             ("wait_fallback", self.wait_fallback, false),
+            ("replica_timeout", self.replica_timeout, false),
         ] {
             if d.is_zero() && !zero_ok {
                 return Err(ConfigError::InvalidSetting {
@@ -265,6 +290,8 @@ impl std::fmt::Debug for RedisConfig {
             .field("notifications", &self.notifications)
             .field("fair", &self.fair)
             .field("wait_fallback", &self.wait_fallback)
+            .field("replicas", &self.replicas)
+            .field("replica_timeout", &self.replica_timeout)
             .field("tls_root_cert", &self.tls_root_cert)
             .finish()
     }

@@ -159,6 +159,53 @@ impl Connections {
         }
     }
 
+    /// Runs `f` on a connection of the pool's that no one else uses
+    /// meanwhile (for commands that must follow each other on one client,
+    /// like a write and the `WAIT` for it), within `limit`.
+    pub(crate) async fn run_exclusive<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        limit: Duration,
+        f: F,
+    ) -> Result<T, LockError>
+    where
+        F: FnOnce(deadpool_redis::Connection) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
+        if self.is_closed() {
+            return Err(RawError::Closed.into_lock_error(operation, false));
+        }
+        let conn = match timeout(self.connect_timeout, self.pool.get()).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(PoolError::Backend(e))) => {
+                return Err(RawError::Redis(e).into_lock_error(operation, false));
+            }
+            Ok(Err(e)) => {
+                return Err(
+                    RawError::Connect(e.to_string(), None).into_lock_error(operation, false)
+                );
+            }
+            Err(_) => {
+                return Err(RawError::Connect(
+                    format!("no connection within {:?}", self.connect_timeout),
+                    None,
+                )
+                .into_lock_error(operation, false));
+            }
+        };
+        self.sent.fetch_add(1, Ordering::Relaxed);
+        match timeout(limit, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(RawError::Redis(e).into_lock_error(operation, true)),
+            Err(_) => Err(LockError::Backend(BackendError::new(
+                BackendErrorKind::OutcomeUnknown,
+                operation,
+                format!("no reply within {limit:?}"),
+                None,
+            ))),
+        }
+    }
+
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;

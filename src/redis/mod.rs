@@ -79,6 +79,8 @@ struct Inner {
     response_timeout: Duration,
     /// The longest a waiter sleeps without news.
     fallback: Duration,
+    /// Replicas that must acknowledge an acquisition, and for how long to wait.
+    replicas: (usize, Duration),
 }
 
 impl Drop for Inner {
@@ -225,6 +227,7 @@ impl RedisProvider {
                 claim_ms: (2 * config.response_timeout.as_millis() as u64).max(200),
                 response_timeout: config.response_timeout,
                 fallback: config.wait_fallback,
+                replicas: (config.replicas, config.replica_timeout),
             }),
         };
         let unreachable =
@@ -404,14 +407,82 @@ impl RedisProvider {
             if queueing.more { "1" } else { "0" }.to_owned(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let reply = self
-            .eval("acquire", &scripts::ACQUIRE, &keys.all, &args)
-            .await;
+        let reply = if self.inner.replicas.0 > 0 {
+            self.acquire_replicated(keys, &args, owner, nonce, request.expire)
+                .await
+        } else {
+            self.eval("acquire", &scripts::ACQUIRE, &keys.all, &args)
+                .await
+        };
         if reply.as_ref().is_err_and(LockError::is_outcome_unknown) {
             keys.uncertain
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         decode_acquire(reply?, keys.n)
+    }
+
+    /// `acquire.lua`, then `WAIT` for the replicas on the same connection;
+    /// an acquisition they did not all acknowledge is released again.
+    async fn acquire_replicated(
+        &self,
+        keys: &Keyset,
+        args: &[&str],
+        owner: &str,
+        nonce: &str,
+        expire: Option<Duration>,
+    ) -> Result<Value, LockError> {
+        let (required, wait) = self.inner.replicas;
+        let limit = self.inner.response_timeout + wait;
+        let (reply, acked) = self
+            .inner
+            .conns
+            .run_exclusive("acquire", limit, |mut conn| async move {
+                let mut invocation = scripts::ACQUIRE.prepare_invoke();
+                for k in &keys.all {
+                    invocation.key(k);
+                }
+                for a in args {
+                    invocation.arg(*a);
+                }
+                let reply = invocation.invoke_async::<Value>(&mut conn).await?;
+                let granted =
+                    matches!(&reply, Value::Array(items) if items.first() == Some(&Value::Int(1)));
+                if !granted {
+                    return Ok((reply, None));
+                }
+                let acked: i64 = redis::cmd("WAIT")
+                    .arg(required)
+                    .arg(wait.as_millis() as u64)
+                    .query_async(&mut conn)
+                    .await?;
+                Ok((reply, Some(acked)))
+            })
+            .await?;
+        match acked {
+            Some(acked) if (acked as usize) < required => {
+                // Not durable enough: give back what this acquisition took.
+                if let Err(e) = self.release_keys(keys.locks(), owner, nonce, None).await {
+                    self.undo_later(
+                        keys.locks().to_vec(),
+                        owner.to_owned(),
+                        nonce.to_owned(),
+                        expire,
+                    );
+                    tracing::debug!(
+                        "releasing an unreplicated acquisition failed, retrying in the background: {e}"
+                    );
+                }
+                Err(LockError::Backend(BackendError::new(
+                    BackendErrorKind::NotReplicated,
+                    "acquire",
+                    format!(
+                        "{acked} of {required} replicas acknowledged within {wait:?}; the locks were released"
+                    ),
+                    None,
+                )))
+            }
+            _ => Ok(reply),
+        }
     }
 
     fn channel_prefix(&self) -> &str {
@@ -979,7 +1050,11 @@ impl RedisProvider {
         let lock_keys: Vec<String> = keys.iter().map(|k| self.inner.layout.lock_key(k)).collect();
         let owner = owner.unwrap_or("");
         let successor = match &self.inner.waiting {
-            Some(w) if lock_keys.len() == 1 => {
+            // A direct handoff writes the successor's lock in the releaser's
+            // script, where no WAIT can follow it: with replica
+            // acknowledgement the next waiter claims its reservation through
+            // an acquisition instead.
+            Some(w) if lock_keys.len() == 1 && self.inner.replicas.0 == 0 => {
                 w.successor(&lock_keys[0]).map(|s| (Arc::clone(w), s))
             }
             _ => None,
