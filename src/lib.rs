@@ -19,6 +19,8 @@
 //! - [`Keys`] (`keys.rs`) and the options (`options.rs`): call inputs.
 //! - [`workflow`] (`workflow/`): a small workflow engine with compensation,
 //!   and Medusa's `acquire_lock_step` / `release_lock_step`.
+//! - `RedlockProvider` (`redlock.rs`, feature `redlock`): one lock across a
+//!   majority of independent Redis masters.
 //! - [`LockError`], [`ConfigError`] (`error.rs`).
 //!
 //! # Example
@@ -47,6 +49,7 @@
 //! - `redis` (default): the Redis provider.
 //! - `serde`: `Deserialize` for [`RedisConfig`].
 //! - `tls`: `rediss://` URLs (rustls), with a private CA if needed.
+//! - `redlock`: `RedlockProvider`, a quorum of independent masters.
 //! - `cli`: the `lockstep` command line (and its dependencies).
 //! - `testcontainers`: lets the test suite start Redis in Docker.
 
@@ -65,6 +68,8 @@ mod options;
 mod provider;
 #[cfg(feature = "redis")]
 mod redis;
+#[cfg(feature = "redlock")]
+mod redlock;
 mod token;
 pub mod workflow;
 
@@ -81,6 +86,8 @@ pub use options::{
 pub use provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
 #[cfg(feature = "redis")]
 pub use redis::{DEFAULT_NAMESPACE, ENV_URL, RedisConfig, RedisProvider};
+#[cfg(feature = "redlock")]
+pub use redlock::RedlockProvider;
 pub use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "redis")]

@@ -149,13 +149,19 @@ impl RedisProvider {
     /// [`ConfigError::InvalidSetting`], [`ConfigError::Unreachable`] (no
     /// answer within the connect timeout), [`ConfigError::AuthFailed`].
     pub async fn connect(config: RedisConfig) -> Result<Self, ConfigError> {
+        let (pool, client, url) = Self::pool_for(&config)?;
+        Self::start(pool, Some(client), &config, url).await
+    }
+
+    /// The pool and client for `config.url`, without any I/O.
+    fn pool_for(config: &RedisConfig) -> Result<(Pool, redis::Client, String), ConfigError> {
         config.check()?;
         let url = config
             .url
             .as_deref()
             .filter(|u| !u.trim().is_empty())
             .ok_or(ConfigError::MissingUrl { env: ENV_URL })?;
-        let client = client_for(url, &config)?;
+        let client = client_for(url, config)?;
         let info = client.get_connection_info().clone();
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
@@ -177,7 +183,33 @@ impl RedisProvider {
                 name: "pool",
                 reason: e.to_string(),
             })?;
-        Self::start(pool, Some(client), &config, redact_url(url)).await
+        Ok((pool, client, redact_url(url)))
+    }
+
+    /// A provider for `config.url` that connects on first use, without
+    /// notifications (waiters poll): one master of a Redlock set, which must
+    /// be usable while some of its masters are down.
+    #[cfg(feature = "redlock")]
+    pub(crate) fn connect_lazily(config: &RedisConfig) -> Result<Self, ConfigError> {
+        let (pool, _client, url) = Self::pool_for(config)?;
+        Ok(Self::build(pool, config, url, None))
+    }
+
+    fn build(pool: Pool, config: &RedisConfig, url: String, waiting: Option<Arc<Waiting>>) -> Self {
+        RedisProvider {
+            inner: Arc::new(Inner {
+                conns: Connections::new(pool, config.connect_timeout, config.response_timeout),
+                layout: Layout::new(&config.namespace),
+                wait_timeout: config.wait_timeout,
+                url,
+                waiting,
+                fair: config.fair,
+                claim_ms: (2 * config.response_timeout.as_millis() as u64).max(200),
+                response_timeout: config.response_timeout,
+                fallback: config.wait_fallback,
+                replicas: (config.replicas, config.replica_timeout),
+            }),
+        }
     }
 
     /// Connects using the environment (see [`RedisConfig::from_env`]).
@@ -216,20 +248,7 @@ impl RedisProvider {
     ) -> Result<Self, ConfigError> {
         let waiting =
             (config.notifications && client.is_some()).then(|| Waiting::new(&config.namespace));
-        let provider = RedisProvider {
-            inner: Arc::new(Inner {
-                conns: Connections::new(pool, config.connect_timeout, config.response_timeout),
-                layout: Layout::new(&config.namespace),
-                wait_timeout: config.wait_timeout,
-                url,
-                waiting,
-                fair: config.fair,
-                claim_ms: (2 * config.response_timeout.as_millis() as u64).max(200),
-                response_timeout: config.response_timeout,
-                fallback: config.wait_fallback,
-                replicas: (config.replicas, config.replica_timeout),
-            }),
-        };
+        let provider = Self::build(pool, config, url, waiting);
         let unreachable =
             |reason: String, source: Option<redis::RedisError>| ConfigError::Unreachable {
                 url: provider.inner.url.clone(),
@@ -521,6 +540,53 @@ impl RedisProvider {
             undo.disarm();
         }
         result
+    }
+
+    /// One attempt with the caller's nonce, on one master of a Redlock set:
+    /// `Err(index)` of a key found held. No undo: the set releases by this nonce on
+    /// every master when the quorum is not reached.
+    #[cfg(feature = "redlock")]
+    pub(crate) async fn try_with_nonce(
+        &self,
+        request: &AcquireRequest,
+        nonce: &str,
+    ) -> Result<Result<Acquired, usize>, LockError> {
+        self.check_open()?;
+        let keys = self.keyset(request);
+        let sent_at = Instant::now();
+        match self.attempt(request, &keys, nonce, &NO_QUEUE).await? {
+            AcquireReply::Acquired { tokens, reentered } => {
+                Ok(Ok(Acquired::new(tokens, reentered, sent_at)))
+            }
+            AcquireReply::Held { index, .. } => Ok(Err(index)),
+            AcquireReply::Foreign { index } => Err(foreign(request, index)),
+        }
+    }
+
+    /// Releases what the acquisition `nonce` of `owner` holds among `keys`.
+    #[cfg(feature = "redlock")]
+    pub(crate) async fn release_nonce(
+        &self,
+        keys: &[String],
+        owner: Option<&str>,
+        nonce: &str,
+    ) -> Result<Vec<bool>, LockError> {
+        let lock_keys: Vec<String> = keys.iter().map(|k| self.inner.layout.lock_key(k)).collect();
+        Ok(self
+            .release_keys(&lock_keys, owner.unwrap_or(""), nonce, None)
+            .await?
+            .0)
+    }
+
+    /// A PING, for a Redlock set's startup.
+    #[cfg(feature = "redlock")]
+    pub(crate) async fn ping(&self) -> Result<(), LockError> {
+        self.inner
+            .conns
+            .run("ping", |mut conn| async move {
+                redis::cmd("PING").query_async::<()>(&mut conn).await
+            })
+            .await
     }
 
     /// A single attempt; never queues (and, when fair, never takes a lock

@@ -1,0 +1,415 @@
+//! The Redlock provider: one lock across N independent Redis masters,
+//! held when a majority has it (feature `redlock`, opt-in).
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use tokio::time::{Instant, sleep};
+
+use crate::error::{BackendError, BackendErrorKind, ConfigError, LockError};
+use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
+use crate::redis::{RedisConfig, RedisProvider};
+use crate::token::{nonce, unit_random};
+
+/// How much of a lease is set aside for clock drift between the client
+/// and the masters (Redlock's usual 1 %), plus 2 ms.
+const DRIFT_FACTOR: f64 = 0.01;
+
+/// The first and the longest pause between two rounds of attempts.
+const RETRY_MIN: Duration = Duration::from_millis(10);
+const RETRY_MAX: Duration = Duration::from_millis(200);
+
+/// Locks held by a majority of N independent Redis masters (Redlock).
+///
+/// Every operation goes to all masters at once and is decided as soon as
+/// its outcome is certain: an acquisition holds once `N/2 + 1` masters took
+/// every key, within the lease less the time it took and a drift allowance
+/// (1 % + 2 ms); otherwise what it took anywhere is released (on every
+/// master, by this attempt's nonce) and it tries again until its deadline.
+/// Releases go to every master. The contract is the provider contract, as
+/// long as a majority answers.
+///
+/// What it does not give (see the README):
+/// - Safety rests on timing: a holder paused past its lease, or a master
+///   whose clock jumps, can make two holders. Restarting a master without
+///   persistence forgets its locks; restart it only after the longest lease
+///   (delayed restart), or persist with fsync.
+/// - **Fencing tokens** are the highest token of the majority. Each master's
+///   token is floored by its clock (microseconds), so they grow across
+///   acquisitions as long as the masters' clocks agree to within the time
+///   between two acquisitions; they are not the consensus-grade tokens a
+///   single master's counter gives. Use a single Redis with
+///   [`RedisConfig::wait_for_replicas`] where the fencing order must be
+///   exact.
+/// - Waiters poll (jittered backoff, 10-200 ms): there is no cross-master
+///   notification.
+#[derive(Clone, Debug)]
+pub struct RedlockProvider {
+    masters: Vec<RedisProvider>,
+    quorum: usize,
+    wait_timeout: Duration,
+}
+
+/// The answers of the masters to one operation.
+struct Tally<T> {
+    ok: Vec<T>,
+    refused: Vec<T>,
+    errors: Vec<LockError>,
+}
+
+impl RedlockProvider {
+    /// Connects to the masters at `urls` (at least 3, independent: not
+    /// replicas of each other), with every other setting from `config`
+    /// (namespace, timeouts). Starts when a majority answers; the others are
+    /// reached on later calls.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidSetting`] for fewer than 3 URLs, the errors of
+    /// [`RedisProvider::connect`] for a bad URL or setting, and
+    /// [`ConfigError::Unreachable`] when no majority answers within the
+    /// connect timeout.
+    pub async fn connect(urls: &[&str], config: RedisConfig) -> Result<Self, ConfigError> {
+        if urls.len() < 3 {
+            return Err(ConfigError::InvalidSetting {
+                name: "urls",
+                reason: format!(
+                    "Redlock needs at least 3 independent masters, not {}",
+                    urls.len()
+                ),
+            });
+        }
+        let masters = urls
+            .iter()
+            .map(|url| {
+                RedisProvider::connect_lazily(&RedisConfig {
+                    url: Some((*url).to_owned()),
+                    ..config.clone()
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let provider = RedlockProvider {
+            quorum: masters.len() / 2 + 1,
+            masters,
+            wait_timeout: config.wait_timeout,
+        };
+        let answered = provider
+            .fan_out(
+                |m| Box::pin(async move { m.ping().await.map(|()| true) }),
+                |t| t.ok.len() >= provider.quorum,
+            )
+            .await;
+        if answered.ok.len() < provider.quorum {
+            return Err(ConfigError::Unreachable {
+                url: format!("{} Redlock masters", provider.masters.len()),
+                timeout: config.connect_timeout,
+                reason: format!(
+                    "only {} of {} answered",
+                    answered.ok.len(),
+                    provider.masters.len()
+                ),
+                source: None,
+            });
+        }
+        Ok(provider)
+    }
+
+    /// How many masters must agree.
+    pub fn quorum(&self) -> usize {
+        self.quorum
+    }
+
+    /// Runs `op` on every master at once; returns as soon as `decided` says
+    /// the outcome is certain (the rest are dropped). `op` answers `true`
+    /// for a yes, `false` for a refusal.
+    async fn fan_out<'b, T: Verdict + 'b>(
+        &'b self,
+        op: impl Fn(&'b RedisProvider) -> BoxFuture<'b, Result<T, LockError>>,
+        decided: impl Fn(&Tally<T>) -> bool,
+    ) -> Tally<T> {
+        let mut pending: FuturesUnordered<_> = self.masters.iter().map(op).collect();
+        let mut tally = Tally {
+            ok: Vec::new(),
+            refused: Vec::new(),
+            errors: Vec::new(),
+        };
+        while let Some(answer) = pending.next().await {
+            match answer {
+                Ok(v) if v.is_yes() => tally.ok.push(v),
+                Ok(v) => tally.refused.push(v),
+                Err(e) => tally.errors.push(e),
+            }
+            if decided(&tally) {
+                break;
+            }
+        }
+        tally
+    }
+
+    /// Whether `tally` can no longer reach a quorum.
+    fn lost(&self, ok: usize, answered_no: usize) -> bool {
+        answered_no > self.masters.len() - self.quorum || ok >= self.quorum
+    }
+
+    fn no_quorum(
+        &self,
+        operation: &'static str,
+        tally_errors: Vec<LockError>,
+        ok: usize,
+    ) -> LockError {
+        let kind = if tally_errors.iter().any(LockError::is_outcome_unknown) {
+            BackendErrorKind::OutcomeUnknown
+        } else {
+            BackendErrorKind::Unavailable
+        };
+        let first = tally_errors.into_iter().next();
+        LockError::Backend(BackendError::new(
+            kind,
+            operation,
+            format!(
+                "only {ok} of {} masters answered yes; a quorum is {}",
+                self.masters.len(),
+                self.quorum
+            ),
+            first.map(|e| Box::new(e) as _),
+        ))
+    }
+
+    async fn acquire_inner(&self, request: &AcquireRequest) -> Result<Acquired, LockError> {
+        let once = AcquireRequest {
+            wait: Wait::Once,
+            ..request.clone()
+        };
+        let mut pause = RETRY_MIN;
+        loop {
+            let nonce = nonce();
+            let started = Instant::now();
+            let tally = self
+                .fan_out(
+                    |m| {
+                        let (once, nonce) = (&once, &nonce);
+                        Box::pin(async move { m.try_with_nonce(once, nonce).await.map(Attempt) })
+                    },
+                    |t| self.lost(t.ok.len(), t.refused.len() + t.errors.len()),
+                )
+                .await;
+            let elapsed = started.elapsed();
+            let valid = request
+                .expire
+                .is_none_or(|lease| elapsed + drift(lease) < lease);
+            if tally.ok.len() >= self.quorum && valid {
+                let grants: Vec<Acquired> = tally.ok.into_iter().filter_map(|a| a.0.ok()).collect();
+                let n = request.keys.len();
+                let tokens = (0..n)
+                    .map(|i| grants.iter().map(|g| g.tokens[i]).max().unwrap_or(0))
+                    .collect();
+                let reentered = (0..n)
+                    .map(|i| grants.iter().all(|g| g.reentered[i]))
+                    .collect();
+                // The lease runs from no later than the start, less the drift
+                // allowance: `Lease::valid_until` stays on the safe side.
+                let sent_at = started - request.expire.map_or(Duration::ZERO, drift);
+                return Ok(Acquired::new(tokens, reentered, sent_at));
+            }
+            // Not held: give back whatever this round took, everywhere.
+            self.fan_out(
+                |m| {
+                    let (keys, owner, nonce) = (&request.keys, request.owner.as_deref(), &nonce);
+                    Box::pin(async move { m.release_nonce(keys, owner, nonce).await.map(Released) })
+                },
+                |_| false,
+            )
+            .await;
+            let backend = tally.errors.len() > self.masters.len() - self.quorum;
+            // The key most masters found held names the conflict.
+            let held = most_common(
+                tally
+                    .refused
+                    .iter()
+                    .filter_map(|a| a.0.as_ref().err().copied()),
+            )
+            .unwrap_or(0);
+            let remaining = request.wait.remaining();
+            if remaining == Some(Duration::ZERO) {
+                return Err(if backend {
+                    self.no_quorum("acquire", tally.errors, tally.ok.len())
+                } else {
+                    request.wait.give_up(&request.keys[held])
+                });
+            }
+            let mut nap = pause.mul_f64(0.5 + 0.5 * unit_random());
+            if let Some(r) = remaining {
+                nap = nap.min(r);
+            }
+            pause = (pause * 2).min(RETRY_MAX);
+            sleep(nap).await;
+        }
+    }
+}
+
+fn drift(lease: Duration) -> Duration {
+    lease.mul_f64(DRIFT_FACTOR) + Duration::from_millis(2)
+}
+
+/// A master's answer: yes, or no.
+trait Verdict {
+    fn is_yes(&self) -> bool;
+}
+
+/// An acquisition attempt on one master: what it took, or the index of
+/// the key it found held.
+struct Attempt(Result<Acquired, usize>);
+
+impl Verdict for Attempt {
+    fn is_yes(&self) -> bool {
+        self.0.is_ok()
+    }
+}
+
+/// An extension on one master: `None` if done, else the key not held.
+struct Extended(Option<String>);
+
+impl Verdict for Extended {
+    fn is_yes(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+fn most_common<T: Ord + Copy>(items: impl Iterator<Item = T>) -> Option<T> {
+    let mut counts = std::collections::BTreeMap::new();
+    for i in items {
+        *counts.entry(i).or_insert(0usize) += 1;
+    }
+    counts.into_iter().max_by_key(|(_, n)| *n).map(|(i, _)| i)
+}
+
+impl Verdict for bool {
+    fn is_yes(&self) -> bool {
+        *self
+    }
+}
+
+/// Per key, whether a master released it.
+struct Released(Vec<bool>);
+
+impl Verdict for Released {
+    fn is_yes(&self) -> bool {
+        true
+    }
+}
+
+impl LockingProvider for RedlockProvider {
+    fn identifier(&self) -> &'static str {
+        "locking-redlock"
+    }
+
+    fn default_wait_timeout(&self) -> Duration {
+        self.wait_timeout
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        request: &'a AcquireRequest,
+    ) -> BoxFuture<'a, Result<Acquired, LockError>> {
+        Box::pin(self.acquire_inner(request))
+    }
+
+    fn release<'a>(
+        &'a self,
+        keys: &'a [String],
+        owner: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<Vec<bool>, LockError>> {
+        Box::pin(async move {
+            // Every master, always: a master that seemed to refuse the
+            // acquisition may hold it anyway.
+            let tally = self
+                .fan_out(
+                    |m| Box::pin(async move { m.release(keys, owner).await.map(Released) }),
+                    |_| false,
+                )
+                .await;
+            if tally.ok.len() < self.quorum {
+                return Err(self.no_quorum("release", tally.errors, tally.ok.len()));
+            }
+            // A key counts as released where a majority released it.
+            Ok((0..keys.len())
+                .map(|i| tally.ok.iter().filter(|r| r.0[i]).count() >= self.quorum)
+                .collect())
+        })
+    }
+
+    fn extend<'a>(
+        &'a self,
+        keys: &'a [String],
+        owner: Option<&'a str>,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<(), LockError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            let tally = self
+                .fan_out(
+                    |m| {
+                        Box::pin(async move {
+                            match m.extend(keys, owner, lease).await {
+                                Ok(()) => Ok(Extended(None)),
+                                Err(LockError::NotOwner { key }) => Ok(Extended(Some(key))),
+                                Err(e) => Err(e),
+                            }
+                        })
+                    },
+                    |t| self.lost(t.ok.len(), t.refused.len() + t.errors.len()),
+                )
+                .await;
+            if tally.ok.len() >= self.quorum && started.elapsed() + drift(lease) < lease {
+                return Ok(());
+            }
+            if tally.refused.len() > self.masters.len() - self.quorum {
+                let index = most_common(
+                    tally
+                        .refused
+                        .iter()
+                        .filter_map(|e| e.0.as_ref())
+                        .filter_map(|k| keys.iter().position(|x| x == k)),
+                );
+                return Err(LockError::NotOwner {
+                    key: keys[index.unwrap_or(0)].clone(),
+                });
+            }
+            Err(self.no_quorum("extend", tally.errors, tally.ok.len()))
+        })
+    }
+
+    fn release_all<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, LockError>> {
+        Box::pin(async move {
+            let tally = self
+                .fan_out(
+                    |m| Box::pin(async move { m.release_all(owner).await.map(Count) }),
+                    |_| false,
+                )
+                .await;
+            if tally.ok.len() < self.quorum {
+                return Err(self.no_quorum("release_all", tally.errors, tally.ok.len()));
+            }
+            // Each master held its own copy of every lock: count them once.
+            Ok(tally.ok.iter().map(|c| c.0).max().unwrap_or(0))
+        })
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            for m in &self.masters {
+                m.shutdown().await;
+            }
+        })
+    }
+}
+
+/// How many locks a master released.
+struct Count(u64);
+
+impl Verdict for Count {
+    fn is_yes(&self) -> bool {
+        true
+    }
+}
