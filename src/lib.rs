@@ -12,6 +12,8 @@
 //! - [`RedisProvider`] (`redis/`): locks in Redis for many processes.
 //!   `redis/config.rs` ([`RedisConfig`]), `redis/layout.rs` (key names, hash
 //!   tags), `redis/connection.rs` (the shared connection, error kinds),
+//!   `redis/acquire.rs` (attempts, the ways of waiting, undo guards),
+//!   `redis/release.rs` (release with handoff, background undo),
 //!   `redis/waiting.rs` (notifications and local waiter queues),
 //!   `redis/scripts.rs` (the Lua scripts in `lua/` at the repository root).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing

@@ -43,6 +43,7 @@ pub(crate) fn check_max(what: &'static str, d: Duration) -> Result<Duration, Inv
 }
 
 /// Whole milliseconds, rounded up so that a lease is never shorter than asked.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn millis_ceil(d: Duration) -> u64 {
     let ms = d.as_millis() as u64; // <= MAX_DURATION, fits easily
     if !d.subsec_nanos().is_multiple_of(1_000_000) {

@@ -7,6 +7,7 @@ use uuid::Uuid;
 
 /// The length of an acquisition nonce, in bytes. The Lua scripts rely on it
 /// (`NONCE_LEN`).
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) const NONCE_LEN: usize = 12;
 
 /// A fresh owner for one `execute` call: `execute:<32 hex digits>`.
@@ -22,6 +23,7 @@ pub(crate) fn random_id() -> String {
 /// A nonce of [`NONCE_LEN`] base64url characters (72 random bits), unique
 /// to one acquisition. Twelve bytes keep a lock's value small enough for
 /// Redis's compact string encoding.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn nonce() -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     // The low 72 bits of a v4 UUID are random (its fixed bits are in bytes 6 and 8).
@@ -36,6 +38,7 @@ pub(crate) fn nonce() -> String {
 }
 
 /// A random fraction in [0, 1), for jitter.
+#[cfg_attr(not(feature = "redis"), allow(dead_code))]
 pub(crate) fn unit_random() -> f64 {
     // The low 53 bits are random (UUID v4 fixes bits in bytes 6 and 8 only).
     const BITS: u32 = 53;
