@@ -15,6 +15,7 @@
 //!   `redis/acquire.rs` (attempts, the ways of waiting, undo guards),
 //!   `redis/release.rs` (release with handoff, background undo),
 //!   `redis/waiting.rs` (notifications and local waiter queues),
+//!   `redis/sentinel.rs` (following a Sentinel master),
 //!   `redis/scripts.rs` (the Lua scripts in `lua/` at the repository root).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
 //!   tokens.
@@ -51,6 +52,8 @@
 //! - `redis` (default): the Redis provider.
 //! - `serde`: `Deserialize` for [`RedisConfig`].
 //! - `tls`: `rediss://` URLs (rustls), with a private CA if needed.
+//! - `sentinel`: find the master through Redis Sentinel and follow failovers
+//!   ([`RedisConfig::from_sentinels`]).
 //! - `redlock`: `RedlockProvider`, a quorum of independent masters.
 //! - `cli`: the `lockstep` command line (and its dependencies).
 //! - `testcontainers`: lets the test suite start Redis in Docker.

@@ -92,6 +92,13 @@ pub struct RedisConfig {
     /// How long an acquisition waits for its replicas (default 1 s).
     #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
     pub replica_timeout: Duration,
+    /// Sentinel (feature `sentinel`): the sentinels' URLs
+    /// (`redis://host:26379`). With them, the master is found and followed
+    /// through failovers by the sentinels, and `url`, if set, only supplies
+    /// the master's credentials and database.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels know the master by (`sentinel monitor <name>`).
+    pub sentinel_master: Option<String>,
     /// For `rediss://` URLs (feature `tls`): a PEM file of the certificate
     /// authorities to trust instead of the usual roots (a private CA).
     pub tls_root_cert: Option<std::path::PathBuf>,
@@ -111,6 +118,8 @@ impl Default for RedisConfig {
             wait_fallback: Duration::from_secs(1),
             replicas: 0,
             replica_timeout: Duration::from_secs(1),
+            sentinels: Vec::new(),
+            sentinel_master: None,
             tls_root_cert: None,
         }
     }
@@ -122,6 +131,20 @@ impl RedisConfig {
     pub fn from_url(url: impl Into<String>) -> Self {
         RedisConfig {
             url: Some(url.into()),
+            ..RedisConfig::default()
+        }
+    }
+
+    /// Defaults, with the master `master` found through `sentinels`
+    /// (feature `sentinel`).
+    #[must_use]
+    pub fn from_sentinels<S: Into<String>>(
+        sentinels: impl IntoIterator<Item = S>,
+        master: impl Into<String>,
+    ) -> Self {
+        RedisConfig {
+            sentinels: sentinels.into_iter().map(Into::into).collect(),
+            sentinel_master: Some(master.into()),
             ..RedisConfig::default()
         }
     }
@@ -267,6 +290,20 @@ impl RedisConfig {
                 });
             }
         }
+        if self.sentinel_master.is_some() {
+            if !cfg!(feature = "sentinel") {
+                return Err(ConfigError::InvalidSetting {
+                    name: "sentinel_master",
+                    reason: "Sentinel needs lockstep's `sentinel` cargo feature".into(),
+                });
+            }
+            if self.sentinels.is_empty() {
+                return Err(ConfigError::InvalidSetting {
+                    name: "sentinels",
+                    reason: "no sentinel address given".into(),
+                });
+            }
+        }
         if self.pool_size == 0 {
             return Err(ConfigError::InvalidSetting {
                 name: "pool_size",
@@ -292,6 +329,15 @@ impl std::fmt::Debug for RedisConfig {
             .field("wait_fallback", &self.wait_fallback)
             .field("replicas", &self.replicas)
             .field("replica_timeout", &self.replica_timeout)
+            .field(
+                "sentinels",
+                &self
+                    .sentinels
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
+            .field("sentinel_master", &self.sentinel_master)
             .field("tls_root_cert", &self.tls_root_cert)
             .finish()
     }

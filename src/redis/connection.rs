@@ -25,7 +25,9 @@ use crate::error::{BackendError, BackendErrorKind, LockError};
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 
 pub(crate) struct Connections {
-    pool: Pool,
+    /// Where connections come from. Replaced when the master moves (a
+    /// Sentinel failover).
+    pool: std::sync::RwLock<Pool>,
     /// The shared connection and its generation number.
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     /// Serialises reconnects, so that a broken connection is replaced once.
@@ -41,7 +43,7 @@ pub(crate) struct Connections {
 impl Connections {
     pub(crate) fn new(pool: Pool, connect_timeout: Duration, response_timeout: Duration) -> Self {
         Connections {
-            pool,
+            pool: std::sync::RwLock::new(pool),
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -52,8 +54,22 @@ impl Connections {
         }
     }
 
-    pub(crate) fn pool(&self) -> &Pool {
-        &self.pool
+    /// The current pool.
+    pub(crate) fn pool(&self) -> Pool {
+        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    #[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
+    /// Points every later call at `pool` (a new master): the shared
+    /// connection is dropped (its calls in flight finish or fail alone) and
+    /// the old pool closed.
+    pub(crate) fn retarget(&self, pool: Pool) {
+        let old = std::mem::replace(
+            &mut *self.pool.write().unwrap_or_else(|e| e.into_inner()),
+            pool,
+        );
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        old.close();
     }
 
     /// How many requests were sent on the shared connection so far.
@@ -106,7 +122,7 @@ impl Connections {
         if self.is_closed() {
             return Err(RawError::Closed);
         }
-        match timeout(self.connect_timeout, self.pool.get()).await {
+        match timeout(self.connect_timeout, self.pool().get()).await {
             Ok(Ok(conn)) => Ok(Connection::take(conn)),
             Ok(Err(PoolError::Backend(e))) => Err(RawError::Redis(e)),
             Ok(Err(PoolError::Closed)) => Err(RawError::Closed),
@@ -175,7 +191,7 @@ impl Connections {
         if self.is_closed() {
             return Err(RawError::Closed.into_lock_error(operation, false));
         }
-        let conn = match timeout(self.connect_timeout, self.pool.get()).await {
+        let conn = match timeout(self.connect_timeout, self.pool().get()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(PoolError::Backend(e))) => {
                 return Err(RawError::Redis(e).into_lock_error(operation, false));
@@ -209,7 +225,7 @@ impl Connections {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.pool.close();
+        self.pool().close();
     }
 }
 

@@ -6,6 +6,8 @@ mod connection;
 mod layout;
 mod release;
 mod scripts;
+#[cfg(feature = "sentinel")]
+mod sentinel;
 mod waiting;
 
 use std::sync::Arc;
@@ -70,6 +72,10 @@ struct Inner {
     fallback: Duration,
     /// Replicas that must acknowledge an acquisition, and for how long to wait.
     replicas: (usize, Duration),
+    /// The client for the current master: the subscription reconnects with it.
+    client: std::sync::RwLock<Option<redis::Client>>,
+    /// Fired when the master moved, so that the subscription follows.
+    moved: Arc<tokio::sync::Notify>,
 }
 
 impl Drop for Inner {
@@ -92,6 +98,11 @@ impl RedisProvider {
     /// [`ConfigError::InvalidSetting`], [`ConfigError::Unreachable`] (no
     /// answer within the connect timeout), [`ConfigError::AuthFailed`].
     pub async fn connect(config: RedisConfig) -> Result<Self, ConfigError> {
+        #[cfg(feature = "sentinel")]
+        if config.sentinel_master.is_some() {
+            config.check()?;
+            return sentinel::connect(config).await;
+        }
         let (pool, client, url) = Self::pool_for(&config)?;
         Self::start(pool, Some(client), &config, url).await
     }
@@ -105,7 +116,16 @@ impl RedisProvider {
             .filter(|u| !u.trim().is_empty())
             .ok_or(ConfigError::MissingUrl { env: ENV_URL })?;
         let client = client_for(url, config)?;
-        let info = client.get_connection_info().clone();
+        let pool = Self::pool_from(client.get_connection_info().clone(), config, url)?;
+        Ok((pool, client, redact_url(url)))
+    }
+
+    /// A pool of connections to `info`, with `config`'s timeouts and size.
+    fn pool_from(
+        info: redis::ConnectionInfo,
+        config: &RedisConfig,
+        url: &str,
+    ) -> Result<Pool, ConfigError> {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(config.connect_timeout))
             .set_response_timeout(Some(config.response_timeout));
@@ -126,7 +146,7 @@ impl RedisProvider {
                 name: "pool",
                 reason: e.to_string(),
             })?;
-        Ok((pool, client, redact_url(url)))
+        Ok(pool)
     }
 
     /// A provider for `config.url` that connects on first use, without
@@ -151,6 +171,8 @@ impl RedisProvider {
                 response_timeout: config.response_timeout,
                 fallback: config.wait_fallback,
                 replicas: (config.replicas, config.replica_timeout),
+                client: std::sync::RwLock::new(None),
+                moved: Arc::new(tokio::sync::Notify::new()),
             }),
         }
     }
@@ -214,11 +236,26 @@ impl RedisProvider {
             pipe.query_async::<()>(&mut conn)
                 .await
                 .map_err(RawError::Redis)?;
-            if let (Some(waiting), Some(client)) = (&provider.inner.waiting, client) {
+            *provider
+                .inner
+                .client
+                .write()
+                .unwrap_or_else(|e| e.into_inner()) = client.clone();
+            if let (Some(waiting), Some(_)) = (&provider.inner.waiting, client) {
                 let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
                 let weak = Arc::downgrade(&provider.inner);
+                let current = Arc::downgrade(&provider.inner);
                 tokio::spawn(waiting::subscribe(
-                    client,
+                    move || {
+                        let inner = current.upgrade()?;
+
+                        inner
+                            .client
+                            .read()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone()
+                    },
+                    Arc::clone(&provider.inner.moved),
                     Arc::clone(waiting),
                     config.connect_timeout,
                     ready_tx,
@@ -264,8 +301,8 @@ impl RedisProvider {
         self.inner.layout.namespace()
     }
 
-    /// The pool connections come from.
-    pub fn pool(&self) -> &Pool {
+    /// The pool connections come from (a handle: pools are cheap to clone).
+    pub fn pool(&self) -> Pool {
         self.inner.conns.pool()
     }
 

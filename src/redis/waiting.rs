@@ -362,10 +362,12 @@ impl Waiting {
 }
 
 /// Keeps the process subscribed to its channel and dispatches messages,
-/// reconnecting after a failure, until `waiting.stop` fires. `withdraw` is
+/// reconnecting after a failure or when `moved` fires (to `client()`, the
+/// current master), until `waiting.stop` fires or `client()` is `None`. `withdraw` is
 /// called with a lock reserved for this process that nobody here wants.
 pub(crate) async fn subscribe(
-    client: redis::Client,
+    client: impl Fn() -> Option<redis::Client> + Send + 'static,
+    moved: Arc<Notify>,
     waiting: Arc<Waiting>,
     connect_timeout: Duration,
     ready: tokio::sync::oneshot::Sender<Result<(), redis::RedisError>>,
@@ -375,6 +377,10 @@ pub(crate) async fn subscribe(
     let mut pause = Duration::from_millis(20);
     let channel = waiting.channel();
     loop {
+        // None: the provider is gone.
+        let Some(client) = client() else {
+            return;
+        };
         let attempt = async {
             let pubsub = client.get_async_pubsub().await?;
             let (mut sink, stream) = pubsub.split();
@@ -437,6 +443,8 @@ pub(crate) async fn subscribe(
                     waiting.subscribed.store(false, Ordering::Release);
                     return;
                 }
+                // The master moved: subscribe on the new one.
+                _ = moved.notified() => break,
             }
         }
         waiting.subscribed.store(false, Ordering::Release);

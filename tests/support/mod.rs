@@ -36,6 +36,8 @@ pub struct RedisServer {
     pub port: u16,
     pub dir: PathBuf,
     args: Vec<String>,
+    /// A config file given before the arguments (a sentinel needs one).
+    conf: Option<String>,
 }
 
 /// How long a server may take to accept connections.
@@ -46,6 +48,13 @@ static SERVER_SEQ: AtomicU32 = AtomicU32::new(0);
 impl RedisServer {
     /// Starts a server on a free loopback port with extra `args`.
     pub fn start(args: &[&str]) -> RedisServer {
+        Self::start_with(None, None, args)
+    }
+
+    /// Starts a server on `port` (a free one if `None`), with a config file
+    /// holding `conf` if given (written to the server's directory: a
+    /// sentinel rewrites its own), and extra `args`.
+    pub fn start_with(port: Option<u16>, conf: Option<&str>, args: &[&str]) -> RedisServer {
         let bin = server_bin().unwrap_or_else(|| panic!("{}", missing_redis_help()));
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "redis-{}-{}",
@@ -57,10 +66,11 @@ impl RedisServer {
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         // A port picked by binding port 0 can be taken by someone else
         // before redis binds it: try a few.
+        let conf = conf.map(str::to_owned);
         let mut last_log = String::new();
         for _ in 0..5 {
-            let port = free_port();
-            match Self::spawn(&bin, &dir, port, &args) {
+            let port = port.unwrap_or_else(free_port);
+            match Self::spawn(&bin, &dir, port, &args, conf.as_deref()) {
                 Ok(server) => return server,
                 Err(log) => last_log = log,
             }
@@ -68,7 +78,13 @@ impl RedisServer {
         panic!("redis-server did not start; its log:\n{last_log}");
     }
 
-    fn spawn(bin: &Path, dir: &Path, port: u16, args: &[String]) -> Result<RedisServer, String> {
+    fn spawn(
+        bin: &Path,
+        dir: &Path,
+        port: u16,
+        args: &[String],
+        conf: Option<&str>,
+    ) -> Result<RedisServer, String> {
         let log = dir.join("redis.log");
         let _ = std::fs::remove_file(&log);
         let mut command = Command::new("sh");
@@ -78,7 +94,13 @@ impl RedisServer {
             // (EOF) and kill it.
             .arg(r#"bin="$1"; shift; "$bin" "$@" & pid=$!; echo "$pid"; read _unused; kill -9 "$pid" 2>/dev/null; wait "$pid" 2>/dev/null"#)
             .arg("sh")
-            .arg(bin)
+            .arg(bin);
+        if let Some(conf) = conf {
+            let file = dir.join("server.conf");
+            std::fs::write(&file, conf).map_err(|e| e.to_string())?;
+            command.arg(file);
+        }
+        command
             .args(["--port", &port.to_string()])
             // Loopback only.
             .args(["--bind", "127.0.0.1"])
@@ -108,6 +130,7 @@ impl RedisServer {
             port,
             dir: dir.to_owned(),
             args: args.to_vec(),
+            conf: conf.map(str::to_owned),
         };
         let deadline = Instant::now() + STARTUP_DEADLINE;
         while Instant::now() < deadline {
@@ -166,7 +189,7 @@ impl RedisServer {
         let bin = server_bin().expect("redis-server was found before");
         let mut last_log = String::new();
         for _ in 0..20 {
-            match Self::spawn(&bin, &self.dir, self.port, &self.args) {
+            match Self::spawn(&bin, &self.dir, self.port, &self.args, self.conf.as_deref()) {
                 Ok(fresh) => {
                     *self = fresh;
                     return;
