@@ -24,19 +24,7 @@ async fn pair() -> (RedisServer, Proxy, RedisServer) {
     ]);
     let proxy = Proxy::start(master.port);
     let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &proxy.port.to_string()]);
-    let c = raw_connection(&replica.url()).await;
-    eventually(Duration::from_secs(10), "the replica is in sync", || {
-        let mut c = c.clone();
-        async move {
-            let info: String = redis::cmd("INFO")
-                .arg("replication")
-                .query_async(&mut c)
-                .await
-                .unwrap();
-            info.contains("master_link_status:up")
-        }
-    })
-    .await;
+    support::wait_until_in_sync(&replica.url()).await;
     (master, proxy, replica)
 }
 

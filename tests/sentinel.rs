@@ -29,19 +29,7 @@ impl Topology {
             "0",
         ]);
         let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
-        let c = raw_connection(&replica.url()).await;
-        eventually(Duration::from_secs(10), "the replica is in sync", || {
-            let mut c = c.clone();
-            async move {
-                let info: String = redis::cmd("INFO")
-                    .arg("replication")
-                    .query_async(&mut c)
-                    .await
-                    .unwrap();
-                info.contains("master_link_status:up")
-            }
-        })
-        .await;
+        support::wait_until_in_sync(&replica.url()).await;
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let ids: Vec<String> = (0..3)
             .map(|i| format!("{:040x}", 0x5e_u64 + i as u64))

@@ -512,3 +512,20 @@ async fn pump(
         }
     }
 }
+
+/// Waits until the replica at `url` is in sync with its master.
+pub async fn wait_until_in_sync(url: &str) {
+    let c = raw_connection(url).await;
+    eventually(Duration::from_secs(10), "the replica is in sync", || {
+        let mut c = c.clone();
+        async move {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            info.contains("master_link_status:up")
+        }
+    })
+    .await;
+}
