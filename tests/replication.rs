@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use lockstep::{AcquireOptions, BackendErrorKind, LockError, RedisConfig, RedisProvider};
 use redis::AsyncCommands;
-use support::{Proxy, RedisServer, eventually, module_with, raw_connection};
+use support::{Proxy, RedisServer, module_with, raw_connection};
 use tokio::time::Instant;
 
 const NS: &str = "repl:";
