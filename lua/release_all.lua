@@ -11,6 +11,17 @@
 --   it is still held by the owner, and handed to the next process queued for
 --   it. The index is deleted.
 --
+-- Slots mode (no keys; Redis Cluster, run on every master, with the
+-- allow-cross-slot-keys flag): an owner's index is split by hash slot there
+-- (<index prefix><slot tag><index suffix>, see src/redis/layout.rs).
+--   ARGV[1]  "slots"
+--   ARGV[2..4] as in owner mode
+--   ARGV[5]  index prefix, e.g. "lockstep:{"
+--   ARGV[6]  index suffix, e.g. "}:o:run-1"
+--   ARGV[7..] the tags of the hash slots this master serves
+--   Each index is handled as in owner mode. A slot served elsewhere (moved
+--   since the caller looked) is skipped and returned.
+--
 -- Namespace mode (no keys):
 --   ARGV[1]  "namespace"
 --   ARGV[2]  the namespace prefix, e.g. "lockstep:"
@@ -18,19 +29,17 @@
 --   ARGV[4]  channel prefix
 --   Every lock, owner index and wait queue of the namespace is deleted in
 --   this one script, so no lock taken meanwhile can survive or be wrongly
---   deleted; every queued process is told, so its waiters try again at once.
+--   deleted (on a cluster: on this master); every queued process is told, so its waiters try again at once.
 --   Fencing counters are kept, so tokens keep growing after a release_all.
 --
--- Returns the number of locks released.
+-- Returns the number of locks released; in slots mode {released, {tags of
+-- the slots skipped}}.
 
 local released = 0
 
-if ARGV[1] == 'owner' then
-  local owner = ARGV[2]
-  local index = KEYS[1]
-  if redis.call('TYPE', index)['ok'] ~= 'zset' then
-    return 0
-  end
+-- Releases the locks in owner index `index` still held by `owner`, handing
+-- each to the next process queued for it, and deletes the index.
+local function release_indexed(index, owner)
   for _, key in ipairs(redis.call('ZRANGE', index, 0, -1)) do
     if held_by(redis.pcall('GET', key), owner) then
       redis.call('DEL', key)
@@ -42,7 +51,28 @@ if ARGV[1] == 'owner' then
     end
   end
   redis.call('DEL', index)
+end
+
+if ARGV[1] == 'owner' then
+  if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
+    release_indexed(KEYS[1], ARGV[2])
+  end
   return released
+end
+
+if ARGV[1] == 'slots' then
+  local skipped = {}
+  for i = 7, #ARGV do
+    local index = ARGV[5] .. ARGV[i] .. ARGV[6]
+    local t = redis.pcall('TYPE', index)
+    if t['err'] then
+      -- A key of a slot another master serves now.
+      skipped[#skipped + 1] = ARGV[i]
+    elseif t['ok'] == 'zset' then
+      release_indexed(index, ARGV[2])
+    end
+  end
+  return {released, skipped}
 end
 
 local prefix = ARGV[2]
@@ -62,7 +92,7 @@ repeat
         if suffix == '' then
           redis.call('DEL', key)
           released = released + 1
-        elseif suffix == ':o' then
+        elseif suffix == ':o' or string.sub(suffix, 1, 3) == ':o:' then
           redis.call('DEL', key)
         elseif suffix == ':q' then
           if redis.call('TYPE', key)['ok'] == 'list' then

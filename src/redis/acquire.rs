@@ -35,11 +35,14 @@ pub(super) enum AcquireReply {
 /// The Redis keys of one request: the lock keys, then their fencing
 /// counters and wait queues, then the owner's index if it has one.
 pub(super) struct Keyset {
-    n: usize,
-    all: Vec<String>,
+    pub(super) n: usize,
+    pub(super) all: Vec<String>,
     index: Option<String>,
     /// Set when an attempt got no reply: it may have taken the locks.
-    uncertain: std::sync::atomic::AtomicBool,
+    pub(super) uncertain: std::sync::atomic::AtomicBool,
+    /// On a cluster: the request split by hash slot, in slot order.
+    #[cfg(feature = "cluster")]
+    pub(super) groups: Vec<super::cluster::Group>,
 }
 
 impl Keyset {
@@ -260,18 +263,41 @@ pub(super) const QUEUE_TTL_MAX: Duration = Duration::from_secs(3600);
 impl RedisProvider {
     pub(super) fn keyset(&self, request: &AcquireRequest) -> Keyset {
         let layout = &self.inner.layout;
-        let n = request.keys.len();
-        let mut all: Vec<String> = request.keys.iter().map(|k| layout.lock_key(k)).collect();
-        all.extend(request.keys.iter().map(|k| layout.fence_key(k)));
+        let locks: Vec<String> = request.keys.iter().map(|k| layout.lock_key(k)).collect();
+        let owner = request.owner.as_deref().filter(|_| request.indexed);
+        #[cfg(feature = "cluster")]
+        if self.is_cluster() {
+            let groups = self
+                .slot_groups(&locks)
+                .into_iter()
+                .map(|(slot, positions)| super::cluster::Group {
+                    keys: self.keyset_of(
+                        positions.iter().map(|&p| locks[p].clone()).collect(),
+                        owner.map(|o| layout.slot_owner_index(o, slot)),
+                    ),
+                    positions,
+                })
+                .collect();
+            let mut keys = self.keyset_of(locks, None);
+            keys.groups = groups;
+            return keys;
+        }
+        self.keyset_of(locks, owner.map(|o| layout.owner_index(o)))
+    }
+
+    /// The keys of `acquire.lua` for these lock keys and owner's index.
+    fn keyset_of(&self, locks: Vec<String>, index: Option<String>) -> Keyset {
+        let layout = &self.inner.layout;
+        let n = locks.len();
+        let mut all = locks;
+        for i in 0..n {
+            let fence = layout.fence_key_of(&all[i]);
+            all.push(fence);
+        }
         for i in 0..n {
             let queue = layout.queue_key(&all[i]);
             all.push(queue);
         }
-        let index = request
-            .owner
-            .as_deref()
-            .filter(|_| request.indexed)
-            .map(|o| layout.owner_index(o));
         if let Some(index) = &index {
             all.push(index.clone());
         }
@@ -280,6 +306,8 @@ impl RedisProvider {
             all,
             index,
             uncertain: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(feature = "cluster")]
+            groups: Vec::new(),
         }
     }
 
@@ -307,6 +335,10 @@ impl RedisProvider {
             if queueing.more { "1" } else { "0" }.to_owned(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        #[cfg(feature = "cluster")]
+        if !keys.groups.is_empty() {
+            return self.attempt_grouped(keys, &args, owner, nonce).await;
+        }
         let reply = if self.inner.replicas.0 > 0 {
             self.acquire_replicated(keys, &args, owner, nonce, request.expire)
                 .await

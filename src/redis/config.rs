@@ -92,6 +92,10 @@ pub struct RedisConfig {
     /// How long an acquisition waits for its replicas (default 1 s).
     #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
     pub replica_timeout: Duration,
+    /// Redis Cluster (feature `cluster`): seed nodes (`redis://host:port`).
+    /// With them, locks are spread over the cluster's masters by hash slot,
+    /// and `url` is not used.
+    pub cluster_nodes: Vec<String>,
     /// Sentinel (feature `sentinel`): the sentinels' URLs
     /// (`redis://host:26379`). With them, the master is found and followed
     /// through failovers by the sentinels, and `url`, if set, only supplies
@@ -118,6 +122,7 @@ impl Default for RedisConfig {
             wait_fallback: Duration::from_secs(1),
             replicas: 0,
             replica_timeout: Duration::from_secs(1),
+            cluster_nodes: Vec::new(),
             sentinels: Vec::new(),
             sentinel_master: None,
             tls_root_cert: None,
@@ -131,6 +136,16 @@ impl RedisConfig {
     pub fn from_url(url: impl Into<String>) -> Self {
         RedisConfig {
             url: Some(url.into()),
+            ..RedisConfig::default()
+        }
+    }
+
+    /// Defaults, on the Redis Cluster these seed nodes belong to (feature
+    /// `cluster`).
+    #[must_use]
+    pub fn from_cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
+        RedisConfig {
+            cluster_nodes: nodes.into_iter().map(Into::into).collect(),
             ..RedisConfig::default()
         }
     }
@@ -290,6 +305,22 @@ impl RedisConfig {
                 });
             }
         }
+        if !self.cluster_nodes.is_empty() {
+            if !cfg!(feature = "cluster") {
+                return Err(ConfigError::InvalidSetting {
+                    name: "cluster_nodes",
+                    reason: "Redis Cluster needs lockstep's `cluster` cargo feature".into(),
+                });
+            }
+            if self.sentinel_master.is_some() || self.replicas > 0 {
+                return Err(ConfigError::InvalidSetting {
+                    name: "cluster_nodes",
+                    reason:
+                        "a cluster takes neither sentinels nor `replicas` (each master has its own)"
+                            .into(),
+                });
+            }
+        }
         if self.sentinel_master.is_some() {
             if !cfg!(feature = "sentinel") {
                 return Err(ConfigError::InvalidSetting {
@@ -329,6 +360,14 @@ impl std::fmt::Debug for RedisConfig {
             .field("wait_fallback", &self.wait_fallback)
             .field("replicas", &self.replicas)
             .field("replica_timeout", &self.replica_timeout)
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| redact_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field(
                 "sentinels",
                 &self

@@ -6,7 +6,10 @@
 //! extra round trip (deadpool's recycle check) and measured 3-5x slower
 //! with 64 concurrent tasks. The deadpool pool is the connection *factory*:
 //! it owns the URL, credentials and timeouts, and supplies the shared
-//! connection and its replacement after a failure.
+//! connection and its replacement after a failure. On a Redis Cluster
+//! (feature `cluster`) the shared connection is redis-rs's cluster
+//! connection, which routes each call to the master of its slot and follows
+//! MOVED, ASK and failovers itself.
 
 use std::future::Future;
 use std::sync::Mutex;
@@ -24,12 +27,69 @@ use crate::error::{BackendError, BackendErrorKind, LockError};
 /// waiting for its own connect timeout.
 const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 
-pub(crate) struct Connections {
-    /// Where connections come from. Replaced when the master moves (a
+/// The shared connection: to one server, or to a cluster.
+#[derive(Clone)]
+pub(crate) enum Link {
+    Single(MultiplexedConnection),
+    #[cfg(feature = "cluster")]
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Link {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Link::Single(c) => c.req_packed_command(cmd),
+            #[cfg(feature = "cluster")]
+            Link::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Link::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            #[cfg(feature = "cluster")]
+            Link::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Link::Single(c) => c.get_db(),
+            #[cfg(feature = "cluster")]
+            Link::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where the shared connection comes from.
+pub(crate) enum Source {
+    /// A deadpool pool for one server. Replaced when the master moves (a
     /// Sentinel failover).
-    pool: std::sync::RwLock<Pool>,
+    Pool(std::sync::RwLock<Pool>),
+    /// A cluster client.
+    #[cfg(feature = "cluster")]
+    Cluster(Box<redis::cluster::ClusterClient>),
+}
+
+impl Source {
+    /// One server's pool.
+    pub(crate) fn single(pool: Pool) -> Source {
+        Source::Pool(std::sync::RwLock::new(pool))
+    }
+}
+
+pub(crate) struct Connections {
+    source: Source,
     /// The shared connection and its generation number.
-    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    current: Mutex<Option<(u64, Link)>>,
     /// Serialises reconnects, so that a broken connection is replaced once.
     reconnect: tokio::sync::Mutex<Option<(Instant, String)>>,
     generation: AtomicU64,
@@ -41,9 +101,13 @@ pub(crate) struct Connections {
 }
 
 impl Connections {
-    pub(crate) fn new(pool: Pool, connect_timeout: Duration, response_timeout: Duration) -> Self {
+    pub(crate) fn new(
+        source: Source,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
         Connections {
-            pool: std::sync::RwLock::new(pool),
+            source,
             current: Mutex::new(None),
             reconnect: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
@@ -54,9 +118,18 @@ impl Connections {
         }
     }
 
-    /// The current pool.
-    pub(crate) fn pool(&self) -> Pool {
-        self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
+    /// The current pool (none on a cluster).
+    pub(crate) fn pool(&self) -> Option<Pool> {
+        match &self.source {
+            Source::Pool(p) => Some(p.read().unwrap_or_else(|e| e.into_inner()).clone()),
+            #[cfg(feature = "cluster")]
+            Source::Cluster(_) => None,
+        }
+    }
+
+    /// Whether the shared connection is a cluster connection.
+    pub(crate) fn is_cluster(&self) -> bool {
+        !matches!(self.source, Source::Pool(_))
     }
 
     #[cfg_attr(not(feature = "sentinel"), allow(dead_code))]
@@ -64,8 +137,12 @@ impl Connections {
     /// connection is dropped (its calls in flight finish or fail alone) and
     /// the old pool closed.
     pub(crate) fn retarget(&self, pool: Pool) {
+        #[allow(irrefutable_let_patterns)] // without the `cluster` feature
+        let Source::Pool(current) = &self.source else {
+            return;
+        };
         let old = std::mem::replace(
-            &mut *self.pool.write().unwrap_or_else(|e| e.into_inner()),
+            &mut *current.write().unwrap_or_else(|e| e.into_inner()),
             pool,
         );
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
@@ -81,7 +158,7 @@ impl Connections {
         self.closed.load(Ordering::Acquire)
     }
 
-    fn cached(&self) -> Option<(u64, MultiplexedConnection)> {
+    fn cached(&self) -> Option<(u64, Link)> {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -89,7 +166,7 @@ impl Connections {
     }
 
     /// The shared connection, connecting if there is none.
-    pub(crate) async fn get(&self) -> Result<(u64, MultiplexedConnection), RawError> {
+    pub(crate) async fn get(&self) -> Result<(u64, Link), RawError> {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
@@ -118,12 +195,26 @@ impl Connections {
         }
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, RawError> {
+    async fn connect(&self) -> Result<Link, RawError> {
         if self.is_closed() {
             return Err(RawError::Closed);
         }
-        match timeout(self.connect_timeout, self.pool().get()).await {
-            Ok(Ok(conn)) => Ok(Connection::take(conn)),
+        let pool = match &self.source {
+            Source::Pool(p) => p.read().unwrap_or_else(|e| e.into_inner()).clone(),
+            #[cfg(feature = "cluster")]
+            Source::Cluster(client) => {
+                return match timeout(self.connect_timeout, client.get_async_connection()).await {
+                    Ok(Ok(conn)) => Ok(Link::Cluster(conn)),
+                    Ok(Err(e)) => Err(RawError::Redis(e)),
+                    Err(_) => Err(RawError::Connect(
+                        format!("no cluster connection within {:?}", self.connect_timeout),
+                        None,
+                    )),
+                };
+            }
+        };
+        match timeout(self.connect_timeout, pool.get()).await {
+            Ok(Ok(conn)) => Ok(Link::Single(Connection::take(conn))),
             Ok(Err(PoolError::Backend(e))) => Err(RawError::Redis(e)),
             Ok(Err(PoolError::Closed)) => Err(RawError::Closed),
             Ok(Err(e)) => Err(RawError::Connect(e.to_string(), None)),
@@ -145,7 +236,7 @@ impl Connections {
     /// Runs `f` on the shared connection within the response timeout.
     pub(crate) async fn run<T, F, Fut>(&self, operation: &'static str, f: F) -> Result<T, LockError>
     where
-        F: FnOnce(MultiplexedConnection) -> Fut,
+        F: FnOnce(Link) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
         let (generation, conn) = self
@@ -191,7 +282,11 @@ impl Connections {
         if self.is_closed() {
             return Err(RawError::Closed.into_lock_error(operation, false));
         }
-        let conn = match timeout(self.connect_timeout, self.pool().get()).await {
+        let Some(pool) = self.pool() else {
+            return Err(RawError::Connect("no pool on a cluster".into(), None)
+                .into_lock_error(operation, false));
+        };
+        let conn = match timeout(self.connect_timeout, pool.get()).await {
             Ok(Ok(conn)) => conn,
             Ok(Err(PoolError::Backend(e))) => {
                 return Err(RawError::Redis(e).into_lock_error(operation, false));
@@ -225,7 +320,9 @@ impl Connections {
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        self.pool().close();
+        if let Some(pool) = self.pool() {
+            pool.close();
+        }
     }
 }
 

@@ -1,6 +1,8 @@
 //! The Redis provider: locks shared by every process that uses one Redis.
 
 mod acquire;
+#[cfg(feature = "cluster")]
+mod cluster;
 mod config;
 mod connection;
 mod layout;
@@ -22,7 +24,7 @@ use crate::error::{BackendError, BackendErrorKind, ConfigError, LockError};
 use crate::options::millis_ceil;
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider};
 use config::redact_url;
-use connection::{Connections, RawError, is_auth_error};
+use connection::{Connections, RawError, Source, is_auth_error};
 use layout::Layout;
 use waiting::Waiting;
 
@@ -98,13 +100,20 @@ impl RedisProvider {
     /// [`ConfigError::InvalidSetting`], [`ConfigError::Unreachable`] (no
     /// answer within the connect timeout), [`ConfigError::AuthFailed`].
     pub async fn connect(config: RedisConfig) -> Result<Self, ConfigError> {
+        #[cfg(feature = "cluster")]
+        if !config.cluster_nodes.is_empty() {
+            config.check()?;
+            let client = cluster_client(&config)?;
+            let label = format!("the cluster of {}", redact_url(&config.cluster_nodes[0]));
+            return Self::start(Source::Cluster(Box::new(client)), None, &config, label).await;
+        }
         #[cfg(feature = "sentinel")]
         if config.sentinel_master.is_some() {
             config.check()?;
             return sentinel::connect(config).await;
         }
         let (pool, client, url) = Self::pool_for(&config)?;
-        Self::start(pool, Some(client), &config, url).await
+        Self::start(Source::single(pool), Some(client), &config, url).await
     }
 
     /// The pool and client for `config.url`, without any I/O.
@@ -155,13 +164,18 @@ impl RedisProvider {
     #[cfg(feature = "redlock")]
     pub(crate) fn connect_lazily(config: &RedisConfig) -> Result<Self, ConfigError> {
         let (pool, _client, url) = Self::pool_for(config)?;
-        Ok(Self::build(pool, config, url, None))
+        Ok(Self::build(Source::single(pool), config, url, None))
     }
 
-    fn build(pool: Pool, config: &RedisConfig, url: String, waiting: Option<Arc<Waiting>>) -> Self {
+    fn build(
+        source: Source,
+        config: &RedisConfig,
+        url: String,
+        waiting: Option<Arc<Waiting>>,
+    ) -> Self {
         RedisProvider {
             inner: Arc::new(Inner {
-                conns: Connections::new(pool, config.connect_timeout, config.response_timeout),
+                conns: Connections::new(source, config.connect_timeout, config.response_timeout),
                 layout: Layout::new(&config.namespace),
                 wait_timeout: config.wait_timeout,
                 url,
@@ -202,18 +216,24 @@ impl RedisProvider {
             Some(url) => Some(client_for(url, config)?),
             None => None,
         };
-        Self::start(pool, client, config, "the given pool".to_owned()).await
+        Self::start(
+            Source::single(pool),
+            client,
+            config,
+            "the given pool".to_owned(),
+        )
+        .await
     }
 
     async fn start(
-        pool: Pool,
+        source: Source,
         client: Option<redis::Client>,
         config: &RedisConfig,
         url: String,
     ) -> Result<Self, ConfigError> {
         let waiting =
             (config.notifications && client.is_some()).then(|| Waiting::new(&config.namespace));
-        let provider = Self::build(pool, config, url, waiting);
+        let provider = Self::build(source, config, url, waiting);
         let unreachable =
             |reason: String, source: Option<redis::RedisError>| ConfigError::Unreachable {
                 url: provider.inner.url.clone(),
@@ -229,13 +249,24 @@ impl RedisProvider {
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(RawError::Redis)?;
-            let mut pipe = redis::pipe();
-            for script in scripts::all() {
-                pipe.load_script(script).ignore();
+            if provider.inner.conns.is_cluster() {
+                // One by one: SCRIPT LOAD goes to every node of a cluster,
+                // which a pipeline cannot route.
+                for script in scripts::all() {
+                    script
+                        .load_async(&mut conn)
+                        .await
+                        .map_err(RawError::Redis)?;
+                }
+            } else {
+                let mut pipe = redis::pipe();
+                for script in scripts::all() {
+                    pipe.load_script(script).ignore();
+                }
+                pipe.query_async::<()>(&mut conn)
+                    .await
+                    .map_err(RawError::Redis)?;
             }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(RawError::Redis)?;
             *provider
                 .inner
                 .client
@@ -301,8 +332,9 @@ impl RedisProvider {
         self.inner.layout.namespace()
     }
 
-    /// The pool connections come from (a handle: pools are cheap to clone).
-    pub fn pool(&self) -> Pool {
+    /// The pool connections come from (a handle: pools are cheap to clone);
+    /// `None` on a Redis Cluster.
+    pub fn pool(&self) -> Option<Pool> {
         self.inner.conns.pool()
     }
 
@@ -387,6 +419,32 @@ fn unexpected(operation: &'static str, e: impl std::fmt::Display) -> LockError {
     ))
 }
 
+/// A redis-rs cluster client for the seed nodes of `config`.
+#[cfg(feature = "cluster")]
+fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient, ConfigError> {
+    let mut nodes = Vec::with_capacity(config.cluster_nodes.len());
+    for url in &config.cluster_nodes {
+        nodes.push(parse_url(url)?);
+    }
+    #[allow(unused_mut)] // without the `tls` feature
+    let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+        .connection_timeout(config.connect_timeout)
+        .response_timeout(config.response_timeout);
+    #[cfg(feature = "tls")]
+    if let Some(pem) = tls_setup(&config.cluster_nodes[0], config)? {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        });
+    }
+    #[cfg(not(feature = "tls"))]
+    tls_setup(&config.cluster_nodes[0], config)?;
+    builder.build().map_err(|e| ConfigError::InvalidSetting {
+        name: "cluster_nodes",
+        reason: e.to_string(),
+    })
+}
+
 /// A redis-rs client for `url`: its connection info (with TLS settings)
 /// feeds the pool, and it opens the subscription.
 fn client_for(url: &str, config: &RedisConfig) -> Result<redis::Client, ConfigError> {
@@ -395,32 +453,46 @@ fn client_for(url: &str, config: &RedisConfig) -> Result<redis::Client, ConfigEr
         url: redact_url(url),
         reason,
     };
-    let tls = url.starts_with("rediss://");
-    if config.tls_root_cert.is_some() && !tls {
-        return Err(ConfigError::InvalidSetting {
-            name: "tls_root_cert",
-            reason: "is only used with rediss:// URLs".into(),
-        });
-    }
     #[cfg(feature = "tls")]
-    if tls {
-        // redis-rs's rustls comes without a crypto provider: install ring's
-        // (a no-op if the application installed one first).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        if let Some(path) = &config.tls_root_cert {
-            let pem = std::fs::read(path).map_err(|e| ConfigError::InvalidSetting {
-                name: "tls_root_cert",
-                reason: format!("cannot read {}: {e}", path.display()),
-            })?;
-            let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(pem),
-            };
-            return redis::Client::build_with_tls(info, certificates)
-                .map_err(|e| invalid(e.to_string()));
-        }
+    if let Some(pem) = tls_setup(url, config)? {
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(pem),
+        };
+        return redis::Client::build_with_tls(info, certificates)
+            .map_err(|e| invalid(e.to_string()));
     }
+    #[cfg(not(feature = "tls"))]
+    tls_setup(url, config)?;
     redis::Client::open(info).map_err(|e| invalid(e.to_string()))
+}
+
+/// Checks `config.tls_root_cert` against `url` (it needs `rediss://`), gets
+/// rustls ready for a `rediss://` URL, and returns the private CA, read.
+fn tls_setup(url: &str, config: &RedisConfig) -> Result<Option<Vec<u8>>, ConfigError> {
+    let tls = url.starts_with("rediss://");
+    if !tls {
+        return match config.tls_root_cert {
+            Some(_) => Err(ConfigError::InvalidSetting {
+                name: "tls_root_cert",
+                reason: "is only used with rediss:// URLs".into(),
+            }),
+            None => Ok(None),
+        };
+    }
+    // redis-rs's rustls comes without a crypto provider: install ring's
+    // (a no-op if the application installed one first).
+    #[cfg(feature = "tls")]
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let Some(path) = &config.tls_root_cert else {
+        return Ok(None);
+    };
+    std::fs::read(path)
+        .map(Some)
+        .map_err(|e| ConfigError::InvalidSetting {
+            name: "tls_root_cert",
+            reason: format!("cannot read {}: {e}", path.display()),
+        })
 }
 
 /// Checks a URL's scheme and syntax, with errors that never show the password.
@@ -504,6 +576,16 @@ impl LockingProvider for RedisProvider {
             self.check_open()?;
             let layout = &self.inner.layout;
             let mut lock_keys: Vec<String> = keys.iter().map(|k| layout.lock_key(k)).collect();
+            #[cfg(feature = "cluster")]
+            if self.is_cluster() {
+                let ttl = millis_ceil(lease).to_string();
+                return match self.extend_grouped(&lock_keys, owner, &ttl).await? {
+                    None => Ok(()),
+                    Some(i) => Err(LockError::NotOwner {
+                        key: keys[i].clone(),
+                    }),
+                };
+            }
             if let Some(o) = owner {
                 lock_keys.push(layout.owner_index(o));
             }
@@ -530,6 +612,10 @@ impl LockingProvider for RedisProvider {
     fn release_all<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, LockError>> {
         Box::pin(async move {
             self.check_open()?;
+            #[cfg(feature = "cluster")]
+            if self.is_cluster() {
+                return self.release_all_cluster(owner).await;
+            }
             let layout = &self.inner.layout;
             let reply = match owner {
                 Some(o) => {

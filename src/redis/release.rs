@@ -116,14 +116,33 @@ impl RedisProvider {
         nonce: &str,
         successor: Option<(&Waiter, bool)>,
     ) -> Result<(Vec<bool>, u64), LockError> {
+        #[cfg(feature = "cluster")]
+        if self.is_cluster() {
+            // No local waiters on a cluster, so no successor.
+            let released = self.release_grouped(lock_keys, owner, nonce).await?;
+            return Ok((released, 0));
+        }
+        let index = (!owner.is_empty()).then(|| self.inner.layout.owner_index(owner));
+        self.release_script(lock_keys, index, owner, nonce, successor)
+            .await
+    }
+
+    /// One run of `release.lua` (all keys in one slot on a cluster).
+    pub(super) async fn release_script(
+        &self,
+        lock_keys: &[String],
+        index: Option<String>,
+        owner: &str,
+        nonce: &str,
+        successor: Option<(&Waiter, bool)>,
+    ) -> Result<(Vec<bool>, u64), LockError> {
         let layout = &self.inner.layout;
         let n = lock_keys.len();
         let mut keys = lock_keys.to_vec();
         keys.extend(lock_keys.iter().map(|k| layout.fence_key_of(k)));
         keys.extend(lock_keys.iter().map(|k| layout.queue_key(k)));
-        if !owner.is_empty() {
-            keys.push(layout.owner_index(owner));
-        }
+        let indexed = index.is_some();
+        keys.extend(index);
         let (succ_owner, succ_nonce, succ_ttl, more) = match successor {
             Some((w, more)) => (w.owner.as_str(), w.nonce.as_str(), w.ttl_ms, more),
             None => ("", "", 0, false),
@@ -139,7 +158,7 @@ impl RedisProvider {
             nonce.to_owned(),
             self.inner.claim_ms.to_string(),
             self.channel_prefix().to_owned(),
-            if owner.is_empty() { "0" } else { "1" }.to_owned(),
+            if indexed { "1" } else { "0" }.to_owned(),
             succ_owner.to_owned(),
             succ_nonce.to_owned(),
             succ_ttl.to_string(),

@@ -36,6 +36,19 @@ pub(crate) static EXTEND: LazyLock<Script> =
 pub(crate) static RELEASE_ALL: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_prelude!("../../lua/release_all.lua")));
 
+/// `lua/release_all.lua` for a Redis Cluster, flagged to touch keys of
+/// several slots (those one master serves): its slots and namespace modes
+/// visit keys the caller cannot name up front. A shebang must open a
+/// script, so the flag comes before the prelude. Sent with `EVAL` to every
+/// master (release_all is rare; the servers cache it by its hash).
+#[cfg(feature = "cluster")]
+pub(crate) const RELEASE_ALL_CLUSTER_SOURCE: &str = concat!(
+    "#!lua flags=allow-cross-slot-keys\n",
+    include_str!("../../lua/prelude.lua"),
+    "\n",
+    include_str!("../../lua/release_all.lua")
+);
+
 /// `lua/withdraw.lua`: a process stops waiting for a lock.
 pub(crate) static WITHDRAW: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_prelude!("../../lua/withdraw.lua")));

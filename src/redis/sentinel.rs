@@ -38,8 +38,13 @@ pub(super) async fn connect(config: RedisConfig) -> Result<RedisProvider, Config
             source: None,
         })?;
     let (pool, client) = target(&config, &host, port)?;
-    let provider =
-        RedisProvider::start(pool, Some(client), &config, describe(&master, &host, port)).await?;
+    let provider = RedisProvider::start(
+        super::connection::Source::single(pool),
+        Some(client),
+        &config,
+        describe(&master, &host, port),
+    )
+    .await?;
     tokio::spawn(follow(
         Arc::downgrade(&provider.inner),
         config,

@@ -199,8 +199,11 @@ async fn connect(
     let provider = RedisProvider::connect(RedisConfig::from_url(url).namespace(namespace))
         .await
         .map_err(|e| Failure::usage(e.to_string()))?;
-    let conn = provider
+    // The ledger lives on the same server, through a connection of its own.
+    let pool = provider
         .pool()
+        .ok_or_else(|| Failure::usage("the demo's ledger needs a single Redis server"))?;
+    let conn = pool
         .get()
         .await
         .map(lockstep::deadpool_redis::Connection::take)

@@ -1,0 +1,532 @@
+//! Redis Cluster (feature `cluster`): three local masters sharing the 16,384
+//! hash slots. The provider contract runs on it, then the cases a cluster
+//! adds: requests across masters, a partial acquisition given back, the
+//! owner's locks found on every master, and a slot moved under a held lock.
+
+mod contract;
+mod support;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use contract::{Fixture, contract_suite};
+use lockstep::{AcquireOptions, LockError, RedisConfig, RedisProvider, ReleaseOptions};
+use redis::Commands;
+use support::{RedisServer, free_port};
+use tokio::time::Instant;
+
+/// The masters of one cluster, each serving a third of the slots.
+struct Cluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    /// Starts `masters` cluster-enabled servers, splits the slots between
+    /// them, introduces them to each other, and waits until every node says
+    /// the cluster is ok (about a second).
+    fn start(masters: usize) -> Cluster {
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                // The cluster bus gets a free port of its own: the default
+                // (port + 10000) may be taken or out of range.
+                let bus = free_port().to_string();
+                RedisServer::start(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-port",
+                    &bus,
+                    "--cluster-node-timeout",
+                    "1000",
+                ])
+            })
+            .collect();
+        let step = 16384 / masters;
+        for (i, node) in nodes.iter().enumerate() {
+            let first = i * step;
+            let last = if i + 1 == masters {
+                16383
+            } else {
+                first + step - 1
+            };
+            let mut c = sync_connection(node);
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .exec(&mut c)
+                .expect("assign slots");
+        }
+        let mut first = sync_connection(&nodes[0]);
+        for node in &nodes[1..] {
+            let bus: u16 = redis::cmd("CONFIG")
+                .arg("GET")
+                .arg("cluster-port")
+                .query::<Vec<String>>(&mut sync_connection(node))
+                .expect("cluster-port")[1]
+                .parse()
+                .expect("a port");
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(node.port)
+                .arg(bus)
+                .exec(&mut first)
+                .expect("meet");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        for node in &nodes {
+            let mut c = sync_connection(node);
+            loop {
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
+                let known: usize = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query::<String>(&mut c)
+                    .unwrap()
+                    .lines()
+                    .filter(|l| l.contains("master") && !l.contains("handshake"))
+                    .count();
+                if info.contains("cluster_state:ok") && known == masters {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the cluster did not form: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Cluster { nodes }
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The node that serves `key`'s slot.
+    fn node_of(&self, key: &str) -> &RedisServer {
+        let mut c = sync_connection(&self.nodes[0]);
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)
+            .unwrap();
+        let step = 16384 / self.nodes.len() as u16;
+        &self.nodes[(slot / step).min(self.nodes.len() as u16 - 1) as usize]
+    }
+}
+
+fn sync_connection(node: &RedisServer) -> redis::Connection {
+    redis::Client::open(node.url())
+        .unwrap()
+        .get_connection()
+        .expect("connect to a cluster node")
+}
+
+/// The cluster this test binary's contract cases share.
+fn shared() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| Cluster::start(3))
+}
+
+async fn provider(urls: &[String], namespace: &str) -> RedisProvider {
+    let config = RedisConfig::from_cluster(urls.iter().cloned())
+        .namespace(namespace)
+        .connect_timeout(Duration::from_secs(2))
+        .response_timeout(Duration::from_secs(2));
+    RedisProvider::connect(config)
+        .await
+        .expect("connect to the cluster")
+}
+
+async fn fixture() -> Fixture {
+    let namespace = support::unique_namespace();
+    let urls = shared().urls();
+    let p = provider(&urls, &namespace).await;
+    let peer = support::module_with(provider(&urls, &namespace).await);
+    Fixture {
+        module: support::module_with(p.clone()),
+        peer,
+        provider: Arc::new(p),
+    }
+}
+
+contract_suite!(fixture);
+
+/// Three keys whose lock keys hash to slots of three different masters.
+fn keys_on_every_master(cluster: &Cluster, namespace: &str) -> Vec<String> {
+    let mut found: Vec<Option<String>> = vec![None; cluster.nodes.len()];
+    for i in 0.. {
+        let key = format!("k{i}");
+        let node = cluster.node_of(&format!("{namespace}{{{key}}}"));
+        let at = cluster
+            .nodes
+            .iter()
+            .position(|n| n.port == node.port)
+            .unwrap();
+        if found[at].is_none() {
+            found[at] = Some(key);
+        }
+        if found.iter().all(Option::is_some) {
+            break;
+        }
+    }
+    found.into_iter().map(Option::unwrap).collect()
+}
+
+fn exists_on(node: &RedisServer, key: &str) -> bool {
+    sync_connection(node).exists(key).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
+    let cluster = shared();
+    let ns = support::unique_namespace();
+    let keys = keys_on_every_master(cluster, &ns);
+    let m = support::module_with(provider(&cluster.urls(), &ns).await);
+    let lease = m
+        .acquire(
+            keys.clone(),
+            AcquireOptions::new()
+                .owner_id("run-1")
+                .expire(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(lease.fencing_tokens().count(), 3);
+    for key in &keys {
+        let lock = format!("{ns}{{{key}}}");
+        assert!(exists_on(cluster.node_of(&lock), &lock), "{lock}");
+    }
+    // The owner's index is split by slot: one part beside each lock.
+    for node in &cluster.nodes {
+        let parts: Vec<String> = sync_connection(node)
+            .keys(format!("{ns}{{*}}:o:run-1"))
+            .unwrap();
+        assert_eq!(parts.len(), 1, "{parts:?}");
+    }
+    assert!(lease.release().await.unwrap());
+    for key in &keys {
+        let lock = format!("{ns}{{{key}}}");
+        assert!(!exists_on(cluster.node_of(&lock), &lock), "{lock}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_others() {
+    let cluster = shared();
+    let ns = support::unique_namespace();
+    let keys = keys_on_every_master(cluster, &ns);
+    let m = support::module_with(provider(&cluster.urls(), &ns).await);
+    let other = support::module_with(provider(&cluster.urls(), &ns).await);
+    // The last slot in order is held: the first two were taken, then given back.
+    let mut by_slot = keys.clone();
+    by_slot.sort_by_key(|k| {
+        let mut c = sync_connection(&cluster.nodes[0]);
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(format!("{ns}{{{k}}}"))
+            .query::<u16>(&mut c)
+            .unwrap()
+    });
+    let held = other
+        .acquire(
+            by_slot[2].as_str(),
+            AcquireOptions::new()
+                .owner_id("b")
+                .expire(Duration::from_secs(10)),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let err = m
+        .acquire(
+            keys.clone(),
+            AcquireOptions::new()
+                .owner_id("a")
+                .expire(Duration::from_secs(10))
+                .timeout(Duration::from_millis(300)),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LockError::TimedOut { .. }), "{err}");
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    for key in &by_slot[..2] {
+        let lock = format!("{ns}{{{key}}}");
+        assert!(
+            !exists_on(cluster.node_of(&lock), &lock),
+            "{lock} left held"
+        );
+    }
+    // Once the lock is free, the whole request goes through.
+    let waiter = tokio::spawn({
+        let keys = keys.clone();
+        async move {
+            m.acquire(
+                keys,
+                AcquireOptions::new()
+                    .owner_id("a")
+                    .expire(Duration::from_secs(10))
+                    .timeout(Duration::from_secs(5)),
+            )
+            .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(held.release().await.unwrap());
+    let lease = waiter.await.unwrap().expect("all three after the release");
+    assert_eq!(lease.fencing_tokens().count(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_all_finds_an_owner_s_locks_on_every_master() {
+    let cluster = shared();
+    let ns = support::unique_namespace();
+    let keys = keys_on_every_master(cluster, &ns);
+    let m = support::module_with(provider(&cluster.urls(), &ns).await);
+    for key in &keys {
+        let _ = m
+            .acquire(key.as_str(), AcquireOptions::new().owner_id("run-9"))
+            .await
+            .unwrap();
+    }
+    let other = m
+        .acquire("another", AcquireOptions::new().owner_id("run-10"))
+        .await
+        .unwrap();
+    assert_eq!(
+        m.release_all(ReleaseOptions::new().owner_id("run-9"))
+            .await
+            .unwrap(),
+        3
+    );
+    for key in &keys {
+        let lock = format!("{ns}{{{key}}}");
+        assert!(!exists_on(cluster.node_of(&lock), &lock), "{lock}");
+        assert!(
+            sync_connection(cluster.node_of(&lock))
+                .keys::<_, Vec<String>>(format!("{ns}{{*}}:o:run-9"))
+                .unwrap()
+                .is_empty()
+        );
+    }
+    assert!(
+        m.acquire("another", AcquireOptions::new().owner_id("run-11"))
+            .await
+            .is_err(),
+        "another owner's lock stays"
+    );
+    // The namespace form reaches every master too.
+    for key in &keys {
+        let _ = m
+            .acquire(key.as_str(), AcquireOptions::new().owner_id("run-12"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(m.release_all(ReleaseOptions::new()).await.unwrap(), 4);
+    drop(other);
+}
+
+/// Moves `slot` from `from` to `to` with its keys, as `redis-cli --cluster
+/// reshard` does, and tells every node.
+fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer) {
+    let id = |node: &RedisServer| -> String {
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query(&mut sync_connection(node))
+            .unwrap()
+    };
+    let (from_id, to_id) = (id(from), id(to));
+    let mut src = sync_connection(from);
+    let mut dst = sync_connection(to);
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("IMPORTING")
+        .arg(&from_id)
+        .exec(&mut dst)
+        .unwrap();
+    redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("MIGRATING")
+        .arg(&to_id)
+        .exec(&mut src)
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query(&mut src)
+        .unwrap();
+    assert!(!keys.is_empty(), "the slot holds the lock and its counter");
+    redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(to.port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&keys)
+        .exec(&mut src)
+        .unwrap();
+    for node in [to, from].into_iter().chain(&cluster.nodes) {
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&to_id)
+            .exec(&mut sync_connection(node))
+            .unwrap();
+    }
+}
+
+/// A slot moves to another master while its lock is held: the provider
+/// follows the MOVED redirection, the lock is still held (and owned), and
+/// the fencing counter moved with it, so tokens keep growing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lock_survives_its_slot_moving_to_another_master() {
+    let cluster = Cluster::start(3);
+    let ns = "mv:";
+    let m = support::module_with(provider(&cluster.urls(), ns).await);
+    let peer = support::module_with(provider(&cluster.urls(), ns).await);
+    let opts = |o: &str| {
+        AcquireOptions::new()
+            .owner_id(o)
+            .expire(Duration::from_secs(30))
+    };
+    let lease = m.acquire("order_1", opts("a")).await.unwrap();
+    let first_token = lease.fencing_token();
+    let lock = format!("{ns}{{order_1}}");
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&lock)
+        .query(&mut sync_connection(&cluster.nodes[0]))
+        .unwrap();
+    let from = cluster.node_of(&lock);
+    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    move_slot(&cluster, slot, from, to);
+    assert!(exists_on(to, &lock));
+    let left: u64 = redis::cmd("CLUSTER")
+        .arg("COUNTKEYSINSLOT")
+        .arg(slot)
+        .query(&mut sync_connection(from))
+        .unwrap();
+    assert_eq!(left, 0);
+
+    // Still held, by its owner only.
+    let err = peer
+        .acquire("order_1", opts("b").timeout(Duration::ZERO))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, LockError::Contended { .. }), "{err}");
+    let mut lease = lease;
+    lease.extend(Duration::from_secs(30)).await.unwrap();
+    assert!(lease.release().await.unwrap());
+
+    let next = peer.acquire("order_1", opts("b")).await.unwrap();
+    assert!(next.fencing_token() > first_token);
+    assert!(exists_on(to, &lock));
+    assert!(next.release().await.unwrap());
+}
+
+/// `lua/release_all.lua` in slots mode, run by hand on one master: an index
+/// of a slot it serves is released, a slot it does not serve is returned
+/// as skipped (the provider then asks the slot's new master).
+#[test]
+fn the_slots_mode_script_releases_local_indexes_and_returns_foreign_slots() {
+    const SOURCE: &str = concat!(
+        "#!lua flags=allow-cross-slot-keys\n",
+        include_str!("../lua/prelude.lua"),
+        "\n",
+        include_str!("../lua/release_all.lua")
+    );
+    let cluster = shared();
+    let ns = support::unique_namespace();
+    // Tags, as the provider's layout makes them: any string hashing to the
+    // slot will do for the script.
+    let slot_of = |tag: &str| -> u16 {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(tag)
+            .query(&mut sync_connection(&cluster.nodes[0]))
+            .unwrap()
+    };
+    let (local, foreign) = ("a", "b"); // slots 15495 and 3300
+    let node = cluster.node_of(local);
+    assert_ne!(node.port, cluster.node_of(foreign).port);
+    let mut c = sync_connection(node);
+    let lock = format!("{ns}{{{local}}}");
+    let index = format!("{ns}{{{local}}}:o:run-1");
+    // A lock held by run-1 (owner + 12-byte nonce), in its index.
+    let _: () = c.set(&lock, "run-1nonce-12byte").unwrap();
+    let _: () = c.zadd(&index, &lock, "+inf").unwrap();
+    let (released, skipped): (u64, Vec<String>) = redis::cmd("EVAL")
+        .arg(SOURCE)
+        .arg(0)
+        .arg("slots")
+        .arg("run-1")
+        .arg(1000)
+        .arg("")
+        .arg(format!("{ns}{{"))
+        .arg("}:o:run-1")
+        .arg(local)
+        .arg(foreign)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!((released, skipped), (1, vec![foreign.to_owned()]));
+    assert!(!exists_on(node, &lock) && !exists_on(node, &index));
+    assert!(slot_of(local) != slot_of(foreign));
+}
+
+/// Cluster settings that cannot work are typed errors, within the connect
+/// timeout, with no password in them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_cluster_settings_are_typed_errors() {
+    use lockstep::ConfigError;
+    let quick = |c: RedisConfig| c.connect_timeout(Duration::from_millis(500));
+
+    // Nobody listening.
+    let port = free_port();
+    let started = Instant::now();
+    let e = RedisProvider::connect(quick(RedisConfig::from_cluster([format!(
+        "redis://:s3cret@127.0.0.1:{port}"
+    )])))
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Unreachable { .. }), "{e:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!format!("{e} {e:?}").contains("s3cret"), "{e:?}");
+
+    // A server that is not part of a cluster.
+    let plain = RedisServer::start(&[]);
+    let e = RedisProvider::connect(quick(RedisConfig::from_cluster([plain.url()])))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::Unreachable { .. }), "{e:?}");
+    assert!(e.to_string().contains("cluster support disabled"), "{e}");
+
+    // Settings a cluster does not take.
+    let urls = shared().urls();
+    let mut with_sentinels = RedisConfig::from_cluster(urls.iter().cloned());
+    with_sentinels.sentinel_master = Some("mymaster".into());
+    with_sentinels.sentinels = vec!["redis://127.0.0.1:26379".into()];
+    for config in [
+        with_sentinels,
+        RedisConfig::from_cluster(urls.iter().cloned())
+            .wait_for_replicas(1, Duration::from_secs(1)),
+        RedisConfig::from_cluster(["not a url"]),
+    ] {
+        let e = RedisProvider::connect(quick(config)).await.unwrap_err();
+        assert!(
+            matches!(
+                e,
+                ConfigError::InvalidSetting { .. } | ConfigError::InvalidUrl { .. }
+            ),
+            "{e:?}"
+        );
+    }
+}
