@@ -12,115 +12,9 @@ use std::time::Duration;
 use contract::{Fixture, contract_suite};
 use lockstep::{AcquireOptions, LockError, RedisConfig, RedisProvider, ReleaseOptions};
 use redis::Commands;
+use support::cluster::{Cluster, connect as sync_connection};
 use support::{RedisServer, free_port};
 use tokio::time::Instant;
-
-/// The masters of one cluster, each serving a third of the slots.
-struct Cluster {
-    nodes: Vec<RedisServer>,
-}
-
-impl Cluster {
-    /// Starts `masters` cluster-enabled servers, splits the slots between
-    /// them, introduces them to each other, and waits until every node says
-    /// the cluster is ok (about a second).
-    fn start(masters: usize) -> Cluster {
-        let nodes: Vec<RedisServer> = (0..masters)
-            .map(|_| {
-                // The cluster bus gets a free port of its own: the default
-                // (port + 10000) may be taken or out of range.
-                let bus = free_port().to_string();
-                RedisServer::start(&[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-port",
-                    &bus,
-                    "--cluster-node-timeout",
-                    "1000",
-                ])
-            })
-            .collect();
-        let step = 16384 / masters;
-        for (i, node) in nodes.iter().enumerate() {
-            let first = i * step;
-            let last = if i + 1 == masters {
-                16383
-            } else {
-                first + step - 1
-            };
-            let mut c = sync_connection(node);
-            redis::cmd("CLUSTER")
-                .arg("ADDSLOTSRANGE")
-                .arg(first)
-                .arg(last)
-                .exec(&mut c)
-                .expect("assign slots");
-        }
-        let mut first = sync_connection(&nodes[0]);
-        for node in &nodes[1..] {
-            let bus: u16 = redis::cmd("CONFIG")
-                .arg("GET")
-                .arg("cluster-port")
-                .query::<Vec<String>>(&mut sync_connection(node))
-                .expect("cluster-port")[1]
-                .parse()
-                .expect("a port");
-            redis::cmd("CLUSTER")
-                .arg("MEET")
-                .arg("127.0.0.1")
-                .arg(node.port)
-                .arg(bus)
-                .exec(&mut first)
-                .expect("meet");
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        for node in &nodes {
-            let mut c = sync_connection(node);
-            loop {
-                let info: String = redis::cmd("CLUSTER").arg("INFO").query(&mut c).unwrap();
-                let known: usize = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query::<String>(&mut c)
-                    .unwrap()
-                    .lines()
-                    .filter(|l| l.contains("master") && !l.contains("handshake"))
-                    .count();
-                if info.contains("cluster_state:ok") && known == masters {
-                    break;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "the cluster did not form: {info}"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        Cluster { nodes }
-    }
-
-    fn urls(&self) -> Vec<String> {
-        self.nodes.iter().map(RedisServer::url).collect()
-    }
-
-    /// The node that serves `key`'s slot.
-    fn node_of(&self, key: &str) -> &RedisServer {
-        let mut c = sync_connection(&self.nodes[0]);
-        let slot: u16 = redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(key)
-            .query(&mut c)
-            .unwrap();
-        let step = 16384 / self.nodes.len() as u16;
-        &self.nodes[(slot / step).min(self.nodes.len() as u16 - 1) as usize]
-    }
-}
-
-fn sync_connection(node: &RedisServer) -> redis::Connection {
-    redis::Client::open(node.url())
-        .unwrap()
-        .get_connection()
-        .expect("connect to a cluster node")
-}
 
 /// The cluster this test binary's contract cases share.
 fn shared() -> &'static Cluster {
@@ -154,15 +48,10 @@ contract_suite!(fixture);
 
 /// Three keys whose lock keys hash to slots of three different masters.
 fn keys_on_every_master(cluster: &Cluster, namespace: &str) -> Vec<String> {
-    let mut found: Vec<Option<String>> = vec![None; cluster.nodes.len()];
+    let mut found: Vec<Option<String>> = vec![None; cluster.masters.len()];
     for i in 0.. {
         let key = format!("k{i}");
-        let node = cluster.node_of(&format!("{namespace}{{{key}}}"));
-        let at = cluster
-            .nodes
-            .iter()
-            .position(|n| n.port == node.port)
-            .unwrap();
+        let at = cluster.master_index_of(&format!("{namespace}{{{key}}}"));
         if found[at].is_none() {
             found[at] = Some(key);
         }
@@ -195,10 +84,10 @@ async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
     assert_eq!(lease.fencing_tokens().count(), 3);
     for key in &keys {
         let lock = format!("{ns}{{{key}}}");
-        assert!(exists_on(cluster.node_of(&lock), &lock), "{lock}");
+        assert!(exists_on(cluster.master_of(&lock), &lock), "{lock}");
     }
     // The owner's index is split by slot: one part beside each lock.
-    for node in &cluster.nodes {
+    for node in &cluster.masters {
         let parts: Vec<String> = sync_connection(node)
             .keys(format!("{ns}{{*}}:o:run-1"))
             .unwrap();
@@ -207,7 +96,7 @@ async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
     assert!(lease.release().await.unwrap());
     for key in &keys {
         let lock = format!("{ns}{{{key}}}");
-        assert!(!exists_on(cluster.node_of(&lock), &lock), "{lock}");
+        assert!(!exists_on(cluster.master_of(&lock), &lock), "{lock}");
     }
 }
 
@@ -221,7 +110,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
     // The last slot in order is held: the first two were taken, then given back.
     let mut by_slot = keys.clone();
     by_slot.sort_by_key(|k| {
-        let mut c = sync_connection(&cluster.nodes[0]);
+        let mut c = sync_connection(&cluster.masters[0]);
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(format!("{ns}{{{k}}}"))
@@ -253,7 +142,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
     for key in &by_slot[..2] {
         let lock = format!("{ns}{{{key}}}");
         assert!(
-            !exists_on(cluster.node_of(&lock), &lock),
+            !exists_on(cluster.master_of(&lock), &lock),
             "{lock} left held"
         );
     }
@@ -301,9 +190,9 @@ async fn release_all_finds_an_owner_s_locks_on_every_master() {
     );
     for key in &keys {
         let lock = format!("{ns}{{{key}}}");
-        assert!(!exists_on(cluster.node_of(&lock), &lock), "{lock}");
+        assert!(!exists_on(cluster.master_of(&lock), &lock), "{lock}");
         assert!(
-            sync_connection(cluster.node_of(&lock))
+            sync_connection(cluster.master_of(&lock))
                 .keys::<_, Vec<String>>(format!("{ns}{{*}}:o:run-9"))
                 .unwrap()
                 .is_empty()
@@ -369,7 +258,7 @@ fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer)
         .arg(&keys)
         .exec(&mut src)
         .unwrap();
-    for node in [to, from].into_iter().chain(&cluster.nodes) {
+    for node in [to, from].into_iter().chain(&cluster.masters) {
         redis::cmd("CLUSTER")
             .arg("SETSLOT")
             .arg(slot)
@@ -400,10 +289,14 @@ async fn a_held_lock_survives_its_slot_moving_to_another_master() {
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg(&lock)
-        .query(&mut sync_connection(&cluster.nodes[0]))
+        .query(&mut sync_connection(&cluster.masters[0]))
         .unwrap();
-    let from = cluster.node_of(&lock);
-    let to = cluster.nodes.iter().find(|n| n.port != from.port).unwrap();
+    let from = cluster.master_of(&lock);
+    let to = cluster
+        .masters
+        .iter()
+        .find(|n| n.port != from.port)
+        .unwrap();
     move_slot(&cluster, slot, from, to);
     assert!(exists_on(to, &lock));
     let left: u64 = redis::cmd("CLUSTER")
@@ -448,12 +341,12 @@ fn the_slots_mode_script_releases_local_indexes_and_returns_foreign_slots() {
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(tag)
-            .query(&mut sync_connection(&cluster.nodes[0]))
+            .query(&mut sync_connection(&cluster.masters[0]))
             .unwrap()
     };
     let (local, foreign) = ("a", "b"); // slots 15495 and 3300
-    let node = cluster.node_of(local);
-    assert_ne!(node.port, cluster.node_of(foreign).port);
+    let node = cluster.master_of(local);
+    assert_ne!(node.port, cluster.master_of(foreign).port);
     let mut c = sync_connection(node);
     let lock = format!("{ns}{{{local}}}");
     let index = format!("{ns}{{{local}}}:o:run-1");
@@ -514,12 +407,7 @@ async fn bad_cluster_settings_are_typed_errors() {
     let mut with_sentinels = RedisConfig::from_cluster(urls.iter().cloned());
     with_sentinels.sentinel_master = Some("mymaster".into());
     with_sentinels.sentinels = vec!["redis://127.0.0.1:26379".into()];
-    for config in [
-        with_sentinels,
-        RedisConfig::from_cluster(urls.iter().cloned())
-            .wait_for_replicas(1, Duration::from_secs(1)),
-        RedisConfig::from_cluster(["not a url"]),
-    ] {
+    for config in [with_sentinels, RedisConfig::from_cluster(["not a url"])] {
         let e = RedisProvider::connect(quick(config)).await.unwrap_err();
         assert!(
             matches!(

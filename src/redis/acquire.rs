@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::waiting::{Left, Waiter, Waiting};
 use super::{RedisProvider, scripts, unexpected};
-use crate::error::{BackendError, BackendErrorKind, LockError};
+use crate::error::{BackendErrorKind, LockError};
 use crate::options::millis_ceil;
 use crate::provider::{AcquireRequest, Acquired, Wait};
 use crate::token::{nonce, unit_random};
@@ -404,14 +404,7 @@ impl RedisProvider {
                         "releasing an unreplicated acquisition failed, retrying in the background: {e}"
                     );
                 }
-                Err(LockError::Backend(BackendError::new(
-                    BackendErrorKind::NotReplicated,
-                    "acquire",
-                    format!(
-                        "{acked} of {required} replicas acknowledged within {wait:?}; the locks were released"
-                    ),
-                    None,
-                )))
+                Err(super::not_replicated(acked, required, wait))
             }
             _ => Ok(reply),
         }

@@ -31,7 +31,7 @@ use redis::cluster_routing::{
 use super::acquire::{AcquireReply, Keyset, decode_acquire};
 use super::connection::Link;
 use super::layout::slot_tags;
-use super::{RedisProvider, scripts, unexpected};
+use super::{RedisProvider, not_replicated, scripts, unexpected};
 use crate::error::{BackendError, BackendErrorKind, LockError};
 
 /// One hash slot's share of a request.
@@ -81,10 +81,14 @@ impl RedisProvider {
             let n = group.keys.n.to_string();
             let mut group_args = args.to_vec();
             group_args[0] = &n;
-            let reply = self
-                .eval("acquire", &scripts::ACQUIRE, &group.keys.all, &group_args)
-                .await
-                .and_then(|v| decode_acquire(v, group.keys.n));
+            let reply = if self.inner.replicas.0 > 0 {
+                self.acquire_acknowledged(&group.keys.all, &group_args)
+                    .await
+            } else {
+                self.eval("acquire", &scripts::ACQUIRE, &group.keys.all, &group_args)
+                    .await
+            }
+            .and_then(|v| decode_acquire(v, group.keys.n));
             let (result, taken) = match reply {
                 Ok(AcquireReply::Acquired {
                     tokens: t,
@@ -109,8 +113,14 @@ impl RedisProvider {
                     }),
                     g,
                 ),
-                // Without a reply, this slot may have been taken too.
-                Err(e) if e.is_outcome_unknown() => (Err(e), g + 1),
+                // Without a reply, or without its replicas, this slot may
+                // hold the locks too.
+                Err(e)
+                    if e.is_outcome_unknown()
+                        || matches!(&e, LockError::Backend(b) if b.kind() == BackendErrorKind::NotReplicated) =>
+                {
+                    (Err(e), g + 1)
+                }
                 Err(e) => (Err(e), g),
             };
             let mut undo: Vec<String> = Vec::new();
@@ -129,6 +139,52 @@ impl RedisProvider {
             return result;
         }
         Ok(AcquireReply::Acquired { tokens, reentered })
+    }
+
+    /// `acquire.lua` followed by `WAIT` for the replicas, as one pipeline:
+    /// the cluster connection sends a pipeline to one node and moves it
+    /// whole on a redirection, so the `WAIT` always follows the script on
+    /// the master that ran it (a `WAIT` routed on its own could reach the
+    /// slot's old master after a failover). The script's reply, or
+    /// `NotReplicated` when it took the locks and too few replicas
+    /// acknowledged them (the caller gives them back).
+    async fn acquire_acknowledged(
+        &self,
+        keys: &[String],
+        args: &[&str],
+    ) -> Result<Value, LockError> {
+        let (required, wait) = self.inner.replicas;
+        let mut pipe = redis::pipe();
+        pipe.cmd("EVALSHA")
+            .arg(scripts::ACQUIRE.get_hash())
+            .arg(keys.len())
+            .arg(keys)
+            .arg(args);
+        pipe.cmd("WAIT").arg(required).arg(wait.as_millis() as u64);
+        let limit = self.inner.response_timeout + wait;
+        let (reply, acked) = self
+            .inner
+            .conns
+            .run_within("acquire", limit, |mut conn| async move {
+                match pipe.query_async::<(Value, i64)>(&mut conn).await {
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                    {
+                        // A restarted or promoted master: load, then again.
+                        scripts::ACQUIRE.load_async(&mut conn).await?;
+                        pipe.query_async(&mut conn).await
+                    }
+                    other => other,
+                }
+            })
+            .await?;
+        let granted =
+            matches!(&reply, Value::Array(items) if items.first() == Some(&Value::Int(1)));
+        if granted && (acked as usize) < required {
+            return Err(not_replicated(acked, required, wait));
+        }
+        Ok(reply)
     }
 
     /// [`release_keys`](Self::release_keys) on a cluster: every slot at
@@ -329,13 +385,15 @@ impl RedisProvider {
     ) -> Result<Value, LockError> {
         self.inner
             .conns
-            .run(operation, |conn| async move {
-                match conn {
-                    Link::Cluster(mut c) => c.route_command(cmd, routing).await,
-                    Link::Single(mut c) => cmd.query_async::<Value>(&mut c).await,
-                }
-            })
+            .run(operation, |conn| route(conn, cmd, routing))
             .await
+    }
+}
+
+async fn route(conn: Link, cmd: redis::Cmd, routing: RoutingInfo) -> redis::RedisResult<Value> {
+    match conn {
+        Link::Cluster(mut c) => c.route_command(cmd, routing).await,
+        Link::Single(mut c) => cmd.query_async::<Value>(&mut c).await,
     }
 }
 

@@ -312,11 +312,11 @@ impl RedisConfig {
                     reason: "Redis Cluster needs lockstep's `cluster` cargo feature".into(),
                 });
             }
-            if self.sentinel_master.is_some() || self.replicas > 0 {
+            if self.sentinel_master.is_some() {
                 return Err(ConfigError::InvalidSetting {
                     name: "cluster_nodes",
                     reason:
-                        "a cluster takes neither sentinels nor `replicas` (each master has its own)"
+                        "a cluster fails over by itself: give seed nodes or sentinels, not both"
                             .into(),
                 });
             }

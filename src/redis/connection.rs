@@ -239,12 +239,26 @@ impl Connections {
         F: FnOnce(Link) -> Fut,
         Fut: Future<Output = Result<T, RedisError>>,
     {
+        self.run_within(operation, self.response_timeout, f).await
+    }
+
+    /// Runs `f` on the shared connection within `limit`.
+    pub(crate) async fn run_within<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        limit: Duration,
+        f: F,
+    ) -> Result<T, LockError>
+    where
+        F: FnOnce(Link) -> Fut,
+        Fut: Future<Output = Result<T, RedisError>>,
+    {
         let (generation, conn) = self
             .get()
             .await
             .map_err(|e| e.into_lock_error(operation, false))?;
         self.sent.fetch_add(1, Ordering::Relaxed);
-        match timeout(self.response_timeout, f(conn)).await {
+        match timeout(limit, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 if breaks_connection(&e) {
@@ -259,7 +273,7 @@ impl Connections {
                 Err(LockError::Backend(BackendError::new(
                     BackendErrorKind::OutcomeUnknown,
                     operation,
-                    format!("no reply within {:?}", self.response_timeout),
+                    format!("no reply within {limit:?}"),
                     None,
                 )))
             }

@@ -419,6 +419,19 @@ fn unexpected(operation: &'static str, e: impl std::fmt::Display) -> LockError {
     ))
 }
 
+/// An acquisition that too few replicas acknowledged (and that was, or is
+/// being, released).
+fn not_replicated(acked: i64, required: usize, wait: Duration) -> LockError {
+    LockError::Backend(BackendError::new(
+        BackendErrorKind::NotReplicated,
+        "acquire",
+        format!(
+            "{acked} of {required} replicas acknowledged within {wait:?}; the locks were released"
+        ),
+        None,
+    ))
+}
+
 /// A redis-rs cluster client for the seed nodes of `config`.
 #[cfg(feature = "cluster")]
 fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient, ConfigError> {
@@ -426,10 +439,16 @@ fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient,
     for url in &config.cluster_nodes {
         nodes.push(parse_url(url)?);
     }
+    // A `WAIT` for replicas takes up to its own timeout on top: lockstep
+    // bounds each call itself (Connections::run_within).
+    let mut response_timeout = config.response_timeout;
+    if config.replicas > 0 {
+        response_timeout += config.replica_timeout;
+    }
     #[allow(unused_mut)] // without the `tls` feature
     let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
         .connection_timeout(config.connect_timeout)
-        .response_timeout(config.response_timeout);
+        .response_timeout(response_timeout);
     #[cfg(feature = "tls")]
     if let Some(pem) = tls_setup(&config.cluster_nodes[0], config)? {
         builder = builder.certs(redis::TlsCertificates {

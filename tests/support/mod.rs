@@ -12,6 +12,8 @@
 //! 6379 is never used unless `REDIS_URL` points at it.
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,230 @@
+//! A Redis Cluster on local ports: masters sharing the 16,384 slots evenly,
+//! optionally one replica each.
+
+use std::time::{Duration, Instant};
+
+use super::{RedisServer, free_port};
+
+/// The nodes of one local cluster. Dropping it kills them all.
+pub struct Cluster {
+    /// The masters, in slot order: master `i` serves the `i`-th share.
+    pub masters: Vec<RedisServer>,
+    /// `replicas[i]` replicates `masters[i]` (empty without replicas).
+    pub replicas: Vec<RedisServer>,
+}
+
+/// How long a cluster may take to form.
+const FORM_DEADLINE: Duration = Duration::from_secs(30);
+
+impl Cluster {
+    /// `masters` masters with no replicas (about a second).
+    pub fn start(masters: usize) -> Cluster {
+        Self::start_with(masters, false)
+    }
+
+    /// `masters` masters, each with a replica if `replicas`: the masters
+    /// are made first, then each replica is attached to its master with
+    /// `CLUSTER REPLICATE` (so the pairing is known), and the call returns
+    /// once every node sees every slot served and every replica is in sync.
+    pub fn start_with(masters: usize, replicas: bool) -> Cluster {
+        let masters: Vec<RedisServer> = (0..masters).map(|_| node()).collect();
+        let replicas: Vec<RedisServer> = if replicas {
+            (0..masters.len()).map(|_| node()).collect()
+        } else {
+            Vec::new()
+        };
+        let cluster = Cluster { masters, replicas };
+        let count = cluster.masters.len();
+        let step = 16384 / count;
+        for (i, m) in cluster.masters.iter().enumerate() {
+            let first = i * step;
+            let last = if i + 1 == count {
+                16383
+            } else {
+                first + step - 1
+            };
+            redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(first)
+                .arg(last)
+                .exec(&mut connect(m))
+                .expect("assign slots");
+        }
+        for n in cluster.nodes().skip(1) {
+            meet(&cluster.masters[0], n);
+        }
+        let deadline = Instant::now() + FORM_DEADLINE;
+        // Every node must know every other before a replica can name its
+        // master.
+        for n in cluster.nodes() {
+            wait(deadline, "every node to know the others", || {
+                known_nodes(n) == cluster.masters.len() + cluster.replicas.len()
+            });
+        }
+        for (m, r) in cluster.masters.iter().zip(&cluster.replicas) {
+            replicate(r, m);
+        }
+        for n in cluster.nodes() {
+            wait(deadline, "the cluster to be ok everywhere", || {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query(&mut connect(n))
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
+            });
+        }
+        for (m, r) in cluster.masters.iter().zip(&cluster.replicas) {
+            wait_in_sync(deadline, m, r);
+        }
+        cluster
+    }
+
+    /// A new node, introduced to the cluster and made a replica of
+    /// `master` (any master of the cluster now), returned once in sync.
+    pub fn add_replica(&self, master: &RedisServer) -> RedisServer {
+        let replica = node();
+        let deadline = Instant::now() + FORM_DEADLINE;
+        meet(master, &replica);
+        wait(deadline, "the new node to know the cluster", || {
+            known_nodes(&replica) == self.masters.len() + self.replicas.len() + 1
+        });
+        replicate(&replica, master);
+        wait_in_sync(deadline, master, &replica);
+        replica
+    }
+
+    /// Masters, then replicas.
+    pub fn nodes(&self) -> impl Iterator<Item = &RedisServer> {
+        self.masters.iter().chain(&self.replicas)
+    }
+
+    /// Every node's URL (seed nodes for a provider).
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes().map(RedisServer::url).collect()
+    }
+
+    /// The hash slot of a full Redis key name.
+    pub fn slot_of(&self, key: &str) -> u16 {
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut connect(&self.masters[0]))
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// The index of the master that was given `key`'s slot at the start.
+    pub fn master_index_of(&self, key: &str) -> usize {
+        let step = 16384 / self.masters.len();
+        (self.slot_of(key) as usize / step).min(self.masters.len() - 1)
+    }
+
+    /// The master that was given `key`'s slot at the start.
+    pub fn master_of(&self, key: &str) -> &RedisServer {
+        &self.masters[self.master_index_of(key)]
+    }
+}
+
+/// A cluster-enabled server, not yet part of any cluster.
+fn node() -> RedisServer {
+    // The cluster bus gets a free port of its own: the default (port +
+    // 10000) may be taken or out of range.
+    let bus = free_port().to_string();
+    RedisServer::start(&[
+        "--cluster-enabled",
+        "yes",
+        "--cluster-port",
+        &bus,
+        "--cluster-node-timeout",
+        "1000",
+        "--repl-diskless-sync",
+        "yes",
+        "--repl-diskless-sync-delay",
+        "0",
+    ])
+}
+
+/// Introduces `newcomer` to `member`'s cluster.
+fn meet(member: &RedisServer, newcomer: &RedisServer) {
+    let bus: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("cluster-port")
+        .query(&mut connect(newcomer))
+        .expect("cluster-port");
+    redis::cmd("CLUSTER")
+        .arg("MEET")
+        .arg("127.0.0.1")
+        .arg(newcomer.port)
+        .arg(&bus[1])
+        .exec(&mut connect(member))
+        .expect("meet");
+}
+
+fn replicate(replica: &RedisServer, master: &RedisServer) {
+    redis::cmd("CLUSTER")
+        .arg("REPLICATE")
+        .arg(node_id(master))
+        .exec(&mut connect(replica))
+        .expect("replicate");
+}
+
+/// Waits until `replica` has synced with `master`, and `master` counts it
+/// (for `WAIT`) as online.
+fn wait_in_sync(deadline: Instant, master: &RedisServer, replica: &RedisServer) {
+    wait(deadline, "a replica in sync", || in_sync(replica));
+    wait(deadline, "a master to see its replica online", || {
+        redis::cmd("INFO")
+            .arg("replication")
+            .query::<String>(&mut connect(master))
+            .is_ok_and(|info| info.contains(&format!("port={},state=online", replica.port)))
+    });
+}
+
+/// Whether a replica's link to its master is up (synced).
+pub fn in_sync(replica: &RedisServer) -> bool {
+    redis::cmd("INFO")
+        .arg("replication")
+        .query::<String>(&mut connect(replica))
+        .is_ok_and(|info| info.contains("master_link_status:up"))
+}
+
+/// A plain connection to one node.
+pub fn connect(node: &RedisServer) -> redis::Connection {
+    redis::Client::open(node.url())
+        .expect("a node URL")
+        .get_connection()
+        .expect("connect to a cluster node")
+}
+
+/// The node's cluster id.
+pub fn node_id(node: &RedisServer) -> String {
+    redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut connect(node))
+        .expect("CLUSTER MYID")
+}
+
+/// Whether the node is a master now (a replica is after a failover).
+pub fn is_master(node: &RedisServer) -> bool {
+    redis::cmd("ROLE")
+        .query::<Vec<redis::Value>>(&mut connect(node))
+        .ok()
+        .and_then(|r| r.into_iter().next())
+        .is_some_and(|role| matches!(role, redis::Value::BulkString(b) if b == b"master"))
+}
+
+fn known_nodes(node: &RedisServer) -> usize {
+    redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query::<String>(&mut connect(node))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.contains("handshake") && !l.contains("noaddr"))
+        .count()
+}
+
+fn wait(deadline: Instant, what: &str, mut ready: impl FnMut() -> bool) {
+    while !ready() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
