@@ -16,6 +16,12 @@
 //! Only operations that finish inside the window (`--duration`, default
 //! 10 s) count; the database is flushed and one warm-up operation runs
 //! before it.
+//!
+//! `w1`-`w3` run on any backend (`--redis-url`, `--cluster`, `--sentinel`,
+//! `--redlock`, or one spawned here: `--spawn-redis`, `--spawn-cluster N`)
+//! and report the commands each server ran (`commands_per_node`), so the
+//! spread over a cluster's masters shows. `mem`, `waiters` and
+//! `--baseline` need one server.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -29,6 +35,7 @@ use redis::AsyncCommands;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::backend::BackendArgs;
 use crate::demo::{EXIT_OK, Failure};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,13 +52,17 @@ pub(crate) struct BenchArgs {
     /// What to measure.
     #[arg(long, value_enum)]
     workload: Workload,
-    /// The Redis to measure against (it is flushed: see --flush).
-    #[arg(long, env = "LOCKING_REDIS_URL", conflicts_with = "spawn_redis")]
-    redis_url: Option<String>,
+    /// The Redis to measure against (flushed: see --flush). Its namespace
+    /// is always `bench:`.
+    #[command(flatten)]
+    backend: BackendArgs,
     /// Start a redis-server of our own on a free loopback port.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["redis_url", "cluster", "sentinels", "redlock"])]
     spawn_redis: bool,
-    /// The redis-server binary for --spawn-redis.
+    /// Start a Redis Cluster of N masters of our own on free loopback ports.
+    #[arg(long, value_name = "N", conflicts_with_all = ["spawn_redis", "redis_url", "cluster", "sentinels", "redlock"])]
+    spawn_cluster: Option<usize>,
+    /// The redis-server binary for --spawn-redis and --spawn-cluster.
     #[arg(long, default_value = "redis-server")]
     redis_server_bin: PathBuf,
     /// Flush a --redis-url database that is not empty (never done silently).
@@ -106,7 +117,7 @@ impl Drop for Spawned {
     }
 }
 
-async fn spawn_redis(bin: &PathBuf) -> Result<(String, Spawned), Failure> {
+async fn spawn_redis(bin: &PathBuf, extra: &[String]) -> Result<(String, Spawned), Failure> {
     // A free port: bind port 0 and read it back (`--port 0` would turn TCP off).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -127,6 +138,7 @@ async fn spawn_redis(bin: &PathBuf) -> Result<(String, Spawned), Failure> {
         ])
         .arg("--dir")
         .arg(&dir)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
@@ -150,44 +162,135 @@ async fn spawn_redis(bin: &PathBuf) -> Result<(String, Spawned), Failure> {
     Err(Failure::usage("the spawned redis-server did not start"))
 }
 
-pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
-    let (url, _spawned) = match (&args.redis_url, args.spawn_redis) {
-        (_, true) => {
-            let (url, s) = spawn_redis(&args.redis_server_bin).await?;
-            (url, Some(s))
+/// A free loopback port.
+fn free_port() -> Result<u16, Failure> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Failure::usage(format!("no free port: {e}")))
+}
+
+/// `masters` cluster-enabled servers sharing the slots evenly, introduced to
+/// each other; returned once every node says the cluster is ok.
+async fn spawn_cluster(
+    bin: &PathBuf,
+    masters: usize,
+) -> Result<(Vec<String>, Vec<Spawned>), Failure> {
+    if masters == 0 || masters > 64 {
+        return Err(Failure::usage("--spawn-cluster takes 1 to 64 masters"));
+    }
+    let mut urls = Vec::new();
+    let mut spawned = Vec::new();
+    let mut buses = Vec::new();
+    for _ in 0..masters {
+        // The bus port is set: the default (port + 10000) may be taken.
+        let bus = free_port()?;
+        let extra = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus.to_string(),
+            "--cluster-node-timeout",
+            "1000",
+        ]
+        .map(str::to_owned);
+        let (url, s) = spawn_redis(bin, &extra).await?;
+        urls.push(url);
+        spawned.push(s);
+        buses.push(bus);
+    }
+    let fail = |e: redis::RedisError| Failure::usage(format!("cannot set the cluster up: {e}"));
+    let step = 16384 / masters;
+    let mut first = crate::backend::plain(&urls[0]).await.map_err(fail)?;
+    for (i, url) in urls.iter().enumerate() {
+        let last = if i + 1 == masters {
+            16383
+        } else {
+            (i + 1) * step - 1
+        };
+        let mut c = crate::backend::plain(url).await.map_err(fail)?;
+        redis::cmd("CLUSTER")
+            .arg("ADDSLOTSRANGE")
+            .arg(i * step)
+            .arg(last)
+            .exec_async(&mut c)
+            .await
+            .map_err(fail)?;
+        if i > 0 {
+            let port = url.rsplit(':').next().unwrap_or_default();
+            redis::cmd("CLUSTER")
+                .arg("MEET")
+                .arg("127.0.0.1")
+                .arg(port)
+                .arg(buses[i])
+                .exec_async(&mut first)
+                .await
+                .map_err(fail)?;
         }
-        (Some(url), false) => (url.clone(), None),
-        (None, false) => return Err(Failure::usage("give --redis-url URL or --spawn-redis")),
-    };
-    let admin_client =
-        redis::Client::open(url.as_str()).map_err(|e| Failure::usage(e.to_string()))?;
-    // No response timeout: flushing millions of keys (the baseline leaves
-    // them) takes longer than redis-rs's default half second.
-    let admin_config = redis::AsyncConnectionConfig::new().set_response_timeout(None);
-    let mut admin = admin_client
-        .get_multiplexed_async_connection_with_config(&admin_config)
-        .await
-        .map_err(|e| Failure::usage(format!("cannot reach Redis at {url}: {e}")))?;
-    let size: u64 = redis::cmd("DBSIZE")
-        .query_async(&mut admin)
-        .await
-        .unwrap_or(0);
-    if size > 0 && !args.flush && !args.spawn_redis {
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for url in &urls {
+        let mut c = crate::backend::plain(url).await.map_err(fail)?;
+        loop {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut c)
+                .await
+                .map_err(fail)?;
+            if info.contains("cluster_state:ok") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::usage(
+                    "the spawned cluster did not form within 30 s",
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok((urls, spawned))
+}
+
+pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
+    let mut backend = args.backend.clone();
+    let mut spawned = Vec::new();
+    if args.spawn_redis {
+        let (url, s) = spawn_redis(&args.redis_server_bin, &[]).await?;
+        backend.redis_url = Some(url);
+        spawned.push(s);
+    } else if let Some(n) = args.spawn_cluster {
+        let (urls, s) = spawn_cluster(&args.redis_server_bin, n).await?;
+        backend.redis_url = None;
+        backend.cluster = urls;
+        spawned = s;
+    } else if !backend.is_given() {
+        return Err(Failure::usage(
+            "give --spawn-redis, --spawn-cluster N, --redis-url URL, --cluster, --sentinel or --redlock",
+        ));
+    }
+    if !backend.is_single()
+        && (args.baseline || matches!(args.workload, Workload::Mem | Workload::Waiters))
+    {
+        return Err(Failure::usage(
+            "mem, waiters and --baseline measure one server: use --redis-url or --spawn-redis",
+        ));
+    }
+    let mut nodes = Nodes::connect(&backend).await?;
+    let size = nodes.dbsize().await;
+    if size > 0 && !args.flush && spawned.is_empty() {
         return Err(Failure::usage(format!(
-            "the database at {url} holds {size} keys; bench flushes it before each run: pass --flush to allow it, or use --spawn-redis"
+            "the servers hold {size} keys; bench flushes them before each run: pass --flush to allow it, or use --spawn-redis"
         )));
     }
+    let url = backend.redis_url.clone().unwrap_or_default();
     let mut results = Vec::new();
     for _ in 0..args.runs.max(1) {
-        let _: () = redis::cmd("FLUSHDB")
-            .query_async(&mut admin)
-            .await
-            .map_err(|e| Failure::usage(e.to_string()))?;
+        nodes.flush().await?;
         let run = match args.workload {
-            Workload::W1 => contention(&args, &url, &mut admin, Shape::OwnKey).await?,
-            Workload::W2 => contention(&args, &url, &mut admin, Shape::OneKey).await?,
-            Workload::W3 => contention(&args, &url, &mut admin, Shape::ThreeOf100).await?,
-            Workload::Mem => memory(&args, &url, &mut admin).await?,
+            Workload::W1 => contention(&args, &backend, &mut nodes, Shape::OwnKey).await?,
+            Workload::W2 => contention(&args, &backend, &mut nodes, Shape::OneKey).await?,
+            Workload::W3 => contention(&args, &backend, &mut nodes, Shape::ThreeOf100).await?,
+            Workload::Mem => memory(&args, &url, &mut nodes.admins[0].1).await?,
             Workload::Waiters => waiters(&args, &url).await?,
         };
         println!("{run}");
@@ -197,6 +300,99 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
         println!("{}", medians(&results));
     }
     Ok(EXIT_OK)
+}
+
+/// An admin connection to each server that holds locks.
+struct Nodes {
+    admins: Vec<(String, redis::aio::MultiplexedConnection)>,
+}
+
+impl Nodes {
+    async fn connect(backend: &BackendArgs) -> Result<Nodes, Failure> {
+        let mut admins = Vec::new();
+        for node in backend.data_nodes().await.map_err(Failure::usage)? {
+            // plain() sets no response timeout: flushing millions of keys
+            // (the baseline leaves them) takes longer than redis-rs's
+            // default half second.
+            let conn = crate::backend::plain(&node)
+                .await
+                .map_err(|e| Failure::usage(format!("cannot reach Redis at {node}: {e}")))?;
+            admins.push((node, conn));
+        }
+        Ok(Nodes { admins })
+    }
+
+    async fn dbsize(&mut self) -> u64 {
+        let mut size = 0;
+        for (_, c) in &mut self.admins {
+            size += redis::cmd("DBSIZE")
+                .query_async::<u64>(c)
+                .await
+                .unwrap_or(0);
+        }
+        size
+    }
+
+    async fn flush(&mut self) -> Result<(), Failure> {
+        for (node, c) in &mut self.admins {
+            redis::cmd("FLUSHDB")
+                .exec_async(c)
+                .await
+                .map_err(|e| Failure::usage(format!("{node}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Each server's command counts (INFO commandstats).
+    async fn commandstats(&mut self) -> Vec<HashMap<String, u64>> {
+        let mut all = Vec::new();
+        for (_, c) in &mut self.admins {
+            all.push(commandstats(c).await);
+        }
+        all
+    }
+}
+
+/// The W2 harness's holders counter: on the one server, the cluster, the
+/// master the sentinels name, or the first Redlock master.
+#[derive(Clone)]
+enum Counter {
+    Plain(redis::aio::MultiplexedConnection),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Counter {
+    async fn connect(backend: &BackendArgs, nodes: &Nodes) -> Result<Counter, Failure> {
+        let fail = |e: redis::RedisError| Failure::usage(e.to_string());
+        if !backend.cluster.is_empty() {
+            let client =
+                redis::cluster::ClusterClient::new(backend.cluster.clone()).map_err(fail)?;
+            let conn = client.get_async_connection().await.map_err(fail)?;
+            return Ok(Counter::Cluster(conn));
+        }
+        let conn = crate::backend::plain(&nodes.admins[0].0)
+            .await
+            .map_err(fail)?;
+        Ok(Counter::Plain(conn))
+    }
+
+    /// Adds `by` to the counter; its new value (`i64::MIN` on an error).
+    async fn add(&mut self, by: i64) -> i64 {
+        let result = match self {
+            Counter::Plain(c) => c.incr("holders", by).await,
+            Counter::Cluster(c) => c.incr("holders", by).await,
+        };
+        result.unwrap_or(i64::MIN)
+    }
+}
+
+/// The bench's provider settings.
+fn tune(config: RedisConfig, args: &BenchArgs, pool_size: usize) -> RedisConfig {
+    config
+        .namespace("bench:")
+        .pool_size(pool_size)
+        .fair(!args.barging)
+        .notifications(!args.no_notifications)
 }
 
 async fn connect(args: &BenchArgs, url: &str, pool_size: usize) -> Result<RedisProvider, Failure> {
@@ -292,8 +488,8 @@ impl XorShift {
 /// W1, W2 and W3.
 async fn contention(
     args: &BenchArgs,
-    url: &str,
-    admin: &mut redis::aio::MultiplexedConnection,
+    backend: &BackendArgs,
+    nodes: &mut Nodes,
     shape: Shape,
 ) -> Result<Value, Failure> {
     let workers = args.concurrency.unwrap_or(match shape {
@@ -301,17 +497,14 @@ async fn contention(
         Shape::OneKey => 16,
         Shape::ThreeOf100 => 32,
     });
-    let provider = connect(args, url, 8).await?;
-    let locking = LockingModule::builder()
-        .provider("locking-redis", provider.clone())
-        .build()
-        .expect("one provider");
-    // The holders counter lives on a connection of its own.
-    let counter = redis::Client::open(url)
-        .map_err(|e| Failure::usage(e.to_string()))?
-        .get_multiplexed_async_connection()
+    let connected = backend
+        .connect_with(|c| tune(c, args, 8))
         .await
-        .map_err(|e| Failure::usage(e.to_string()))?;
+        .map_err(Failure::usage)?;
+    let (locking, provider) = (connected.module, connected.redis);
+    // The holders counter lives on a connection of its own (multiplexed:
+    // each worker uses a clone).
+    let counter = Counter::connect(backend, nodes).await?;
     let options = |i: usize| {
         let mut o = AcquireOptions::new()
             .expire(Duration::from_millis(args.ttl_ms))
@@ -380,17 +573,14 @@ async fn contention(
                     }
                 };
                 let waited = began.elapsed();
-                if shape == Shape::OneKey {
-                    let holders: i64 = counter.incr("holders", 1).await.unwrap_or(-1);
-                    if holders != 1 {
-                        log.violations += 1;
-                    }
+                if shape == Shape::OneKey && counter.add(1).await != 1 {
+                    log.violations += 1;
                 }
                 if !hold.is_zero() {
                     hold_for(hold).await;
                 }
                 if shape == Shape::OneKey {
-                    let _: Result<i64, _> = counter.decr("holders", 1).await;
+                    counter.add(-1).await;
                 }
                 match lease.release().await {
                     Ok(true) => {}
@@ -404,13 +594,14 @@ async fn contention(
             log
         }));
     }
-    let stats_before = commandstats(admin).await;
-    let trips_before = provider.round_trips();
+    let trips = || provider.as_ref().map(RedisProvider::round_trips);
+    let stats_before = nodes.commandstats().await;
+    let trips_before = trips();
     *start.lock().unwrap() = Instant::now();
     go.wait().await;
     tokio::time::sleep(window).await;
-    let trips_after = provider.round_trips();
-    let stats_after = commandstats(admin).await;
+    let trips_after = trips();
+    let stats_after = nodes.commandstats().await;
     stop.store(true, Ordering::Relaxed);
     let mut logs = Vec::new();
     for t in tasks {
@@ -434,8 +625,12 @@ async fn contention(
             round2(n as f64 / ops as f64)
         }
     };
-    let client_cmds = per_op(trips_after - trips_before);
-    let redis_cmds = per_op(commands_between(&stats_before, &stats_after));
+    let per_node: Vec<u64> = stats_before
+        .iter()
+        .zip(&stats_after)
+        .map(|(b, a)| commands_between(b, a))
+        .collect();
+    let redis_cmds = per_op(per_node.iter().sum());
     let params = json!({
         "concurrency": workers, "duration_s": args.duration, "hold_us": args.hold_us,
         "ttl_ms": args.ttl_ms, "wait_timeout_ms": args.wait_timeout_ms,
@@ -451,8 +646,17 @@ async fn contention(
         }),
     };
     results["errors"] = json!(errors);
-    results["client_cmds_per_op"] = json!(client_cmds);
+    if let (Some(before), Some(after)) = (trips_before, trips_after) {
+        results["client_cmds_per_op"] = json!(per_op(after - before));
+    }
     results["redis_cmds_per_op"] = json!(redis_cmds);
+    let spread: serde_json::Map<String, Value> = nodes
+        .admins
+        .iter()
+        .zip(&per_node)
+        .map(|((node, _), n)| (node.clone(), json!(n)))
+        .collect();
+    results["commands_per_node"] = Value::Object(spread);
     if shape == Shape::OneKey {
         let counts: Vec<u64> = logs.iter().map(|l| l.done.len() as u64).collect();
         let sum: f64 = counts.iter().map(|&c| c as f64).sum();
@@ -466,11 +670,11 @@ async fn contention(
             "min": counts.iter().min(), "max": counts.iter().max(),
             "jain": (jain * 10_000.0).round() / 10_000.0, "per_worker": counts,
         });
-        {
+        if backend.is_single() {
             // The serial limit: one holder at a time, each paying the hold
             // and the two harness round trips (INCR, DECR) at PING speed,
             // with a lock that cost nothing.
-            let ping = ping_us(admin).await;
+            let ping = ping_us(&mut nodes.admins[0].1).await;
             let limit = 1e6 / (args.hold_us as f64 + 2.0 * ping);
             results["ping_us"] = json!(round2(ping));
             results["serial_limit_per_s"] = json!(round2(limit));
@@ -479,6 +683,7 @@ async fn contention(
     }
     if shape == Shape::OwnKey
         && args.baseline
+        && let Some(url) = &backend.redis_url
         && let Some(b) = baseline(url, args).await
     {
         results["baseline_evalsha_per_s"] = json!(round2(b));
@@ -489,7 +694,7 @@ async fn contention(
         Shape::OneKey => "w2",
         Shape::ThreeOf100 => "w3",
     };
-    Ok(json!({"workload": name, "params": params, "results": results}))
+    Ok(json!({"workload": name, "backend": connected.kind, "params": params, "results": results}))
 }
 
 /// Holds for `d`, precisely: Tokio's timer has a 1 ms granularity and

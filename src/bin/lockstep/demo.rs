@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use lockstep::{LockingModule, RedisConfig, RedisProvider};
+use lockstep::LockingModule;
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
+use crate::backend::{BackendArgs, Connected};
 use crate::checkout::{InstanceStats, Ledger, Plan, order_id, run_instance};
 
 /// Exit statuses of `demo`.
@@ -47,13 +48,17 @@ pub(crate) struct DemoArgs {
     /// Instances attempting each order at about the same time.
     #[arg(long, default_value_t = 3)]
     attempts_per_order: usize,
-    /// Share one Redis: the instances become separate processes and the
-    /// ledger lives in Redis. Default: in-memory, instances as tasks.
-    #[arg(long, env = "LOCKING_REDIS_URL")]
-    redis_url: Option<String>,
-    /// Key namespace in Redis.
-    #[arg(long, default_value = lockstep::DEFAULT_NAMESPACE)]
-    namespace: String,
+    /// Lock in Redis (one server, a cluster, Sentinel or Redlock): the
+    /// instances become separate processes. Default: in-memory, instances
+    /// as tasks.
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// The ledger's Redis (the payment provider's record of charges).
+    /// Default: the --redis-url server; required with --cluster, --sentinel
+    /// and --redlock, so that no failover of the lock servers can rewrite
+    /// the record the demo is judged by.
+    #[arg(long, value_name = "URL")]
+    ledger_url: Option<String>,
     /// Run without locks, to see the race.
     #[arg(long)]
     no_lock: bool,
@@ -82,9 +87,9 @@ impl DemoArgs {
                 "--instances, --orders and --attempts-per-order must be at least 1",
             ));
         }
-        if self.instances > 64 && self.redis_url.is_some() {
+        if self.instances > 64 && self.backend.is_given() {
             return Err(Failure::usage(
-                "at most 64 instances (processes) with --redis-url",
+                "at most 64 instances (processes) with Redis",
             ));
         }
         if self.lock_timeout_ms == 0 || self.ttl_ms == 0 {
@@ -135,9 +140,16 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let started = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
     let display = Progress::start(Arc::clone(&progress), plan.total_attempts() as u64);
-    let outcome = match &args.redis_url {
-        None => in_tasks(&plan, Arc::clone(&progress)).await,
-        Some(url) => in_processes(&plan, url, &args.namespace, Arc::clone(&progress)).await,
+    let outcome = if args.backend.is_given() {
+        in_processes(
+            &plan,
+            &args.backend,
+            args.ledger_url.as_deref(),
+            Arc::clone(&progress),
+        )
+        .await
+    } else {
+        in_tasks(&plan, Arc::clone(&progress)).await
     };
     display.stop();
     let (provider, mode, stats, charges) = outcome?;
@@ -191,51 +203,54 @@ async fn in_tasks(plan: &Plan, progress: Arc<AtomicU64>) -> Result<Outcome, Fail
     Ok(("in-memory".into(), "tasks", stats, charges))
 }
 
-/// Connects to Redis for the demo, with exit status 2 on failure.
+/// The ledger's Redis: `ledger_url`, else the one server locks live on.
+fn ledger_url(backend: &BackendArgs, ledger_url: Option<&str>) -> Result<String, Failure> {
+    match (ledger_url, &backend.redis_url) {
+        (Some(url), _) => Ok(url.to_owned()),
+        (None, Some(url)) if backend.is_single() => Ok(url.clone()),
+        _ => Err(Failure::usage(
+            "give --ledger-url: with --cluster, --sentinel or --redlock the ledger lives on a plain Redis of its own",
+        )),
+    }
+}
+
+/// A connection to the ledger's Redis, with exit status 2 on failure.
+async fn ledger_connection(url: &str) -> Result<redis::aio::MultiplexedConnection, Failure> {
+    crate::backend::plain(url)
+        .await
+        .map_err(|e| Failure::usage(format!("cannot reach the ledger's Redis: {e}")))
+}
+
+/// Connects the locks, then the ledger, with exit status 2 on failure.
 async fn connect(
-    url: &str,
-    namespace: &str,
-) -> Result<(RedisProvider, redis::aio::MultiplexedConnection), Failure> {
-    let provider = RedisProvider::connect(RedisConfig::from_url(url).namespace(namespace))
-        .await
-        .map_err(|e| Failure::usage(e.to_string()))?;
-    // The ledger lives on the same server, through a connection of its own.
-    let pool = provider
-        .pool()
-        .ok_or_else(|| Failure::usage("the demo's ledger needs a single Redis server"))?;
-    let conn = pool
-        .get()
-        .await
-        .map(lockstep::deadpool_redis::Connection::take)
-        .map_err(|e| Failure::usage(format!("cannot reach Redis: {e}")))?;
-    Ok((provider, conn))
+    backend: &BackendArgs,
+    ledger: Option<&str>,
+) -> Result<(Connected, String, redis::aio::MultiplexedConnection), Failure> {
+    let url = ledger_url(backend, ledger)?;
+    let connected = backend.connect().await.map_err(Failure::usage)?;
+    let conn = ledger_connection(&url).await?;
+    Ok((connected, url, conn))
 }
 
 /// Instances as worker processes sharing one Redis.
 async fn in_processes(
     plan: &Plan,
-    url: &str,
-    namespace: &str,
+    backend: &BackendArgs,
+    ledger_url: Option<&str>,
     progress: Arc<AtomicU64>,
 ) -> Result<Outcome, Failure> {
-    let (provider, conn) = connect(url, namespace).await?;
+    let (connected, ledger_url, conn) = connect(backend, ledger_url).await?;
     let run = format!("{:x}", rand_u64());
-    let ledger = Ledger::redis(conn, namespace, &run);
+    let ledger = Ledger::redis(conn, &backend.namespace, &run);
     let exe = std::env::current_exe()
         .map_err(|e| Failure::usage(format!("cannot find my own binary: {e}")))?;
     let plan_json = serde_json::to_string(plan).expect("a plan serializes");
     let mut workers = Vec::new();
     for i in 0..plan.instances {
         let mut child = tokio::process::Command::new(&exe)
-            .args([
-                "worker",
-                "--redis-url",
-                url,
-                "--namespace",
-                namespace,
-                "--run",
-                &run,
-            ])
+            .arg("worker")
+            .args(backend.to_args())
+            .args(["--ledger-url", &ledger_url, "--run", &run])
             .args(["--instance", &i.to_string(), "--plan", &plan_json])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -302,13 +317,8 @@ async fn in_processes(
         .await
         .map_err(|e| Failure::usage(format!("cannot read the ledger: {e}")))?;
     ledger.clear().await;
-    LockingModule::builder()
-        .provider("locking-redis", provider)
-        .build()
-        .expect("one provider")
-        .shutdown()
-        .await;
-    Ok(("locking-redis".into(), "processes", stats, charges))
+    connected.module.shutdown().await;
+    Ok((connected.kind.into(), "processes", stats, charges))
 }
 
 fn rand_u64() -> u64 {
@@ -321,7 +331,10 @@ fn rand_u64() -> u64 {
 #[derive(Debug, clap::Args)]
 pub(crate) struct WorkerArgs {
     #[command(flatten)]
-    redis: crate::RedisArgs,
+    redis: BackendArgs,
+    /// The ledger's Redis (default: --redis-url).
+    #[arg(long, value_name = "URL")]
+    ledger_url: Option<String>,
     /// The demo run this worker belongs to (names the ledger).
     #[arg(long)]
     run: String,
@@ -365,11 +378,8 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<u8, Failure> {
     if args.instance >= plan.instances {
         return Err(Failure::usage("--instance must be below --instances"));
     }
-    let (provider, conn) = connect(&args.redis.redis_url, &args.redis.namespace).await?;
-    let locking = LockingModule::builder()
-        .provider("locking-redis", provider)
-        .build()
-        .expect("one provider");
+    let (connected, _, conn) = connect(&args.redis, args.ledger_url.as_deref()).await?;
+    let locking = connected.module;
     let ledger = Ledger::redis(conn, &args.redis.namespace, &args.run);
     if !args.start_now {
         println!("ready");
@@ -411,7 +421,10 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<u8, Failure> {
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReportArgs {
     #[command(flatten)]
-    redis: crate::RedisArgs,
+    redis: BackendArgs,
+    /// The ledger's Redis (default: --redis-url).
+    #[arg(long, value_name = "URL")]
+    ledger_url: Option<String>,
     /// The demo run to report on.
     #[arg(long)]
     run: String,
@@ -424,7 +437,7 @@ pub(crate) struct ReportArgs {
 
 /// Reads the ledger of a run made by standalone workers.
 pub(crate) async fn report_run(args: ReportArgs) -> Result<u8, Failure> {
-    let (_provider, conn) = connect(&args.redis.redis_url, &args.redis.namespace).await?;
+    let conn = ledger_connection(&ledger_url(&args.redis, args.ledger_url.as_deref())?).await?;
     let ledger = Ledger::redis(conn, &args.redis.namespace, &args.run);
     let charges = ledger
         .charges()

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lockstep::{AcquireOptions, ExecuteOptions, LockingModule};
+use lockstep::{AcquireOptions, ExecuteOptions};
 
 use crate::demo::{EXIT_OK, EXIT_WRONG, Failure};
 use crate::fenced::FencedStore;
@@ -11,7 +11,7 @@ use crate::fenced::FencedStore;
 #[derive(Debug, clap::Args)]
 pub(crate) struct HoldArgs {
     #[command(flatten)]
-    redis: crate::RedisArgs,
+    redis: crate::backend::BackendArgs,
     /// The lock to hold.
     #[arg(long)]
     key: String,
@@ -35,15 +35,7 @@ pub(crate) struct HoldArgs {
 /// accepted|rejected` for each write and `lost` when the lease is gone,
 /// and finally `execute: <outcome>`.
 pub(crate) async fn hold(args: HoldArgs) -> Result<u8, Failure> {
-    let provider = args
-        .redis
-        .connect()
-        .await
-        .map_err(|e| Failure::usage(e.to_string()))?;
-    let locking = LockingModule::builder()
-        .provider("locking-redis", provider)
-        .build()
-        .expect("one provider");
+    let locking = args.redis.connect().await.map_err(Failure::usage)?.module;
     let lease = Duration::from_millis(args.lease_ms);
     if !args.renew {
         let held = locking

@@ -3,6 +3,7 @@
 //! Built only with the `cli` feature, so that programs using the library do
 //! not compile argument parsing or JSON output.
 
+mod backend;
 mod bench;
 mod checkout;
 mod demo;
@@ -13,8 +14,9 @@ mod torture;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use backend::BackendArgs;
 use clap::{Parser, Subcommand};
-use lockstep::{LockingModule, RedisConfig, RedisProvider, ReleaseOptions};
+use lockstep::ReleaseOptions;
 
 /// Distributed locks for workflows, backed by Redis.
 #[derive(Debug, Parser)]
@@ -22,24 +24,6 @@ use lockstep::{LockingModule, RedisConfig, RedisProvider, ReleaseOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Connection flags shared by the commands that talk to Redis.
-#[derive(Debug, clap::Args)]
-pub(crate) struct RedisArgs {
-    /// Redis URL, e.g. redis://127.0.0.1:6379 (default: $LOCKING_REDIS_URL).
-    #[arg(long, env = "LOCKING_REDIS_URL")]
-    pub(crate) redis_url: String,
-    /// Key namespace.
-    #[arg(long, default_value = lockstep::DEFAULT_NAMESPACE)]
-    pub(crate) namespace: String,
-}
-
-impl RedisArgs {
-    async fn connect(&self) -> Result<RedisProvider, lockstep::ConfigError> {
-        RedisProvider::connect(RedisConfig::from_url(&self.redis_url).namespace(&self.namespace))
-            .await
-    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -71,12 +55,12 @@ enum Command {
     /// Connect to Redis, load the scripts, and time a lock round trip.
     Check {
         #[command(flatten)]
-        redis: RedisArgs,
+        redis: BackendArgs,
     },
     /// Release every lock of one owner, or of the whole namespace.
     ReleaseAll {
         #[command(flatten)]
-        redis: RedisArgs,
+        redis: BackendArgs,
         /// Only this owner's locks (without it: every lock of the namespace).
         #[arg(long)]
         owner: Option<String>,
@@ -118,11 +102,8 @@ fn finish(result: Result<u8, demo::Failure>) -> ExitCode {
 
 type CliResult = Result<(), Box<dyn std::error::Error>>;
 
-async fn check(args: &RedisArgs) -> CliResult {
-    let provider = args.connect().await?;
-    let module = LockingModule::builder()
-        .provider("locking-redis", provider)
-        .build()?;
+async fn check(args: &BackendArgs) -> CliResult {
+    let module = args.connect().await?.module;
     let key = format!("lockstep-check-{}", std::process::id());
     let started = std::time::Instant::now();
     let lease = module
@@ -142,11 +123,8 @@ async fn check(args: &RedisArgs) -> CliResult {
     Ok(())
 }
 
-async fn release_all(args: &RedisArgs, owner: Option<String>) -> CliResult {
-    let provider = args.connect().await?;
-    let module = LockingModule::builder()
-        .provider("locking-redis", provider)
-        .build()?;
+async fn release_all(args: &BackendArgs, owner: Option<String>) -> CliResult {
+    let module = args.connect().await?.module;
     let mut options = ReleaseOptions::new();
     if let Some(o) = &owner {
         options = options.owner_id(o);

@@ -1,0 +1,270 @@
+//! Where the commands lock: one Redis, a Redis Cluster, a master found
+//! through Sentinel, or Redlock over independent masters. One set of flags
+//! for every command, passed on to the processes a command starts.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::{LockingModule, LockingProvider, RedisConfig, RedisProvider, RedlockProvider};
+
+/// Connection flags shared by the commands that talk to Redis.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct BackendArgs {
+    /// One Redis, e.g. redis://127.0.0.1:6379 (default: $LOCKING_REDIS_URL).
+    /// With --sentinel it only supplies the master's credentials.
+    #[arg(long, env = "LOCKING_REDIS_URL", value_name = "URL")]
+    pub(crate) redis_url: Option<String>,
+    /// A Redis Cluster: seed nodes (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', value_name = "URL", conflicts_with_all = ["sentinels", "redlock"])]
+    pub(crate) cluster: Vec<String>,
+    /// Sentinels (comma-separated or repeated), with --sentinel-master.
+    #[arg(
+        long = "sentinel",
+        value_delimiter = ',',
+        value_name = "URL",
+        requires = "sentinel_master",
+        conflicts_with = "redlock"
+    )]
+    pub(crate) sentinels: Vec<String>,
+    /// The master's name at the sentinels (`sentinel monitor <name> ...`).
+    #[arg(long, value_name = "NAME", requires = "sentinels")]
+    pub(crate) sentinel_master: Option<String>,
+    /// Redlock: independent masters (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub(crate) redlock: Vec<String>,
+    /// Report an acquisition only once N replicas have it (WAIT); not with
+    /// --redlock.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "N",
+        conflicts_with = "redlock"
+    )]
+    pub(crate) wait_for_replicas: usize,
+    /// Key namespace.
+    #[arg(long, default_value = lockstep::DEFAULT_NAMESPACE)]
+    pub(crate) namespace: String,
+}
+
+/// A connected backend.
+pub(crate) struct Connected {
+    /// A module whose default provider is the backend.
+    pub(crate) module: LockingModule,
+    /// The Redis provider, except with Redlock (for its round-trip count).
+    pub(crate) redis: Option<RedisProvider>,
+    /// What it is, for reports: "locking-redis", "locking-redis-cluster", ...
+    pub(crate) kind: &'static str,
+}
+
+impl BackendArgs {
+    /// Whether any Redis was given (the demo runs in memory otherwise).
+    pub(crate) fn is_given(&self) -> bool {
+        self.redis_url.is_some()
+            || !self.cluster.is_empty()
+            || !self.sentinels.is_empty()
+            || !self.redlock.is_empty()
+    }
+
+    /// Whether this is one plain server (`--redis-url` alone).
+    pub(crate) fn is_single(&self) -> bool {
+        self.cluster.is_empty() && self.sentinels.is_empty() && self.redlock.is_empty()
+    }
+
+    /// The provider settings for one server, a cluster or Sentinel.
+    fn config(&self) -> Result<RedisConfig, String> {
+        let mut config = if !self.cluster.is_empty() {
+            RedisConfig::from_cluster(self.cluster.iter().cloned())
+        } else if let Some(master) = &self.sentinel_master {
+            let mut c = RedisConfig::from_sentinels(self.sentinels.iter().cloned(), master);
+            c.url = self.redis_url.clone();
+            c
+        } else {
+            RedisConfig::from_url(self.redis_url.clone().ok_or_else(missing)?)
+        };
+        config = config.namespace(&self.namespace);
+        if self.wait_for_replicas > 0 {
+            config = config.wait_for_replicas(self.wait_for_replicas, Duration::from_secs(1));
+        }
+        Ok(config)
+    }
+
+    /// Connects, with `tune` applied to the provider settings.
+    pub(crate) async fn connect_with(
+        &self,
+        tune: impl FnOnce(RedisConfig) -> RedisConfig,
+    ) -> Result<Connected, String> {
+        if !self.redlock.is_empty() {
+            let urls: Vec<&str> = self.redlock.iter().map(String::as_str).collect();
+            let base = RedisConfig::default().namespace(&self.namespace);
+            let provider = RedlockProvider::connect(&urls, tune(base))
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(Connected {
+                module: module("locking-redlock", Arc::new(provider)),
+                redis: None,
+                kind: "locking-redlock",
+            });
+        }
+        let config = tune(self.config()?);
+        let kind = if !self.cluster.is_empty() {
+            "locking-redis-cluster"
+        } else if self.sentinel_master.is_some() {
+            "locking-redis-sentinel"
+        } else {
+            "locking-redis"
+        };
+        let provider = RedisProvider::connect(config)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(Connected {
+            module: module("locking-redis", Arc::new(provider.clone())),
+            redis: Some(provider),
+            kind,
+        })
+    }
+
+    /// Connects with the default settings.
+    pub(crate) async fn connect(&self) -> Result<Connected, String> {
+        self.connect_with(|c| c).await
+    }
+
+    /// The same flags, for a process this one starts.
+    pub(crate) fn to_args(&self) -> Vec<String> {
+        let mut args = Vec::new();
+        if let Some(url) = &self.redis_url {
+            args.extend(["--redis-url".to_owned(), url.clone()]);
+        }
+        let lists = [
+            ("--cluster", &self.cluster),
+            ("--sentinel", &self.sentinels),
+            ("--redlock", &self.redlock),
+        ];
+        for (flag, urls) in lists {
+            if !urls.is_empty() {
+                args.extend([flag.to_owned(), urls.join(",")]);
+            }
+        }
+        if let Some(master) = &self.sentinel_master {
+            args.extend(["--sentinel-master".to_owned(), master.clone()]);
+        }
+        if self.wait_for_replicas > 0 {
+            args.extend([
+                "--wait-for-replicas".to_owned(),
+                self.wait_for_replicas.to_string(),
+            ]);
+        }
+        args.extend(["--namespace".to_owned(), self.namespace.clone()]);
+        args
+    }
+
+    /// The servers that hold locks, as `host:port`: the server, the
+    /// cluster's masters, the master the sentinels name, or the Redlock
+    /// masters. Looked up now (a cluster's or Sentinel's view may change).
+    pub(crate) async fn data_nodes(&self) -> Result<Vec<String>, String> {
+        if !self.redlock.is_empty() {
+            return self.redlock.iter().map(|u| address(u)).collect();
+        }
+        if !self.cluster.is_empty() {
+            return cluster_masters(&self.cluster).await;
+        }
+        if let Some(master) = &self.sentinel_master {
+            for sentinel in &self.sentinels {
+                let reply: Result<Vec<String>, _> = async {
+                    let mut c = plain(sentinel).await?;
+                    redis::cmd("SENTINEL")
+                        .arg("get-master-addr-by-name")
+                        .arg(master)
+                        .query_async(&mut c)
+                        .await
+                }
+                .await;
+                if let Ok([host, port]) = reply.as_deref() {
+                    return Ok(vec![format!("{host}:{port}")]);
+                }
+            }
+            return Err(format!("no sentinel knows a master named {master:?}"));
+        }
+        Ok(vec![address(
+            self.redis_url.as_deref().ok_or_else(missing)?,
+        )?])
+    }
+}
+
+fn missing() -> String {
+    "give --redis-url (or LOCKING_REDIS_URL), --cluster, --sentinel with --sentinel-master, or --redlock"
+        .to_owned()
+}
+
+fn module(id: &str, provider: Arc<dyn LockingProvider>) -> LockingModule {
+    LockingModule::builder()
+        .provider_arc(id, provider, true)
+        .build()
+        .expect("one provider")
+}
+
+/// `host:port` of a redis:// URL.
+fn address(url: &str) -> Result<String, String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+    let host = parsed.host_str().ok_or_else(|| format!("{url}: no host"))?;
+    Ok(format!("{host}:{}", parsed.port().unwrap_or(6379)))
+}
+
+/// A plain connection to `url` (or to `host:port`).
+pub(crate) async fn plain(
+    url: &str,
+) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+    let url = if url.contains("://") {
+        url.to_owned()
+    } else {
+        format!("redis://{url}")
+    };
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(None);
+    redis::Client::open(url)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+/// The masters of the cluster the seed nodes belong to.
+async fn cluster_masters(seeds: &[String]) -> Result<Vec<String>, String> {
+    let mut last = String::from("no seed node");
+    for seed in seeds {
+        let reply: Result<redis::Value, _> = async {
+            let mut c = plain(seed).await?;
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await
+        }
+        .await;
+        let ranges = match reply {
+            Ok(redis::Value::Array(ranges)) => ranges,
+            Ok(other) => {
+                last = format!("{seed}: CLUSTER SLOTS replied {other:?}");
+                continue;
+            }
+            Err(e) => {
+                last = format!("{seed}: {e}");
+                continue;
+            }
+        };
+        let mut masters: Vec<String> = Vec::new();
+        for range in ranges {
+            // [first, last, [host, port, id, ...], replicas...]
+            if let redis::Value::Array(r) = range
+                && let Some(redis::Value::Array(node)) = r.get(2)
+                && let (Some(host), Some(port)) = (node.first(), node.get(1))
+                && let (Ok(host), Ok(port)) = (
+                    redis::from_redis_value::<String>(host.clone()),
+                    redis::from_redis_value::<u16>(port.clone()),
+                )
+            {
+                let a = format!("{host}:{port}");
+                if !masters.contains(&a) {
+                    masters.push(a);
+                }
+            }
+        }
+        masters.sort();
+        return Ok(masters);
+    }
+    Err(last)
+}
