@@ -117,6 +117,12 @@ impl LockError {
     pub fn is_outcome_unknown(&self) -> bool {
         matches!(self, LockError::Backend(e) if e.is_outcome_unknown())
     }
+
+    /// True for backend failures that pass by themselves (see
+    /// [`BackendError::is_transient`]): the same call may succeed later.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LockError::Backend(e) if e.is_transient())
+    }
 }
 
 /// Why a request was rejected before anything was locked.
@@ -240,6 +246,19 @@ impl BackendError {
     /// release or extend with an unknown outcome can simply be repeated.
     pub fn is_outcome_unknown(&self) -> bool {
         self.kind == BackendErrorKind::OutcomeUnknown
+    }
+
+    /// True for failures that pass by themselves: no connection, no reply,
+    /// replicas not caught up (as during a restart or a failover). Waiting
+    /// acquisitions retry them until their deadline; `Auth` and `Server`
+    /// errors are not retried.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self.kind,
+            BackendErrorKind::Unavailable
+                | BackendErrorKind::OutcomeUnknown
+                | BackendErrorKind::NotReplicated
+        )
     }
 }
 

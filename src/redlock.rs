@@ -121,14 +121,16 @@ impl RedlockProvider {
     }
 
     /// Runs `op` on every master at once; returns as soon as `decided` says
-    /// the outcome is certain (the rest are dropped). `op` answers `true`
-    /// for a yes, `false` for a refusal.
-    async fn fan_out<'b, T: Verdict + 'b>(
-        &'b self,
-        op: impl Fn(&'b RedisProvider) -> BoxFuture<'b, Result<T, LockError>>,
+    /// the outcome is certain. The calls still under way then finish in the
+    /// background: a lock on every master survives more failures than one
+    /// on a bare majority (and a call dropped half-way, after a `NOSCRIPT`,
+    /// would never reach its master at all).
+    async fn fan_out<T: Verdict + Send + 'static>(
+        &self,
+        op: impl Fn(RedisProvider) -> BoxFuture<'static, Result<T, LockError>>,
         decided: impl Fn(&Tally<T>) -> bool,
     ) -> Tally<T> {
-        let mut pending: FuturesUnordered<_> = self.masters.iter().map(op).collect();
+        let mut pending: FuturesUnordered<_> = self.masters.iter().cloned().map(op).collect();
         let mut tally = Tally {
             ok: Vec::new(),
             refused: Vec::new(),
@@ -141,6 +143,9 @@ impl RedlockProvider {
                 Err(e) => tally.errors.push(e),
             }
             if decided(&tally) {
+                if !pending.is_empty() {
+                    tokio::spawn(async move { while pending.next().await.is_some() {} });
+                }
                 break;
             }
         }
@@ -185,13 +190,16 @@ impl RedlockProvider {
         loop {
             let nonce = nonce();
             let started = Instant::now();
+            // Out early once a majority said yes; on a failure every answer
+            // is awaited, so that the release by nonce below comes after
+            // every acquisition of this round.
             let tally = self
                 .fan_out(
                     |m| {
-                        let (once, nonce) = (&once, &nonce);
-                        Box::pin(async move { m.try_with_nonce(once, nonce).await.map(Attempt) })
+                        let (once, nonce) = (once.clone(), nonce.clone());
+                        Box::pin(async move { m.try_with_nonce(&once, &nonce).await.map(Attempt) })
                     },
-                    |t| self.lost(t.ok.len(), t.refused.len() + t.errors.len()),
+                    |t| t.ok.len() >= self.quorum,
                 )
                 .await;
             let elapsed = started.elapsed();
@@ -204,8 +212,12 @@ impl RedlockProvider {
                 let tokens = (0..n)
                     .map(|i| grants.iter().map(|g| g.tokens[i]).max().unwrap_or(0))
                     .collect();
+                // Re-entered if any granting master says so: an earlier hold
+                // by this owner was on a majority, and any two majorities
+                // meet, while a master the earlier call had not reached yet
+                // (it returned on its majority) sees the key as new.
                 let reentered = (0..n)
-                    .map(|i| grants.iter().all(|g| g.reentered[i]))
+                    .map(|i| grants.iter().any(|g| g.reentered[i]))
                     .collect();
                 // The lease runs from no later than the start, less the drift
                 // allowance: `Lease::valid_until` stays on the safe side.
@@ -215,8 +227,13 @@ impl RedlockProvider {
             // Not held: give back whatever this round took, everywhere.
             self.fan_out(
                 |m| {
-                    let (keys, owner, nonce) = (&request.keys, request.owner.as_deref(), &nonce);
-                    Box::pin(async move { m.release_nonce(keys, owner, nonce).await.map(Released) })
+                    let (keys, owner, nonce) =
+                        (request.keys.clone(), request.owner.clone(), nonce.clone());
+                    Box::pin(async move {
+                        m.release_nonce(&keys, owner.as_deref(), &nonce)
+                            .await
+                            .map(Released)
+                    })
                 },
                 |_| false,
             )
@@ -325,7 +342,12 @@ impl LockingProvider for RedlockProvider {
             // acquisition may hold it anyway.
             let tally = self
                 .fan_out(
-                    |m| Box::pin(async move { m.release(keys, owner).await.map(Released) }),
+                    |m| {
+                        let (keys, owner) = (keys.to_vec(), owner.map(str::to_owned));
+                        Box::pin(
+                            async move { m.release(&keys, owner.as_deref()).await.map(Released) },
+                        )
+                    },
                     |_| false,
                 )
                 .await;
@@ -350,8 +372,9 @@ impl LockingProvider for RedlockProvider {
             let tally = self
                 .fan_out(
                     |m| {
+                        let (keys, owner) = (keys.to_vec(), owner.map(str::to_owned));
                         Box::pin(async move {
-                            match m.extend(keys, owner, lease).await {
+                            match m.extend(&keys, owner.as_deref(), lease).await {
                                 Ok(()) => Ok(Extended(None)),
                                 Err(LockError::NotOwner { key }) => Ok(Extended(Some(key))),
                                 Err(e) => Err(e),
@@ -384,7 +407,10 @@ impl LockingProvider for RedlockProvider {
         Box::pin(async move {
             let tally = self
                 .fan_out(
-                    |m| Box::pin(async move { m.release_all(owner).await.map(Count) }),
+                    |m| {
+                        let owner = owner.map(str::to_owned);
+                        Box::pin(async move { m.release_all(owner.as_deref()).await.map(Count) })
+                    },
                     |_| false,
                 )
                 .await;

@@ -33,7 +33,7 @@ async fn provider(cluster: &Cluster, namespace: &str, acked: bool) -> RedisProvi
 /// promoted master has a replica again; tokens keep growing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicated_lock_survives_its_master_s_failover_and_calls_resume() {
-    let cluster = Cluster::start_with(3, true);
+    let cluster = Cluster::start_with(3, 1);
     let ns = "fo:";
     let acked = support::module_with(provider(&cluster, ns, true).await);
     let plain = support::module_with(provider(&cluster, ns, false).await);
@@ -69,7 +69,7 @@ async fn a_replicated_lock_survives_its_master_s_failover_and_calls_resume() {
     support::eventually(
         Duration::from_secs(20),
         "the replica to be promoted",
-        || async { is_master(&cluster.replicas[at]) },
+        || async { is_master(&cluster.replicas_of(at)[0]) },
     )
     .await;
     let promoted_after = killed.elapsed();
@@ -106,7 +106,7 @@ async fn a_replicated_lock_survives_its_master_s_failover_and_calls_resume() {
     assert!(free.release().await.unwrap());
 
     // A new replica joins the promoted master.
-    let _replica = cluster.add_replica(&cluster.replicas[at]);
+    let _replica = cluster.add_replica(&cluster.replicas_of(at)[0]);
     let again = acked
         .acquire(
             acked_key.as_str(),

@@ -7,64 +7,11 @@ use std::time::Duration;
 
 use lockstep::{AcquireOptions, RedisConfig, RedisProvider};
 use redis::AsyncCommands;
-use support::{RedisServer, eventually, free_port, module_with, raw_connection};
+use support::sentinel::SentinelSet;
+use support::{eventually, free_port, module_with, raw_connection};
 use tokio::time::Instant;
 
 const NS: &str = "sent:";
-
-struct Topology {
-    master: RedisServer,
-    replica: RedisServer,
-    sentinels: Vec<RedisServer>,
-}
-
-impl Topology {
-    /// A master, a replica in sync, and three sentinels that know each other
-    /// and the replica from their config files (ready in about a second).
-    async fn start() -> Topology {
-        let master = RedisServer::start(&[
-            "--repl-diskless-sync",
-            "yes",
-            "--repl-diskless-sync-delay",
-            "0",
-        ]);
-        let replica = RedisServer::start(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
-        support::wait_until_in_sync(&replica.url()).await;
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
-        let ids: Vec<String> = (0..3)
-            .map(|i| format!("{:040x}", 0x5e_u64 + i as u64))
-            .collect();
-        let sentinels = (0..3)
-            .map(|i| {
-                let mut conf = format!(
-                    "sentinel monitor mymaster 127.0.0.1 {} 2\n\
-                     sentinel down-after-milliseconds mymaster 500\n\
-                     sentinel failover-timeout mymaster 3000\n\
-                     sentinel parallel-syncs mymaster 1\n\
-                     sentinel myid {}\n\
-                     sentinel known-replica mymaster 127.0.0.1 {}\n",
-                    master.port, ids[i], replica.port
-                );
-                for j in (0..3).filter(|j| *j != i) {
-                    conf.push_str(&format!(
-                        "sentinel known-sentinel mymaster 127.0.0.1 {} {}\n",
-                        ports[j], ids[j]
-                    ));
-                }
-                RedisServer::start_with(Some(ports[i]), Some(&conf), &["--sentinel"])
-            })
-            .collect();
-        Topology {
-            master,
-            replica,
-            sentinels,
-        }
-    }
-
-    fn sentinel_urls(&self) -> Vec<String> {
-        self.sentinels.iter().map(RedisServer::url).collect()
-    }
-}
 
 /// One command on a connection of its own; `None` if the server is busy
 /// changing roles (Sentinel kills clients then).
@@ -90,12 +37,12 @@ fn owner(o: &str) -> AcquireOptions {
 /// a lock taken (and replicated) before the failover is still held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_provider_follows_a_sentinel_failover() {
-    let topo = Topology::start().await;
+    let topo = SentinelSet::start(1).await;
     let config = RedisConfig::from_sentinels(topo.sentinel_urls(), "mymaster").namespace(NS);
     let m = module_with(RedisProvider::connect(config).await.unwrap());
     let before = m.acquire("before", owner("a")).await.unwrap();
     let mut old = raw_connection(&topo.master.url()).await;
-    let new = raw_connection(&topo.replica.url()).await;
+    let new = raw_connection(&topo.replicas[0].url()).await;
     assert!(
         old.exists::<_, bool>(format!("{NS}{{before}}"))
             .await
@@ -122,7 +69,7 @@ async fn the_provider_follows_a_sentinel_failover() {
     let started = Instant::now();
     // Sentinel kills the clients of a promoted or demoted server: every
     // check from here on uses a connection of its own.
-    let replica_url = topo.replica.url();
+    let replica_url = topo.replicas[0].url();
     eventually(Duration::from_secs(10), "the replica is promoted", || {
         let url = replica_url.clone();
         async move {

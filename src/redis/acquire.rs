@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::waiting::{Left, Waiter, Waiting};
 use super::{RedisProvider, scripts, unexpected};
-use crate::error::{BackendErrorKind, LockError};
+use crate::error::LockError;
 use crate::options::millis_ceil;
 use crate::provider::{AcquireRequest, Acquired, Wait};
 use crate::token::{nonce, unit_random};
@@ -67,15 +67,12 @@ pub(super) const NO_QUEUE: Queueing<'static> = Queueing {
 };
 
 /// Whether a waiting acquisition should try again after `e`: a backend
-/// failure that may pass (no connection, no reply), with time left before
-/// the deadline. An attempt without a reply may have taken the locks; a
-/// later attempt with the same nonce finds them its own.
+/// failure that may pass (no connection, no reply, replicas not caught up,
+/// as during a failover), with time left before the deadline. An attempt
+/// without a reply may have taken the locks; a later attempt with the same
+/// nonce finds them its own.
 pub(super) fn keep_trying(request: &AcquireRequest, e: &LockError) -> bool {
-    let passing = matches!(
-        e,
-        LockError::Backend(b) if matches!(b.kind(), BackendErrorKind::Unavailable | BackendErrorKind::OutcomeUnknown)
-    );
-    passing && request.wait.remaining() != Some(Duration::ZERO)
+    e.is_transient() && request.wait.remaining() != Some(Duration::ZERO)
 }
 
 pub(super) fn wait_span(key: &str) -> tracing::Span {

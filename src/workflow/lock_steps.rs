@@ -7,10 +7,14 @@ use tokio::time::Instant;
 
 use crate::error::LockError;
 use crate::keys::Keys;
+use crate::module::LockingModule;
 use crate::options::{AcquireOptions, ReleaseOptions};
 use crate::workflow::StepError;
 use crate::workflow::engine::{HeldLock, Run, StepContext};
 use crate::workflow::step::{Step, StepResponse};
+
+/// The pause before trying again after a transient backend error.
+const TRANSIENT_PAUSE: Duration = Duration::from_millis(50);
 
 /// Medusa's default retry interval of `acquireLockStep`.
 pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(300);
@@ -189,7 +193,10 @@ pub struct AcquireLockStep;
 ///   leaves the parent's hold alone) while other keys are really locked.
 ///   `execute_on_sub_workflow(true)` makes it lock as its own run instead;
 /// - waiting is done by the provider (woken by the release), not by
-///   sleeping a fixed interval.
+///   sleeping a fixed interval;
+/// - backend failures that pass ([`LockError::is_transient`]: Redis
+///   restarting or failing over) are retried until the timeout, like a held
+///   lock; with timeout zero they fail the step at once.
 pub fn acquire_lock_step() -> AcquireLockStep {
     AcquireLockStep
 }
@@ -234,7 +241,20 @@ impl Step for AcquireLockStep {
             }
             match locking.acquire(input.keys.clone(), options).await {
                 Ok(lease) => break lease,
-                Err(e) if e.is_contended() && Instant::now() < deadline => continue,
+                // Held, or Redis briefly away (a restart, a failover): try
+                // again until the step's own deadline.
+                Err(e) if (e.is_contended() || e.is_transient()) && Instant::now() < deadline => {
+                    if e.is_transient() {
+                        // The provider waited out its share of the timeout
+                        // already unless the error was immediate: pause a
+                        // little, not the whole retry interval.
+                        tokio::time::sleep(
+                            TRANSIENT_PAUSE.min(deadline.saturating_duration_since(Instant::now())),
+                        )
+                        .await;
+                    }
+                    continue;
+                }
                 // The provider's single-attempt error, as Medusa rethrows it.
                 Err(LockError::TimedOut { key }) => {
                     return Err(Box::new(LockError::Contended { key }));
@@ -276,16 +296,40 @@ impl Step for AcquireLockStep {
         let locking = ctx.container().locking()?;
         // Owner-checked: if the lease ran out and another run holds a key
         // now, this returns false and leaves it alone.
-        locking
-            .release(
-                taken.keys.clone(),
-                ReleaseOptions::new()
-                    .owner_id(&taken.owner)
-                    .provider(&taken.provider),
-            )
-            .await?;
+        release_riding_out_failovers(
+            &locking,
+            &taken.keys,
+            ReleaseOptions::new()
+                .owner_id(&taken.owner)
+                .provider(&taken.provider),
+        )
+        .await?;
         ctx.run().forget_held(&taken.provider, &taken.keys);
         Ok(())
+    }
+}
+
+/// How long a release (the release step's, or a compensation's) retries
+/// transient backend failures before it reports them.
+const RELEASE_RETRY_FOR: Duration = Duration::from_secs(10);
+
+/// A release that retries transient backend failures ([`LockError::is_transient`]:
+/// Redis restarting or failing over) for up to [`RELEASE_RETRY_FOR`]: an
+/// owner-checked release can be repeated safely, and a lock left held
+/// would make every other run wait for its lease to end.
+async fn release_riding_out_failovers(
+    locking: &LockingModule,
+    keys: &[String],
+    options: ReleaseOptions,
+) -> Result<bool, LockError> {
+    let give_up_at = Instant::now() + RELEASE_RETRY_FOR;
+    loop {
+        match locking.release(keys.to_vec(), options.clone()).await {
+            Err(e) if e.is_transient() && Instant::now() < give_up_at => {
+                tokio::time::sleep(TRANSIENT_PAUSE).await;
+            }
+            result => return result,
+        }
     }
 }
 
@@ -299,7 +343,9 @@ pub struct ReleaseLockStep;
 ///
 /// The owner defaults as in [`acquire_lock_step`]. In a sub-workflow that
 /// locks with its parent's owner, keys the parent took are left held (the
-/// parent releases them); the others are released.
+/// parent releases them); the others are released. Backend failures that
+/// pass (a restart, a failover) are retried for up to 10 s, as are those of
+/// the acquire step's compensation.
 pub fn release_lock_step() -> ReleaseLockStep {
     ReleaseLockStep
 }
@@ -336,12 +382,12 @@ impl Step for ReleaseLockStep {
         if keys.is_empty() {
             return Ok(StepResponse::without_compensation(true));
         }
-        let released = locking
-            .release(
-                keys.clone(),
-                ReleaseOptions::new().owner_id(&owner).provider(&provider),
-            )
-            .await?;
+        let released = release_riding_out_failovers(
+            &locking,
+            &keys,
+            ReleaseOptions::new().owner_id(&owner).provider(&provider),
+        )
+        .await?;
         ctx.run().forget_held(&provider, &keys);
         Ok(StepResponse::without_compensation(released))
     }

@@ -9,8 +9,10 @@ use super::{RedisServer, free_port};
 pub struct Cluster {
     /// The masters, in slot order: master `i` serves the `i`-th share.
     pub masters: Vec<RedisServer>,
-    /// `replicas[i]` replicates `masters[i]` (empty without replicas).
+    /// The replicas, by master: those of `masters[i]` first come
+    /// `per_master` at `i * per_master` (see [`replicas_of`](Self::replicas_of)).
     pub replicas: Vec<RedisServer>,
+    per_master: usize,
 }
 
 /// How long a cluster may take to form.
@@ -19,21 +21,21 @@ const FORM_DEADLINE: Duration = Duration::from_secs(30);
 impl Cluster {
     /// `masters` masters with no replicas (about a second).
     pub fn start(masters: usize) -> Cluster {
-        Self::start_with(masters, false)
+        Self::start_with(masters, 0)
     }
 
-    /// `masters` masters, each with a replica if `replicas`: the masters
-    /// are made first, then each replica is attached to its master with
+    /// `masters` masters with `per_master` replicas each: the masters are
+    /// made first, then each replica is attached to its master with
     /// `CLUSTER REPLICATE` (so the pairing is known), and the call returns
     /// once every node sees every slot served and every replica is in sync.
-    pub fn start_with(masters: usize, replicas: bool) -> Cluster {
+    pub fn start_with(masters: usize, per_master: usize) -> Cluster {
         let masters: Vec<RedisServer> = (0..masters).map(|_| node()).collect();
-        let replicas: Vec<RedisServer> = if replicas {
-            (0..masters.len()).map(|_| node()).collect()
-        } else {
-            Vec::new()
+        let replicas: Vec<RedisServer> = (0..masters.len() * per_master).map(|_| node()).collect();
+        let cluster = Cluster {
+            masters,
+            replicas,
+            per_master,
         };
-        let cluster = Cluster { masters, replicas };
         let count = cluster.masters.len();
         let step = 16384 / count;
         for (i, m) in cluster.masters.iter().enumerate() {
@@ -61,8 +63,10 @@ impl Cluster {
                 known_nodes(n) == cluster.masters.len() + cluster.replicas.len()
             });
         }
-        for (m, r) in cluster.masters.iter().zip(&cluster.replicas) {
-            replicate(r, m);
+        for (i, m) in cluster.masters.iter().enumerate() {
+            for r in cluster.replicas_of(i) {
+                replicate(r, m);
+            }
         }
         for n in cluster.nodes() {
             wait(deadline, "the cluster to be ok everywhere", || {
@@ -73,8 +77,10 @@ impl Cluster {
                 info.contains("cluster_state:ok")
             });
         }
-        for (m, r) in cluster.masters.iter().zip(&cluster.replicas) {
-            wait_in_sync(deadline, m, r);
+        for (i, m) in cluster.masters.iter().enumerate() {
+            for r in cluster.replicas_of(i) {
+                wait_in_sync(deadline, m, r);
+            }
         }
         cluster
     }
@@ -91,6 +97,11 @@ impl Cluster {
         replicate(&replica, master);
         wait_in_sync(deadline, master, &replica);
         replica
+    }
+
+    /// The replicas `masters[i]` started with.
+    pub fn replicas_of(&self, i: usize) -> &[RedisServer] {
+        &self.replicas[i * self.per_master..(i + 1) * self.per_master]
     }
 
     /// Masters, then replicas.
@@ -126,21 +137,30 @@ impl Cluster {
 
 /// A cluster-enabled server, not yet part of any cluster.
 fn node() -> RedisServer {
-    // The cluster bus gets a free port of its own: the default (port +
-    // 10000) may be taken or out of range.
-    let bus = free_port().to_string();
-    RedisServer::start(&[
-        "--cluster-enabled",
-        "yes",
-        "--cluster-port",
-        &bus,
-        "--cluster-node-timeout",
-        "1000",
-        "--repl-diskless-sync",
-        "yes",
-        "--repl-diskless-sync-delay",
-        "0",
-    ])
+    let mut last_log = String::new();
+    for _ in 0..5 {
+        // The cluster bus gets a free port of its own: the default (port +
+        // 10000) may be taken or out of range. Either port may be taken
+        // before the server binds it: then both are picked again.
+        let bus = free_port().to_string();
+        let args = [
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus,
+            "--cluster-node-timeout",
+            "1000",
+            "--repl-diskless-sync",
+            "yes",
+            "--repl-diskless-sync-delay",
+            "0",
+        ];
+        match RedisServer::try_start_at(free_port(), None, &args) {
+            Ok(server) => return server,
+            Err(log) => last_log = log,
+        }
+    }
+    panic!("a cluster node did not start; its log:\n{last_log}");
 }
 
 /// Introduces `newcomer` to `member`'s cluster.

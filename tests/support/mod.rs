@@ -13,6 +13,7 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 pub mod cluster;
+pub mod sentinel;
 
 use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
@@ -78,6 +79,27 @@ impl RedisServer {
             }
         }
         panic!("redis-server did not start; its log:\n{last_log}");
+    }
+
+    /// One attempt to start a server on `port` (with a config file holding
+    /// `conf` if given): its log if it did not start. For servers whose port
+    /// is written into other servers' configs, so that a taken port means
+    /// starting the whole group again.
+    pub fn try_start_at(
+        port: u16,
+        conf: Option<&str>,
+        args: &[&str],
+    ) -> Result<RedisServer, String> {
+        let bin = server_bin().unwrap_or_else(|| panic!("{}", missing_redis_help()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "redis-{}-{}",
+            std::process::id(),
+            SERVER_SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(&bin, &dir, port, &args, conf)
     }
 
     fn spawn(
