@@ -58,14 +58,7 @@ impl RedisServer {
     /// holding `conf` if given (written to the server's directory: a
     /// sentinel rewrites its own), and extra `args`.
     pub fn start_with(port: Option<u16>, conf: Option<&str>, args: &[&str]) -> RedisServer {
-        let bin = server_bin().unwrap_or_else(|| panic!("{}", missing_redis_help()));
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "redis-{}-{}",
-            std::process::id(),
-            SERVER_SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create the server's directory");
+        let (bin, dir) = Self::prepare();
         let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         // A port picked by binding port 0 can be taken by someone else
         // before redis binds it: try a few.
@@ -90,6 +83,13 @@ impl RedisServer {
         conf: Option<&str>,
         args: &[&str],
     ) -> Result<RedisServer, String> {
+        let (bin, dir) = Self::prepare();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        Self::spawn(&bin, &dir, port, &args, conf)
+    }
+
+    /// The redis-server binary, and a fresh directory for one server.
+    fn prepare() -> (PathBuf, PathBuf) {
         let bin = server_bin().unwrap_or_else(|| panic!("{}", missing_redis_help()));
         let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "redis-{}-{}",
@@ -98,8 +98,7 @@ impl RedisServer {
         ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create the server's directory");
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        Self::spawn(&bin, &dir, port, &args, conf)
+        (bin, dir)
     }
 
     fn spawn(
