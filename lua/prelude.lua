@@ -13,7 +13,10 @@
 -- released), "~<pid>" only wants to be woken (multi-key waiters, which then
 -- retry). Each process is told through its own channel, <channel prefix><pid>:
 -- "r<lock key>" when the lock was reserved for it, "w<lock key>" when it
--- should look again.
+-- should look again. On a Redis Cluster the channel prefix carries the hash
+-- tag of the lock's slot (<namespace>{<slot tag>}c:) and the message goes
+-- out by sharded pub/sub (SPUBLISH), which a script may send to a channel
+-- of its own slot; a namespace never contains '{', so the tag is the sign.
 
 local NONCE_LEN = 12
 
@@ -36,6 +39,15 @@ local function now_us()
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
 
+-- Sends `message` to `channel` and returns how many subscribers heard it
+-- (on a cluster: those of this shard, where the waiting processes subscribe).
+local function tell(channel, message)
+  if string.find(channel, '{', 1, true) then
+    return redis.call('SPUBLISH', channel, message)
+  end
+  return redis.call('PUBLISH', channel, message)
+end
+
 -- Serves the queue of the free lock `lock`: pops entries from the head,
 -- wakes each "~pid" entry, and reserves the lock (for claim_ms) for the
 -- first "pid" entry whose process hears the message (PUBLISH counts the
@@ -55,7 +67,7 @@ local function grant_next(lock, queue, prefix, claim_ms, me)
     redis.call('LPOP', queue)
     local wake = string.sub(e, 1, 1) == '~'
     local pid = wake and string.sub(e, 2) or e
-    local heard = redis.call('PUBLISH', prefix .. pid, (wake and 'w' or 'r') .. lock)
+    local heard = tell(prefix .. pid, (wake and 'w' or 'r') .. lock)
     if heard > 0 and not wake then
       redis.call('SET', lock, '\0' .. pid, 'PX', claim_ms)
       return pid

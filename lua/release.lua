@@ -66,7 +66,7 @@ for i = 1, n do
         local e = redis.call('LINDEX', queue, 0)
         if e and string.sub(e, 1, 1) == '~' then
           redis.call('LPOP', queue)
-          redis.call('PUBLISH', prefix .. string.sub(e, 2), 'w' .. lock)
+          tell(prefix .. string.sub(e, 2), 'w' .. lock)
         elseif not e or e == pid then
           -- No other process is first: straight to our successor.
           if e then

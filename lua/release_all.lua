@@ -15,7 +15,9 @@
 -- allow-cross-slot-keys flag): an owner's index is split by hash slot there
 -- (<index prefix><slot tag><index suffix>, see src/redis/layout.rs).
 --   ARGV[1]  "slots"
---   ARGV[2..4] as in owner mode
+--   ARGV[2..3] as in owner mode
+--   ARGV[4]  "1": queued processes are told on <ARGV[5]><slot tag>}c:<pid>
+--            (sharded channels, see prelude.lua); "": not at all
 --   ARGV[5]  index prefix, e.g. "lockstep:{"
 --   ARGV[6]  index suffix, e.g. "}:o:run-1"
 --   ARGV[7..] the tags of the hash slots this master serves
@@ -26,7 +28,8 @@
 --   ARGV[1]  "namespace"
 --   ARGV[2]  the namespace prefix, e.g. "lockstep:"
 --   ARGV[3]  a SCAN MATCH pattern for it, with glob characters escaped
---   ARGV[4]  channel prefix
+--   ARGV[4]  channel prefix ("": queued processes are not told; they find
+--            out at their next attempt)
 --   Every lock, owner index and wait queue of the namespace is deleted in
 --   this one script, so no lock taken meanwhile can survive or be wrongly
 --   deleted (on a cluster: on this master); every queued process is told, so its waiters try again at once.
@@ -38,15 +41,16 @@
 local released = 0
 
 -- Releases the locks in owner index `index` still held by `owner`, handing
--- each to the next process queued for it, and deletes the index.
-local function release_indexed(index, owner)
+-- each to the next process queued for it (told on <channels><pid>), and
+-- deletes the index.
+local function release_indexed(index, owner, channels)
   for _, key in ipairs(redis.call('ZRANGE', index, 0, -1)) do
     if held_by(redis.pcall('GET', key), owner) then
       redis.call('DEL', key)
       released = released + 1
       local queue = key .. ':q'
       if redis.call('TYPE', queue)['ok'] == 'list' then
-        grant_next(key, queue, ARGV[4], tonumber(ARGV[3]), '')
+        grant_next(key, queue, channels, tonumber(ARGV[3]), '')
       end
     end
   end
@@ -55,7 +59,7 @@ end
 
 if ARGV[1] == 'owner' then
   if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
-    release_indexed(KEYS[1], ARGV[2])
+    release_indexed(KEYS[1], ARGV[2], ARGV[4])
   end
   return released
 end
@@ -69,7 +73,8 @@ if ARGV[1] == 'slots' then
       -- A key of a slot another master serves now.
       skipped[#skipped + 1] = ARGV[i]
     elseif t['ok'] == 'zset' then
-      release_indexed(index, ARGV[2])
+      local channels = ARGV[4] == '1' and (ARGV[5] .. ARGV[i] .. '}c:') or ''
+      release_indexed(index, ARGV[2], channels)
     end
   end
   return {released, skipped}
@@ -99,7 +104,9 @@ repeat
             local lock = string.sub(key, 1, close)
             for _, e in ipairs(redis.call('LRANGE', key, 0, -1)) do
               local pid = string.sub(e, 1, 1) == '~' and string.sub(e, 2) or e
-              redis.call('PUBLISH', channels .. pid, 'w' .. lock)
+              if channels ~= '' then
+                tell(channels .. pid, 'w' .. lock)
+              end
             end
           end
           redis.call('DEL', key)

@@ -15,7 +15,8 @@
 //!   `redis/acquire.rs` (attempts, the ways of waiting, undo guards),
 //!   `redis/release.rs` (release with handoff, background undo),
 //!   `redis/waiting.rs` (notifications and local waiter queues),
-//!   `redis/sentinel.rs` (following a Sentinel master),
+//!   `redis/sentinel.rs` (following a Sentinel master), `redis/cluster.rs`
+//!   (requests split by hash slot on a Redis Cluster),
 //!   `redis/scripts.rs` (the Lua scripts in `lua/` at the repository root).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
 //!   tokens.

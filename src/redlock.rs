@@ -22,12 +22,13 @@ const RETRY_MAX: Duration = Duration::from_millis(200);
 
 /// Locks held by a majority of N independent Redis masters (Redlock).
 ///
-/// Every operation goes to all masters at once and is decided as soon as
-/// its outcome is certain: an acquisition holds once `N/2 + 1` masters took
-/// every key, within the lease less the time it took and a drift allowance
-/// (1 % + 2 ms); otherwise what it took anywhere is released (on every
-/// master, by this attempt's nonce) and it tries again until its deadline.
-/// Releases go to every master. The contract is the provider contract, as
+/// Every operation goes to all masters at once. An acquisition holds as
+/// soon as `N/2 + 1` masters took every key, within the lease less the time
+/// it took and a drift allowance (1 % + 2 ms); the calls still under way
+/// then finish in the background, so the lock reaches every master that
+/// answers. Otherwise, once every master answered, what it took anywhere is
+/// released (on every master, by this attempt's nonce) and it tries again
+/// until its deadline. Releases go to every master. The contract is the provider contract, as
 /// long as a majority answers.
 ///
 /// What it does not give (see the README):

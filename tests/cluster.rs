@@ -496,3 +496,81 @@ async fn multi_key_requests_across_masters_under_contention() {
         assert!(left.iter().all(|k| k.ends_with(":f")), "{left:?}");
     }
 }
+
+/// Release notifications by sharded pub/sub: with a 60 s fallback and
+/// locks without leases, only a notification can wake a waiter in time.
+/// Single-key waiters (handed the lock) in every master's slots, and a
+/// multi-key waiter across all three (woken, then retrying).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
+    let cluster = shared();
+    let ns = support::unique_namespace();
+    let keys = keys_on_every_master(cluster, &ns);
+    let connect = || async {
+        let config = RedisConfig::from_cluster(cluster.urls())
+            .namespace(&ns)
+            .wait_fallback(Duration::from_secs(60));
+        RedisProvider::connect(config).await.unwrap()
+    };
+    let (holder_p, waiter_p) = (connect().await, connect().await);
+    assert!(waiter_p.is_notified());
+    let (holder, waiter) = (
+        support::module_with(holder_p),
+        support::module_with(waiter_p.clone()),
+    );
+    let wait = |o: &str| {
+        AcquireOptions::new()
+            .owner_id(o)
+            .timeout(Duration::from_secs(20))
+    };
+    for key in &keys {
+        let held = holder
+            .acquire(key.as_str(), AcquireOptions::new().owner_id("h"))
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let waiting = tokio::spawn({
+            let (waiter, key, options) = (waiter.clone(), key.clone(), wait("w"));
+            async move { waiter.acquire(key.as_str(), options).await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(held.release().await.unwrap());
+        let lease = waiting.await.unwrap().expect("woken by the release");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{key}: {:?} (the fallback is 60 s)",
+            started.elapsed()
+        );
+        assert!(lease.release().await.unwrap());
+    }
+    // A multi-key waiter across the three masters.
+    let held: Vec<_> = {
+        let mut v = Vec::new();
+        for key in &keys {
+            v.push(
+                holder
+                    .acquire(key.as_str(), AcquireOptions::new().owner_id("h"))
+                    .await
+                    .unwrap(),
+            );
+        }
+        v
+    };
+    let started = Instant::now();
+    let waiting = tokio::spawn({
+        let (waiter, keys, options) = (waiter.clone(), keys.clone(), wait("m"));
+        async move { waiter.acquire(keys, options).await }
+    });
+    for lease in held {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(lease.release().await.unwrap());
+    }
+    let lease = waiting.await.unwrap().expect("woken by the releases");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(lease.fencing_tokens().count(), 3);
+    assert!(lease.release().await.unwrap());
+}

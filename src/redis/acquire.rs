@@ -37,7 +37,7 @@ pub(super) enum AcquireReply {
 pub(super) struct Keyset {
     pub(super) n: usize,
     pub(super) all: Vec<String>,
-    index: Option<String>,
+    pub(super) index: Option<String>,
     /// Set when an attempt got no reply: it may have taken the locks.
     pub(super) uncertain: std::sync::atomic::AtomicBool,
     /// On a cluster: the request split by hash slot, in slot order.
@@ -268,6 +268,7 @@ impl RedisProvider {
                 .slot_groups(&locks)
                 .into_iter()
                 .map(|(slot, positions)| super::cluster::Group {
+                    slot,
                     keys: self.keyset_of(
                         positions.iter().map(|&p| locks[p].clone()).collect(),
                         owner.map(|o| layout.slot_owner_index(o, slot)),
@@ -277,6 +278,11 @@ impl RedisProvider {
                 .collect();
             let mut keys = self.keyset_of(locks, None);
             keys.groups = groups;
+            // One slot: its index is the request's (a waiter handed a lock
+            // is indexed in it).
+            if let [only] = keys.groups.as_slice() {
+                keys.index = only.keys.index.clone();
+            }
             return keys;
         }
         self.keyset_of(locks, owner.map(|o| layout.owner_index(o)))
@@ -328,7 +334,7 @@ impl RedisProvider {
             if self.inner.fair { "1" } else { "0" }.to_owned(),
             queueing.queue_ttl_ms.to_string(),
             self.inner.claim_ms.to_string(),
-            self.channel_prefix().to_owned(),
+            self.channel_prefix_for(&keys.all[0]).into_owned(),
             if queueing.more { "1" } else { "0" }.to_owned(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -529,6 +535,9 @@ impl RedisProvider {
         keys: &Keyset,
         nonce: &str,
     ) -> Result<Acquired, LockError> {
+        // On a cluster: listen in the lock's slot before the first attempt.
+        #[cfg(feature = "cluster")]
+        let _joined = self.join_slots(keys).await;
         let key = &keys.locks()[0];
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl_ms = request.expire.map_or(0, millis_ceil);
@@ -625,6 +634,8 @@ impl RedisProvider {
         keys: &Keyset,
         nonce: &str,
     ) -> Result<Acquired, LockError> {
+        #[cfg(feature = "cluster")]
+        let _joined = self.join_slots(keys).await;
         let owner = request.owner.as_deref().unwrap_or("");
         let waiter = Waiter::new(owner, nonce, 0, None);
         // Registered for every key before the first attempt: a release can

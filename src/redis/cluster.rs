@@ -36,6 +36,7 @@ use crate::error::{BackendError, BackendErrorKind, LockError};
 
 /// One hash slot's share of a request.
 pub(super) struct Group {
+    pub(super) slot: u16,
     /// Where its keys sit in the request.
     pub(super) positions: Vec<usize>,
     /// Its keys, with the owner's index of this slot.
@@ -43,6 +44,14 @@ pub(super) struct Group {
 }
 
 impl RedisProvider {
+    /// On a cluster with notifications: joins the slots of `keys` for a
+    /// waiting call (subscribing to their channels) until the guard drops.
+    pub(super) async fn join_slots(&self, keys: &Keyset) -> Option<super::shards::Joined> {
+        let shards = self.inner.shards.get()?;
+        let slots = keys.groups.iter().map(|g| g.slot).collect();
+        Some(shards.join(slots).await)
+    }
+
     /// Whether this provider talks to a Redis Cluster.
     pub(super) fn is_cluster(&self) -> bool {
         self.inner.conns.is_cluster()
@@ -79,8 +88,11 @@ impl RedisProvider {
         let mut reentered = vec![false; keys.n];
         for (g, group) in keys.groups.iter().enumerate() {
             let n = group.keys.n.to_string();
+            let prefix = self.channel_prefix_for(&group.keys.all[0]);
             let mut group_args = args.to_vec();
             group_args[0] = &n;
+            // ARGV[10]: the channel prefix of this slot.
+            group_args[9] = &prefix;
             let reply = if self.inner.replicas.0 > 0 {
                 self.acquire_acknowledged(&group.keys.all, &group_args)
                     .await
@@ -270,7 +282,10 @@ impl RedisProvider {
                 .arg("namespace")
                 .arg(layout.namespace())
                 .arg(layout.scan_pattern())
-                .arg(self.channel_prefix());
+                // Queued processes are not told: their channels are per
+                // slot, which this script cannot name; they find the locks
+                // gone at their next attempt (within the fallback period).
+                .arg("");
             let routing = RoutingInfo::MultiNode((
                 MultipleNodeRoutingInfo::AllMasters,
                 Some(ResponsePolicy::Aggregate(AggregateOp::Sum)),
@@ -293,7 +308,11 @@ impl RedisProvider {
                     .arg("slots")
                     .arg(owner)
                     .arg(&claim)
-                    .arg(self.channel_prefix())
+                    .arg(if self.inner.waiting.is_some() {
+                        "1"
+                    } else {
+                        ""
+                    })
                     .arg(&before)
                     .arg(&after);
                 for slot in slots {

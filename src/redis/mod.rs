@@ -10,6 +10,8 @@ mod release;
 mod scripts;
 #[cfg(feature = "sentinel")]
 mod sentinel;
+#[cfg(feature = "cluster")]
+mod shards;
 mod waiting;
 
 use std::sync::Arc;
@@ -78,6 +80,9 @@ struct Inner {
     client: std::sync::RwLock<Option<redis::Client>>,
     /// Fired when the master moved, so that the subscription follows.
     moved: Arc<tokio::sync::Notify>,
+    /// On a cluster with notifications: the sharded subscriptions.
+    #[cfg(feature = "cluster")]
+    shards: std::sync::OnceLock<Arc<shards::Shards>>,
 }
 
 impl Drop for Inner {
@@ -103,9 +108,42 @@ impl RedisProvider {
         #[cfg(feature = "cluster")]
         if !config.cluster_nodes.is_empty() {
             config.check()?;
-            let client = cluster_client(&config)?;
+            let client = cluster_client(&config)?.build().map_err(cluster_error)?;
             let label = format!("the cluster of {}", redact_url(&config.cluster_nodes[0]));
-            return Self::start(Source::Cluster(Box::new(client)), None, &config, label).await;
+            let provider =
+                Self::start(Source::Cluster(Box::new(client)), None, &config, label).await?;
+            if let Some(waiting) = &provider.inner.waiting {
+                // Release notifications by sharded pub/sub, on a cluster
+                // connection of their own (RESP3, pushed to `rx`).
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                let pubsub = cluster_client(&config)?
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(tx)
+                    .build()
+                    .map_err(cluster_error)?;
+                let shards = shards::Shards::new(
+                    pubsub,
+                    &provider.inner.layout,
+                    waiting,
+                    config.connect_timeout,
+                );
+                let _ = provider.inner.shards.set(Arc::clone(&shards));
+                waiting.set_subscribed(true);
+                let weak = Arc::downgrade(&provider.inner);
+                tokio::spawn(shards::run(
+                    Arc::downgrade(&shards),
+                    Arc::clone(waiting),
+                    rx,
+                    move |key| {
+                        // A reservation nobody here wants any more: pass it on.
+                        if let Some(inner) = weak.upgrade() {
+                            let provider = RedisProvider { inner };
+                            tokio::spawn(async move { provider.withdraw(&key, false).await });
+                        }
+                    },
+                ));
+            }
+            return Ok(provider);
         }
         #[cfg(feature = "sentinel")]
         if config.sentinel_master.is_some() {
@@ -187,6 +225,8 @@ impl RedisProvider {
                 replicas: (config.replicas, config.replica_timeout),
                 client: std::sync::RwLock::new(None),
                 moved: Arc::new(tokio::sync::Notify::new()),
+                #[cfg(feature = "cluster")]
+                shards: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -231,8 +271,10 @@ impl RedisProvider {
         config: &RedisConfig,
         url: String,
     ) -> Result<Self, ConfigError> {
-        let waiting =
-            (config.notifications && client.is_some()).then(|| Waiting::new(&config.namespace));
+        // One server: a subscription on the client's connection. A cluster:
+        // sharded subscriptions, set up by `connect` (see shards.rs).
+        let notified = client.is_some() || !matches!(source, Source::Pool(_));
+        let waiting = (config.notifications && notified).then(|| Waiting::new(&config.namespace));
         let provider = Self::build(source, config, url, waiting);
         let unreachable =
             |reason: String, source: Option<redis::RedisError>| ConfigError::Unreachable {
@@ -396,6 +438,17 @@ impl RedisProvider {
             .map_or("", |w| w.channel_prefix.as_str())
     }
 
+    /// The channel prefix for scripts touching `lock_key`: per slot on a
+    /// cluster (see shards.rs), the process's otherwise.
+    fn channel_prefix_for(&self, lock_key: &str) -> std::borrow::Cow<'_, str> {
+        #[cfg(feature = "cluster")]
+        if let Some(shards) = self.inner.shards.get() {
+            return shards.prefix(self.inner.layout.slot_of(lock_key)).into();
+        }
+        let _ = lock_key;
+        self.channel_prefix().into()
+    }
+
     /// A PING, for a Redlock set's startup.
     #[cfg(feature = "redlock")]
     pub(crate) async fn ping(&self) -> Result<(), LockError> {
@@ -432,9 +485,11 @@ fn not_replicated(acked: i64, required: usize, wait: Duration) -> LockError {
     ))
 }
 
-/// A redis-rs cluster client for the seed nodes of `config`.
+/// A redis-rs cluster client builder for the seed nodes of `config`.
 #[cfg(feature = "cluster")]
-fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient, ConfigError> {
+fn cluster_client(
+    config: &RedisConfig,
+) -> Result<redis::cluster::ClusterClientBuilder, ConfigError> {
     let mut nodes = Vec::with_capacity(config.cluster_nodes.len());
     for url in &config.cluster_nodes {
         nodes.push(parse_url(url)?);
@@ -458,10 +513,15 @@ fn cluster_client(config: &RedisConfig) -> Result<redis::cluster::ClusterClient,
     }
     #[cfg(not(feature = "tls"))]
     tls_setup(&config.cluster_nodes[0], config)?;
-    builder.build().map_err(|e| ConfigError::InvalidSetting {
+    Ok(builder)
+}
+
+#[cfg(feature = "cluster")]
+fn cluster_error(e: redis::RedisError) -> ConfigError {
+    ConfigError::InvalidSetting {
         name: "cluster_nodes",
         reason: e.to_string(),
-    })
+    }
 }
 
 /// A redis-rs client for `url`: its connection info (with TLS settings)

@@ -53,11 +53,12 @@ impl RedisProvider {
         };
         let keys = [lock_key.to_owned(), self.inner.layout.queue_key(lock_key)];
         let claim = self.inner.claim_ms.to_string();
+        let prefix = self.channel_prefix_for(lock_key);
         let args = [
             entry.as_str(),
             waiting.pid.as_str(),
             claim.as_str(),
-            waiting.channel_prefix.as_str(),
+            prefix.as_ref(),
         ];
         if let Err(e) = self
             .eval("withdraw", &scripts::WITHDRAW, &keys, &args)
@@ -118,7 +119,15 @@ impl RedisProvider {
     ) -> Result<(Vec<bool>, u64), LockError> {
         #[cfg(feature = "cluster")]
         if self.is_cluster() {
-            // No local waiters on a cluster, so no successor.
+            if let [lock_key] = lock_keys {
+                // One slot: one script, which can hand the lock on.
+                let layout = &self.inner.layout;
+                let index = (!owner.is_empty())
+                    .then(|| layout.slot_owner_index(owner, layout.slot_of(lock_key)));
+                return self
+                    .release_script(lock_keys, index, owner, nonce, successor)
+                    .await;
+            }
             let released = self.release_grouped(lock_keys, owner, nonce).await?;
             return Ok((released, 0));
         }
@@ -157,7 +166,7 @@ impl RedisProvider {
             owner.to_owned(),
             nonce.to_owned(),
             self.inner.claim_ms.to_string(),
-            self.channel_prefix().to_owned(),
+            self.channel_prefix_for(&lock_keys[0]).into_owned(),
             if indexed { "1" } else { "0" }.to_owned(),
             succ_owner.to_owned(),
             succ_nonce.to_owned(),

@@ -191,6 +191,13 @@ impl Waiting {
         self.subscribed.load(Ordering::Acquire)
     }
 
+    /// Sets whether messages can arrive (on a cluster: whether the
+    /// notification task runs).
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn set_subscribed(&self, on: bool) {
+        self.subscribed.store(on, Ordering::Release);
+    }
+
     /// Queues a single-key waiter. Returns true when it is the only one, so
     /// it should make an attempt at once; otherwise it waits its turn.
     pub(crate) fn join_single(&self, key: &str, w: &Arc<Waiter>) -> bool {

@@ -192,27 +192,36 @@ fn replicate(replica: &RedisServer, master: &RedisServer) {
 fn wait_in_sync(deadline: Instant, master: &RedisServer, replica: &RedisServer) {
     wait(deadline, "a replica in sync", || in_sync(replica));
     wait(deadline, "a master to see its replica online", || {
-        redis::cmd("INFO")
-            .arg("replication")
-            .query::<String>(&mut connect(master))
+        try_connect(master)
+            .and_then(|mut c| {
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query::<String>(&mut c)
+            })
             .is_ok_and(|info| info.contains(&format!("port={},state=online", replica.port)))
     });
 }
 
 /// Whether a replica's link to its master is up (synced).
 pub fn in_sync(replica: &RedisServer) -> bool {
-    redis::cmd("INFO")
-        .arg("replication")
-        .query::<String>(&mut connect(replica))
+    try_connect(replica)
+        .and_then(|mut c| {
+            redis::cmd("INFO")
+                .arg("replication")
+                .query::<String>(&mut c)
+        })
         .is_ok_and(|info| info.contains("master_link_status:up"))
 }
 
 /// A plain connection to one node.
 pub fn connect(node: &RedisServer) -> redis::Connection {
-    redis::Client::open(node.url())
-        .expect("a node URL")
-        .get_connection()
-        .expect("connect to a cluster node")
+    try_connect(node).expect("connect to a cluster node")
+}
+
+/// A plain connection to one node, if it takes one now (a server changing
+/// roles drops its clients).
+fn try_connect(node: &RedisServer) -> redis::RedisResult<redis::Connection> {
+    redis::Client::open(node.url())?.get_connection()
 }
 
 /// The node's cluster id.
@@ -225,8 +234,8 @@ pub fn node_id(node: &RedisServer) -> String {
 
 /// Whether the node is a master now (a replica is after a failover).
 pub fn is_master(node: &RedisServer) -> bool {
-    redis::cmd("ROLE")
-        .query::<Vec<redis::Value>>(&mut connect(node))
+    try_connect(node)
+        .and_then(|mut c| redis::cmd("ROLE").query::<Vec<redis::Value>>(&mut c))
         .ok()
         .and_then(|r| r.into_iter().next())
         .is_some_and(|role| matches!(role, redis::Value::BulkString(b) if b == b"master"))

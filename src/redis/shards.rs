@@ -1,0 +1,332 @@
+//! Release notifications on a Redis Cluster: sharded pub/sub.
+//!
+//! On one server each process has one channel. On a cluster a script may
+//! only publish to a channel of its own slot (`SPUBLISH`), and a sharded
+//! channel lives on its slot's master, so a process has one channel per
+//! slot it waits in: `<namespace>{<slot tag>}c:<pid>`, the tag being the
+//! slot's (see `layout.rs`). The scripts are the same as on one server;
+//! the channel prefix they are given carries the tag, which tells them to
+//! use `SPUBLISH` (see `lua/prelude.lua`). `SPUBLISH` counts the listeners
+//! on the slot's master, where the waiting processes subscribed, so a
+//! process that is not listening is skipped, as on one server.
+//!
+//! [`Shards`] keeps the subscriptions on a connection of their own (redis-rs's
+//! cluster connection, RESP3, pushes to a channel):
+//!
+//! - a waiting call joins the slots of its keys before its first attempt,
+//!   and the call returns only once they are subscribed (so no release
+//!   published after the attempt is missed); it leaves them when it ends;
+//! - slots nobody waits in are unsubscribed after [`IDLE`], not at once
+//!   (a busy lock would otherwise cost a subscribe per wait);
+//! - when a slot moves, its master drops the subscription (an unsolicited
+//!   `SUNSUBSCRIBE`): it is subscribed again, on the new master, and the
+//!   waiters try again at once (messages may have been lost meanwhile);
+//! - after a reconnect, likewise. Waiters never depend on a message: the
+//!   fallback period and the holder's lease wake them too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::time::{Instant, timeout};
+
+use super::layout::{Layout, key_slot, slot_tags};
+use super::waiting::Waiting;
+
+/// How long a slot stays subscribed with nobody waiting in it.
+const IDLE: Duration = Duration::from_secs(10);
+
+/// How often idle slots are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// One slot's subscription.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Waiting calls in this slot.
+    users: usize,
+    /// Whether the subscription is confirmed.
+    subscribed: bool,
+    /// Since when nobody waits in it.
+    idle_since: Option<Instant>,
+}
+
+/// The sharded subscriptions of one provider.
+pub(crate) struct Shards {
+    client: ClusterClient,
+    /// The subscription connection, made on first use and after a failure.
+    conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    slots: Mutex<HashMap<u16, Slot>>,
+    /// Channels are `<namespace>{<tag>}c:<pid>`.
+    namespace: String,
+    pid: String,
+    connect_timeout: Duration,
+}
+
+impl Shards {
+    /// `client` must speak RESP3 and push to the receiver given to
+    /// [`run`].
+    pub(crate) fn new(
+        client: ClusterClient,
+        layout: &Layout,
+        waiting: &Waiting,
+        connect_timeout: Duration,
+    ) -> Arc<Shards> {
+        Arc::new(Shards {
+            client,
+            conn: tokio::sync::Mutex::new(None),
+            slots: Mutex::default(),
+            namespace: layout.namespace().to_owned(),
+            pid: waiting.pid.clone(),
+            connect_timeout,
+        })
+    }
+
+    fn slots(&self) -> MutexGuard<'_, HashMap<u16, Slot>> {
+        self.slots.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The channel prefix of `slot` (what the scripts are given).
+    pub(crate) fn prefix(&self, slot: u16) -> String {
+        format!("{}{{{}}}c:", self.namespace, slot_tags()[slot as usize])
+    }
+
+    fn channel(&self, slot: u16) -> String {
+        format!("{}{}", self.prefix(slot), self.pid)
+    }
+
+    /// The slot a channel of ours belongs to.
+    fn slot_of_channel(&self, channel: &str) -> Option<u16> {
+        let rest = channel.strip_prefix(&self.namespace)?.strip_prefix('{')?;
+        let (tag, _) = rest.split_once('}')?;
+        Some(key_slot(tag.as_bytes()))
+    }
+
+    /// Counts one more waiting call in `slots`; to be matched by a
+    /// [`leave`](Self::leave) (see [`Joined`]).
+    fn enter(&self, slots: &[u16]) {
+        let mut map = self.slots();
+        for s in slots {
+            let slot = map.entry(*s).or_default();
+            slot.users += 1;
+            slot.idle_since = None;
+        }
+    }
+
+    /// Joins `slots` for one waiting call, until the returned guard is
+    /// dropped, and subscribes those not yet subscribed. Returns once they
+    /// are (or subscribing failed: the waiters then hear nothing in them,
+    /// and find out at their fallback period).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the slots again.
+    pub(crate) async fn join(self: &Arc<Self>, slots: Vec<u16>) -> Joined {
+        self.enter(&slots);
+        let joined = Joined {
+            shards: Arc::clone(self),
+            slots,
+        };
+        self.subscribe(&joined.slots).await;
+        joined
+    }
+
+    /// Subscribes those of `slots` that are not subscribed yet. Returns
+    /// whether all of them are now.
+    async fn subscribe(&self, slots: &[u16]) -> bool {
+        // One subscriber at a time: a subscribe must not overtake the
+        // unsubscribe of the same slot by the sweep.
+        let mut conn = self.conn.lock().await;
+        let missing: Vec<u16> = {
+            let map = self.slots();
+            slots
+                .iter()
+                .copied()
+                .filter(|s| map.get(s).is_some_and(|slot| !slot.subscribed))
+                .collect()
+        };
+        if missing.is_empty() {
+            return true;
+        }
+        let Some(c) = self.connection(&mut conn).await else {
+            return false;
+        };
+        let channels: Vec<String> = missing.iter().map(|s| self.channel(*s)).collect();
+        // One SSUBSCRIBE per slot: the command may only name channels of
+        // one slot.
+        for (slot, channel) in missing.iter().zip(&channels) {
+            match timeout(self.connect_timeout, c.ssubscribe(channel)).await {
+                Ok(Ok(())) => {
+                    if let Some(s) = self.slots().get_mut(slot) {
+                        s.subscribed = true;
+                    }
+                }
+                failed => {
+                    tracing::debug!("subscribing to {channel} failed: {failed:?}");
+                    *conn = None;
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Ends one waiting call's use of `slots`.
+    fn leave(&self, slots: &[u16]) {
+        let mut map = self.slots();
+        for s in slots {
+            if let Some(slot) = map.get_mut(s) {
+                slot.users = slot.users.saturating_sub(1);
+                if slot.users == 0 {
+                    slot.idle_since = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// The subscription connection, connecting if there is none.
+    async fn connection<'c>(
+        &self,
+        conn: &'c mut Option<ClusterConnection>,
+    ) -> Option<&'c mut ClusterConnection> {
+        if conn.is_none() {
+            match timeout(self.connect_timeout, self.client.get_async_connection()).await {
+                Ok(Ok(c)) => *conn = Some(c),
+                Ok(Err(e)) => {
+                    tracing::debug!("the notification connection failed: {e}");
+                    return None;
+                }
+                Err(_) => {
+                    tracing::debug!("the notification connection timed out");
+                    return None;
+                }
+            }
+        }
+        conn.as_mut()
+    }
+
+    /// Unsubscribes the slots idle for [`IDLE`].
+    async fn sweep(&self) {
+        let mut conn = self.conn.lock().await;
+        let idle: Vec<u16> = {
+            let mut map = self.slots();
+            let idle: Vec<u16> = map
+                .iter()
+                .filter(|(_, s)| s.users == 0 && s.idle_since.is_some_and(|t| t.elapsed() >= IDLE))
+                .map(|(slot, _)| *slot)
+                .collect();
+            for slot in &idle {
+                map.remove(slot);
+            }
+            idle
+        };
+        if idle.is_empty() {
+            return;
+        }
+        if let Some(c) = conn.as_mut() {
+            for slot in idle {
+                let _ = timeout(self.connect_timeout, c.sunsubscribe(self.channel(slot))).await;
+            }
+        }
+    }
+
+    /// Forgets every confirmation (after a disconnection): the next join
+    /// subscribes again (a repeated subscribe is harmless).
+    fn forget_all(&self) {
+        for slot in self.slots().values_mut() {
+            slot.subscribed = false;
+        }
+    }
+
+    /// A slot's master dropped our subscription (the slot moved): subscribe
+    /// again, on its new master, if anyone still waits in it. Returns
+    /// whether anyone did. (The reply to the sweep's own unsubscribe comes
+    /// here too, for a slot no longer wanted.)
+    async fn resubscribe(&self, slot: u16) -> bool {
+        let wanted = match self.slots().get_mut(&slot) {
+            Some(s) => {
+                s.subscribed = false;
+                s.users > 0
+            }
+            None => false,
+        };
+        if wanted {
+            self.subscribe(&[slot]).await;
+        }
+        wanted
+    }
+}
+
+/// One waiting call's slots, left when dropped.
+pub(crate) struct Joined {
+    shards: Arc<Shards>,
+    slots: Vec<u16>,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        self.shards.leave(&self.slots);
+    }
+}
+
+/// Reads the subscription connection's pushes: dispatches messages to the
+/// waiters, follows dropped subscriptions, and sweeps idle slots, until the
+/// provider is gone or `waiting.stop` fires. `withdraw` is called with a
+/// lock reserved for this process that nobody here wants.
+pub(crate) async fn run(
+    shards: Weak<Shards>,
+    waiting: Arc<Waiting>,
+    mut pushes: UnboundedReceiver<PushInfo>,
+    withdraw: impl Fn(String) + Send + 'static,
+) {
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        let push = tokio::select! {
+            push = pushes.recv() => push,
+            _ = sweep.tick() => {
+                let Some(shards) = shards.upgrade() else { return };
+                shards.sweep().await;
+                continue;
+            }
+            _ = waiting.stop.cancelled() => return,
+        };
+        let Some(push) = push else { return };
+        let Some(s) = shards.upgrade() else { return };
+        match push.kind {
+            PushKind::SMessage => {
+                if let Some(Value::BulkString(payload)) = push.data.get(1)
+                    && let Ok(text) = std::str::from_utf8(payload)
+                    && let Some(key) = waiting.dispatch(text)
+                {
+                    withdraw(key);
+                }
+            }
+            PushKind::SUnsubscribe => {
+                let slot = match push.data.first() {
+                    Some(Value::BulkString(channel)) => std::str::from_utf8(channel)
+                        .ok()
+                        .and_then(|c| s.slot_of_channel(c)),
+                    _ => None,
+                };
+                if let Some(slot) = slot {
+                    let waiting = Arc::clone(&waiting);
+                    tokio::spawn(async move {
+                        if s.resubscribe(slot).await {
+                            // Messages may have been lost while it moved.
+                            waiting.wake_all();
+                        }
+                    });
+                }
+            }
+            PushKind::Disconnection => {
+                s.forget_all();
+                *s.conn.lock().await = None;
+                waiting.wake_all();
+            }
+            _ => {}
+        }
+    }
+}
