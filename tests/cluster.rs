@@ -574,3 +574,64 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
     assert_eq!(lease.fencing_tokens().count(), 3);
     assert!(lease.release().await.unwrap());
 }
+
+/// A slot moves while a process waits in it: its old master drops the
+/// subscription (an unsolicited SUNSUBSCRIBE), the provider subscribes
+/// again on the new master, and the release there still wakes the waiter
+/// (the fallback is 60 s and the lock has no lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_follows_its_slot_to_another_master() {
+    let cluster = Cluster::start(3);
+    let ns = "mvw:";
+    let connect = || async {
+        let config = RedisConfig::from_cluster(cluster.urls())
+            .namespace(ns)
+            .wait_fallback(Duration::from_secs(60));
+        support::module_with(RedisProvider::connect(config).await.unwrap())
+    };
+    let (holder, waiter) = (connect().await, connect().await);
+    let held = holder
+        .acquire("order_1", AcquireOptions::new().owner_id("h"))
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            waiter
+                .acquire(
+                    "order_1",
+                    AcquireOptions::new()
+                        .owner_id("w")
+                        .timeout(Duration::from_secs(30)),
+                )
+                .await
+        }
+    });
+    let lock = format!("{ns}{{order_1}}");
+    // The waiter is queued (and so subscribed) before the slot moves.
+    support::eventually(Duration::from_secs(5), "the waiter queued", || {
+        let mut c = sync_connection(cluster.master_of(&lock));
+        let queue = format!("{lock}:q");
+        async move { c.llen::<_, u64>(&queue).unwrap_or(0) == 1 }
+    })
+    .await;
+    let slot = cluster.slot_of(&lock);
+    let from = cluster.master_of(&lock);
+    let to = cluster
+        .masters
+        .iter()
+        .find(|n| n.port != from.port)
+        .unwrap();
+    move_slot(&cluster, slot, from, to);
+    // Give the pushes a moment to arrive, then release on the new master.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = Instant::now();
+    assert!(held.release().await.unwrap());
+    let lease = waiting.await.unwrap().expect("woken after the move");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?} (the fallback is 60 s)",
+        started.elapsed()
+    );
+    assert!(lease.release().await.unwrap());
+}

@@ -21,8 +21,11 @@
 //! - when a slot moves, its master drops the subscription (an unsolicited
 //!   `SUNSUBSCRIBE`): it is subscribed again, on the new master, and the
 //!   waiters try again at once (messages may have been lost meanwhile);
-//! - after a reconnect, likewise. Waiters never depend on a message: the
-//!   fallback period and the holder's lease wake them too.
+//! - after a node's connection closes, likewise; and every few seconds any
+//!   slot someone waits in that is not subscribed (its master failed, say)
+//!   is subscribed again, on the slot's master of the moment. Waiters
+//!   never depend on a message: the fallback period and the holder's lease
+//!   wake them too.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -130,18 +133,28 @@ impl Shards {
             shards: Arc::clone(self),
             slots,
         };
-        self.subscribe(&joined.slots).await;
+        self.subscribe(&joined.slots, false).await;
         joined
     }
 
-    /// Subscribes those of `slots` that are not subscribed yet. Returns
-    /// whether all of them are now.
-    async fn subscribe(&self, slots: &[u16]) -> bool {
+    /// Subscribes those of `slots` that are not subscribed yet (all of them
+    /// with `again`: their master dropped them). Returns whether all of
+    /// them are now.
+    async fn subscribe(&self, slots: &[u16], again: bool) -> bool {
         // One subscriber at a time: a subscribe must not overtake the
-        // unsubscribe of the same slot by the sweep.
+        // unsubscribe of the same slot by the sweep, and a dropped
+        // subscription must not be marked subscribed by a subscribe that
+        // was under way when it was dropped.
         let mut conn = self.conn.lock().await;
         let missing: Vec<u16> = {
-            let map = self.slots();
+            let mut map = self.slots();
+            if again {
+                for s in slots {
+                    if let Some(slot) = map.get_mut(s) {
+                        slot.subscribed = false;
+                    }
+                }
+            }
             slots
                 .iter()
                 .copied()
@@ -208,6 +221,24 @@ impl Shards {
         conn.as_mut()
     }
 
+    /// Subscribes again every slot someone waits in that is not (or may
+    /// not be) subscribed: after a disconnection, and on every sweep, so
+    /// that a subscription lost with a failed master comes back on the
+    /// promoted one. Returns whether any was.
+    async fn repair(&self, again: bool) -> bool {
+        let wanted: Vec<u16> = self
+            .slots()
+            .iter()
+            .filter(|(_, s)| s.users > 0 && (again || !s.subscribed))
+            .map(|(slot, _)| *slot)
+            .collect();
+        if wanted.is_empty() {
+            return false;
+        }
+        self.subscribe(&wanted, again).await;
+        true
+    }
+
     /// Unsubscribes the slots idle for [`IDLE`].
     async fn sweep(&self) {
         let mut conn = self.conn.lock().await;
@@ -233,28 +264,14 @@ impl Shards {
         }
     }
 
-    /// Forgets every confirmation (after a disconnection): the next join
-    /// subscribes again (a repeated subscribe is harmless).
-    fn forget_all(&self) {
-        for slot in self.slots().values_mut() {
-            slot.subscribed = false;
-        }
-    }
-
     /// A slot's master dropped our subscription (the slot moved): subscribe
     /// again, on its new master, if anyone still waits in it. Returns
     /// whether anyone did. (The reply to the sweep's own unsubscribe comes
     /// here too, for a slot no longer wanted.)
     async fn resubscribe(&self, slot: u16) -> bool {
-        let wanted = match self.slots().get_mut(&slot) {
-            Some(s) => {
-                s.subscribed = false;
-                s.users > 0
-            }
-            None => false,
-        };
+        let wanted = self.slots().get(&slot).is_some_and(|s| s.users > 0);
         if wanted {
-            self.subscribe(&[slot]).await;
+            self.subscribe(&[slot], true).await;
         }
         wanted
     }
@@ -289,6 +306,9 @@ pub(crate) async fn run(
             _ = sweep.tick() => {
                 let Some(shards) = shards.upgrade() else { return };
                 shards.sweep().await;
+                if shards.repair(false).await {
+                    waiting.wake_all();
+                }
                 continue;
             }
             _ = waiting.stop.cancelled() => return,
@@ -322,9 +342,14 @@ pub(crate) async fn run(
                 }
             }
             PushKind::Disconnection => {
-                s.forget_all();
-                *s.conn.lock().await = None;
-                waiting.wake_all();
+                // A node's connection closed: its subscriptions may be gone
+                // (redis-rs subscribes again once it reconnects; so do we,
+                // a repeated subscribe is harmless), and messages lost.
+                let waiting = Arc::clone(&waiting);
+                tokio::spawn(async move {
+                    s.repair(true).await;
+                    waiting.wake_all();
+                });
             }
             _ => {}
         }
