@@ -218,55 +218,142 @@ async fn release_all_finds_an_owner_s_locks_on_every_master() {
 /// Moves `slot` from `from` to `to` with its keys, as `redis-cli --cluster
 /// reshard` does, and tells every node.
 fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer) {
-    let id = |node: &RedisServer| -> String {
-        redis::cmd("CLUSTER")
-            .arg("MYID")
-            .query(&mut sync_connection(node))
-            .unwrap()
-    };
-    let (from_id, to_id) = (id(from), id(to));
-    let mut src = sync_connection(from);
-    let mut dst = sync_connection(to);
-    redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(slot)
-        .arg("IMPORTING")
-        .arg(&from_id)
-        .exec(&mut dst)
-        .unwrap();
-    redis::cmd("CLUSTER")
-        .arg("SETSLOT")
-        .arg(slot)
-        .arg("MIGRATING")
-        .arg(&to_id)
-        .exec(&mut src)
-        .unwrap();
-    let keys: Vec<String> = redis::cmd("CLUSTER")
-        .arg("GETKEYSINSLOT")
-        .arg(slot)
-        .arg(1000)
-        .query(&mut src)
-        .unwrap();
-    assert!(!keys.is_empty(), "the slot holds the lock and its counter");
-    redis::cmd("MIGRATE")
-        .arg("127.0.0.1")
-        .arg(to.port)
-        .arg("")
-        .arg(0)
-        .arg(5000)
-        .arg("KEYS")
-        .arg(&keys)
-        .exec(&mut src)
-        .unwrap();
-    for node in [to, from].into_iter().chain(&cluster.masters) {
+    let migration = Migration::begin(slot, from, to);
+    migration.migrate(None);
+    migration.finish(cluster);
+}
+
+/// A slot being moved by hand, step by step, as `redis-cli --cluster
+/// reshard` does.
+struct Migration<'a> {
+    slot: u16,
+    from: &'a RedisServer,
+    to: &'a RedisServer,
+}
+
+impl<'a> Migration<'a> {
+    /// Marks the slot importing on `to`, migrating on `from`.
+    fn begin(slot: u16, from: &'a RedisServer, to: &'a RedisServer) -> Self {
+        let to_id = support::cluster::node_id(to);
+        let from_id = support::cluster::node_id(from);
         redis::cmd("CLUSTER")
             .arg("SETSLOT")
             .arg(slot)
-            .arg("NODE")
+            .arg("IMPORTING")
+            .arg(&from_id)
+            .exec(&mut sync_connection(to))
+            .unwrap();
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
             .arg(&to_id)
-            .exec(&mut sync_connection(node))
+            .exec(&mut sync_connection(from))
+            .unwrap();
+        Migration { slot, from, to }
+    }
+
+    /// Moves `keys` (all the slot's keys still on `from` if `None`).
+    fn migrate(&self, keys: Option<&[String]>) {
+        let mut src = sync_connection(self.from);
+        let keys: Vec<String> = match keys {
+            Some(k) => k.to_vec(),
+            None => redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(self.slot)
+                .arg(1000)
+                .query(&mut src)
+                .unwrap(),
+        };
+        if keys.is_empty() {
+            return;
+        }
+        redis::cmd("MIGRATE")
+            .arg("127.0.0.1")
+            .arg(self.to.port)
+            .arg("")
+            .arg(0)
+            .arg(5000)
+            .arg("KEYS")
+            .arg(&keys)
+            .exec(&mut src)
             .unwrap();
     }
+
+    /// Gives the slot to `to` on every master (`to` and `from` first, and
+    /// again with the others: a repeated SETSLOT NODE is what a careless
+    /// operator's script does, and drops sharded subscriptions again).
+    fn finish(&self, cluster: &Cluster) {
+        let to_id = support::cluster::node_id(self.to);
+        for node in [self.to, self.from].into_iter().chain(&cluster.masters) {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(self.slot)
+                .arg("NODE")
+                .arg(&to_id)
+                .exec(&mut sync_connection(node))
+                .unwrap();
+        }
+    }
+}
+
+/// Mid-migration: the lock key has moved, its fencing counter not yet.
+/// Scripts then meet ASK or TRYAGAIN; a waiting acquisition treats them as
+/// passing and tries again until the slot has moved, then gets the lock
+/// once its holder (whose release follows the slot) lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_during_a_slot_migration_wait_it_out() {
+    let cluster = Cluster::start(3);
+    let ns = "mid:";
+    let holder = support::module_with(provider(&cluster.urls(), ns).await);
+    let waiter = support::module_with(provider(&cluster.urls(), ns).await);
+    let lease = holder
+        .acquire("order_1", AcquireOptions::new().owner_id("h"))
+        .await
+        .unwrap();
+    let first_token = lease.fencing_token();
+    let lock = format!("{ns}{{order_1}}");
+    let slot = cluster.slot_of(&lock);
+    let from = cluster.master_of(&lock);
+    let to = cluster
+        .masters
+        .iter()
+        .find(|n| n.port != from.port)
+        .unwrap();
+    let migration = Migration::begin(slot, from, to);
+    migration.migrate(Some(std::slice::from_ref(&lock)));
+
+    // One attempt meets the half-moved slot: a passing error, or (if the
+    // client followed an ASK to where the lock is) the lock held.
+    let once = waiter
+        .acquire("order_1", AcquireOptions::new().owner_id("w"))
+        .await
+        .unwrap_err();
+    assert!(once.is_transient() || once.is_contended(), "{once:?}");
+    // A waiting one rides it out.
+    let waiting = tokio::spawn({
+        let waiter = waiter.clone();
+        async move {
+            waiter
+                .acquire(
+                    "order_1",
+                    AcquireOptions::new()
+                        .owner_id("w")
+                        .timeout(Duration::from_secs(20)),
+                )
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    migration.migrate(None);
+    migration.finish(&cluster);
+    assert!(lease.release().await.unwrap(), "released on the new master");
+    let lease = waiting
+        .await
+        .unwrap()
+        .expect("the lock after the migration");
+    assert!(lease.fencing_token() > first_token);
+    assert!(lease.release().await.unwrap());
 }
 
 /// A slot moves to another master while its lock is held: the provider

@@ -395,7 +395,9 @@ impl RawError {
 }
 
 /// A server that refused the request without running it, for a reason that
-/// passes: loading its data after a restart, a failover in progress.
+/// passes: loading its data after a restart, a failover in progress, a
+/// cluster slot moving (a redirection the client could not follow within
+/// its retries).
 fn refused_for_now(e: &RedisError) -> bool {
     matches!(
         e.kind(),
@@ -405,6 +407,8 @@ fn refused_for_now(e: &RedisError) -> bool {
                 | ServerErrorKind::MasterDown
                 | ServerErrorKind::ClusterDown
                 | ServerErrorKind::ReadOnly
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
         )
     )
 }

@@ -485,6 +485,10 @@ fn not_replicated(acked: i64, required: usize, wait: Duration) -> LockError {
     ))
 }
 
+/// How often the cluster connection retries a request by itself.
+#[cfg(feature = "cluster")]
+const CLUSTER_RETRIES: u32 = 6;
+
 /// A redis-rs cluster client builder for the seed nodes of `config`.
 #[cfg(feature = "cluster")]
 fn cluster_client(
@@ -503,7 +507,15 @@ fn cluster_client(
     #[allow(unused_mut)] // without the `tls` feature
     let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
         .connection_timeout(config.connect_timeout)
-        .response_timeout(response_timeout);
+        .response_timeout(response_timeout)
+        // redis-rs retries redirections, TRYAGAIN and lost connections
+        // itself; by default up to 16 times, sleeping at least 1.28 s
+        // between tries, which would hide a resharding or failover behind
+        // "timed out". A few short tries here; waiting calls retry on
+        // their own until their deadline (a passing error).
+        .retries(CLUSTER_RETRIES)
+        .min_retry_wait(5)
+        .max_retry_wait(100);
     #[cfg(feature = "tls")]
     if let Some(pem) = tls_setup(&config.cluster_nodes[0], config)? {
         builder = builder.certs(redis::TlsCertificates {
