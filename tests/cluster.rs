@@ -223,6 +223,24 @@ fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer)
     migration.finish(cluster);
 }
 
+/// An acquisition of `key` by owner "w" that waits up to `timeout`, in a
+/// task of its own.
+fn spawn_wait(
+    module: &lockstep::LockingModule,
+    key: &str,
+    timeout: Duration,
+) -> tokio::task::JoinHandle<Result<lockstep::Lease, LockError>> {
+    let (module, key) = (module.clone(), key.to_owned());
+    tokio::spawn(async move {
+        module
+            .acquire(
+                key.as_str(),
+                AcquireOptions::new().owner_id("w").timeout(timeout),
+            )
+            .await
+    })
+}
+
 /// A slot being moved by hand, step by step, as `redis-cli --cluster
 /// reshard` does.
 struct Migration<'a> {
@@ -331,19 +349,7 @@ async fn calls_during_a_slot_migration_wait_it_out() {
         .unwrap_err();
     assert!(once.is_transient() || once.is_contended(), "{once:?}");
     // A waiting one rides it out.
-    let waiting = tokio::spawn({
-        let waiter = waiter.clone();
-        async move {
-            waiter
-                .acquire(
-                    "order_1",
-                    AcquireOptions::new()
-                        .owner_id("w")
-                        .timeout(Duration::from_secs(20)),
-                )
-                .await
-        }
-    });
+    let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(20));
     tokio::time::sleep(Duration::from_millis(300)).await;
     migration.migrate(None);
     migration.finish(&cluster);
@@ -681,19 +687,7 @@ async fn a_waiter_follows_its_slot_to_another_master() {
         .acquire("order_1", AcquireOptions::new().owner_id("h"))
         .await
         .unwrap();
-    let waiting = tokio::spawn({
-        let waiter = waiter.clone();
-        async move {
-            waiter
-                .acquire(
-                    "order_1",
-                    AcquireOptions::new()
-                        .owner_id("w")
-                        .timeout(Duration::from_secs(30)),
-                )
-                .await
-        }
-    });
+    let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(30));
     let lock = format!("{ns}{{order_1}}");
     // The waiter is queued (and so subscribed) before the slot moves.
     support::eventually(Duration::from_secs(5), "the waiter queued", || {
