@@ -21,6 +21,10 @@
 -- ARGV[10]  channel prefix: process pid is told on <prefix><pid>
 -- ARGV[11]  "1": the caller has more waiters for these locks: keep its
 --           handoff entry queued after taking them
+-- ARGV[12]  optional, "1": leave the lease of re-entered locks as it is (a
+--           Redis Cluster request over several slots: another slot may still
+--           refuse, and the give-back by nonce does not touch re-entered
+--           locks; the caller extends them once every slot said yes)
 --
 -- Returns one of:
 --   {1, {token_1..token_n}, {reentered_1..reentered_n}}   all locks taken
@@ -55,6 +59,7 @@ local queue_ttl = tonumber(ARGV[8])
 local claim_ms = tonumber(ARGV[9])
 local prefix = ARGV[10]
 local more = ARGV[11] == '1'
+local keep_reentered = ARGV[12] == '1'
 local index = KEYS[3 * n + 1]
 local reserved_for_me = pid ~= '' and ('\0' .. pid) or nil
 
@@ -122,7 +127,7 @@ for i = 1, n do
     else
       redis.call('SET', lock, owner .. nonce)
     end
-  elseif ttl > 0 then
+  elseif ttl > 0 and not keep_reentered then
     redis.call('PEXPIRE', lock, ttl)
   end
   tokens[i] = next_token(KEYS[n + i], now)
@@ -139,7 +144,7 @@ for i = 1, n do
   end
   if index then
     local left = ttl
-    if reentered[i] == 1 and ttl == 0 then
+    if reentered[i] == 1 and (ttl == 0 or keep_reentered) then
       left = redis.call('PTTL', lock)
       if left < 0 then
         left = 0

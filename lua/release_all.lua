@@ -49,7 +49,9 @@ local function release_indexed(index, owner, channels)
       redis.call('DEL', key)
       released = released + 1
       local queue = key .. ':q'
-      if redis.call('TYPE', queue)['ok'] == 'list' then
+      -- pcall: in slots mode during a slot migration the queue may have
+      -- moved already (an error here, not a reason to stop).
+      if redis.pcall('TYPE', queue)['ok'] == 'list' then
         grant_next(key, queue, channels, tonumber(ARGV[3]), '')
       end
     end

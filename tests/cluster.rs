@@ -223,6 +223,32 @@ fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer)
     migration.finish(cluster);
 }
 
+/// A provider whose waiters only a notification can wake in time: its
+/// fallback period is 60 s (and the tests' locks have no lease).
+async fn only_notified(urls: &[String], namespace: &str) -> RedisProvider {
+    let config = RedisConfig::from_cluster(urls.iter().cloned())
+        .namespace(namespace)
+        .wait_fallback(Duration::from_secs(60));
+    RedisProvider::connect(config).await.unwrap()
+}
+
+/// Releases `held` and expects `waiting` to get the lock within 5 s: woken
+/// by the release, since the fallback is 60 s.
+async fn release_wakes(
+    held: lockstep::Lease,
+    waiting: tokio::task::JoinHandle<Result<lockstep::Lease, LockError>>,
+) {
+    let started = Instant::now();
+    assert!(held.release().await.unwrap());
+    let lease = waiting.await.unwrap().expect("woken by the release");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?} (the fallback is 60 s)",
+        started.elapsed()
+    );
+    assert!(lease.release().await.unwrap());
+}
+
 /// An acquisition of `key` by owner "w" that waits up to `timeout`, in a
 /// task of its own.
 fn spawn_wait(
@@ -599,13 +625,11 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
     let cluster = shared();
     let ns = support::unique_namespace();
     let keys = keys_on_every_master(cluster, &ns);
-    let connect = || async {
-        let config = RedisConfig::from_cluster(cluster.urls())
-            .namespace(&ns)
-            .wait_fallback(Duration::from_secs(60));
-        RedisProvider::connect(config).await.unwrap()
-    };
-    let (holder_p, waiter_p) = (connect().await, connect().await);
+    let urls = cluster.urls();
+    let (holder_p, waiter_p) = (
+        only_notified(&urls, &ns).await,
+        only_notified(&urls, &ns).await,
+    );
     assert!(waiter_p.is_notified());
     let (holder, waiter) = (
         support::module_with(holder_p),
@@ -621,20 +645,9 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
             .acquire(key.as_str(), AcquireOptions::new().owner_id("h"))
             .await
             .unwrap();
-        let started = Instant::now();
-        let waiting = tokio::spawn({
-            let (waiter, key, options) = (waiter.clone(), key.clone(), wait("w"));
-            async move { waiter.acquire(key.as_str(), options).await }
-        });
+        let waiting = spawn_wait(&waiter, key, Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(held.release().await.unwrap());
-        let lease = waiting.await.unwrap().expect("woken by the release");
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{key}: {:?} (the fallback is 60 s)",
-            started.elapsed()
-        );
-        assert!(lease.release().await.unwrap());
+        release_wakes(held, waiting).await;
     }
     // A multi-key waiter across the three masters.
     let held: Vec<_> = {
@@ -676,12 +689,8 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
 async fn a_waiter_follows_its_slot_to_another_master() {
     let cluster = Cluster::start(3);
     let ns = "mvw:";
-    let connect = || async {
-        let config = RedisConfig::from_cluster(cluster.urls())
-            .namespace(ns)
-            .wait_fallback(Duration::from_secs(60));
-        support::module_with(RedisProvider::connect(config).await.unwrap())
-    };
+    let urls = cluster.urls();
+    let connect = || async { support::module_with(only_notified(&urls, ns).await) };
     let (holder, waiter) = (connect().await, connect().await);
     let held = holder
         .acquire("order_1", AcquireOptions::new().owner_id("h"))
@@ -706,13 +715,109 @@ async fn a_waiter_follows_its_slot_to_another_master() {
     move_slot(&cluster, slot, from, to);
     // Give the pushes a moment to arrive, then release on the new master.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
-    assert!(held.release().await.unwrap());
-    let lease = waiting.await.unwrap().expect("woken after the move");
+    release_wakes(held, waiting).await;
+}
+
+/// A request over several slots that fails leaves the leases of locks its
+/// owner already held as they were (the give-back by nonce cannot touch
+/// re-entered locks, so their lease is only renewed once every slot said
+/// yes); one that succeeds renews them, as on one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_request_over_several_slots_leaves_re_entered_leases_alone() {
+    let cluster = shared();
+    let ns = support::unique_namespace();
+    let mut keys = keys_on_every_master(cluster, &ns);
+    keys.sort_by_key(|k| cluster.slot_of(&format!("{ns}{{{k}}}")));
+    let (first, middle, last) = (&keys[0], &keys[1], &keys[2]);
+    let m = support::module_with(provider(&cluster.urls(), &ns).await);
+    let other = support::module_with(provider(&cluster.urls(), &ns).await);
+    let pttl = |key: &str| {
+        let lock = format!("{ns}{{{key}}}");
+        redis::cmd("PTTL")
+            .arg(&lock)
+            .query::<i64>(&mut sync_connection(cluster.master_of(&lock)))
+            .unwrap()
+    };
+    let _held = m
+        .acquire(
+            first.as_str(),
+            AcquireOptions::new()
+                .owner_id("a")
+                .expire(Duration::from_secs(60)),
+        )
+        .await
+        .unwrap();
+    let _theirs = other
+        .acquire(last.as_str(), AcquireOptions::new().owner_id("b"))
+        .await
+        .unwrap();
+    // The first slot re-enters `first`, the last finds `last` held.
+    let err = m
+        .acquire(
+            vec![first.clone(), last.clone()],
+            AcquireOptions::new()
+                .owner_id("a")
+                .expire(Duration::from_secs(1)),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.is_contended(), "{err:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(5),
-        "{:?} (the fallback is 60 s)",
-        started.elapsed()
+        pttl(first) > 50_000,
+        "the 60 s lease is untouched: {}",
+        pttl(first)
     );
-    assert!(lease.release().await.unwrap());
+    // A request that goes through renews it, as one script would.
+    let lease = m
+        .acquire(
+            vec![first.clone(), middle.clone()],
+            AcquireOptions::new()
+                .owner_id("a")
+                .expire(Duration::from_secs(5)),
+        )
+        .await
+        .unwrap();
+    assert!(lease.was_reentered(first) && !lease.was_reentered(middle));
+    assert!((1..=5_000).contains(&pttl(first)), "{}", pttl(first));
+    assert!((1..=5_000).contains(&pttl(middle)), "{}", pttl(middle));
+}
+
+/// A slot moves while the process is subscribed to it but nobody waits in
+/// it (within the 10 s before an idle slot is unsubscribed): the next
+/// waiter there subscribes again instead of trusting the dropped
+/// subscription, so a release still wakes it (60 s fallback, no lease).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_that_moved_while_idle_is_subscribed_again() {
+    let cluster = Cluster::start(3);
+    let ns = "idle:";
+    let urls = cluster.urls();
+    let connect = || async { support::module_with(only_notified(&urls, ns).await) };
+    let (holder, waiter) = (connect().await, connect().await);
+    let hold = || async {
+        holder
+            .acquire("order_1", AcquireOptions::new().owner_id("h"))
+            .await
+            .unwrap()
+    };
+    // A first wait subscribes the waiter to the slot.
+    let held = hold().await;
+    let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(held.release().await.unwrap());
+    assert!(waiting.await.unwrap().unwrap().release().await.unwrap());
+    // Nobody waits now; the slot moves.
+    let lock = format!("{ns}{{order_1}}");
+    let from = cluster.master_of(&lock);
+    let to = cluster
+        .masters
+        .iter()
+        .find(|n| n.port != from.port)
+        .unwrap();
+    move_slot(&cluster, cluster.slot_of(&lock), from, to);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A second wait in the same slot.
+    let held = hold().await;
+    let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release_wakes(held, waiting).await;
 }

@@ -60,6 +60,8 @@ struct Q<'a> {
     entry: &'a str,
     fair: bool,
     more: bool,
+    /// ARGV[12]: leave re-entered leases alone.
+    keep_reentered: bool,
 }
 
 const NO_QUEUE: Q<'static> = Q {
@@ -67,6 +69,7 @@ const NO_QUEUE: Q<'static> = Q {
     entry: "",
     fair: true,
     more: false,
+    keep_reentered: false,
 };
 
 /// The KEYS of acquire.lua and release.lua: locks, counters (one shared
@@ -120,7 +123,8 @@ async fn take_q(
     inv.arg(10_000)
         .arg(CLAIM_MS)
         .arg(format!("{ns}c:"))
-        .arg(if q.more { "1" } else { "0" });
+        .arg(if q.more { "1" } else { "0" })
+        .arg(if q.keep_reentered { "1" } else { "0" });
     inv.invoke_async(c).await.expect("acquire.lua runs")
 }
 
@@ -185,6 +189,35 @@ async fn acquire_of_a_held_key_writes_nothing_and_reports_its_lease() {
     assert_eq!(counter_before, counter_after);
     let index: i64 = c.exists(format!("{ns}{{u2}}:o")).await.unwrap();
     assert_eq!(index, 0);
+}
+
+/// ARGV[12] (a cluster request over several slots): a re-entered lock keeps
+/// its lease even with a ttl, and its index entry says so; new locks get
+/// the ttl.
+#[tokio::test]
+async fn reentry_can_be_told_to_keep_the_lease() {
+    let (mut c, ns) = setup().await;
+    granted(&take(&mut c, &ns, &["a"], "u1", NONCE, 60_000).await);
+    let keep = Q {
+        keep_reentered: true,
+        ..NO_QUEUE
+    };
+    let (_, reentered) =
+        granted(&take_q(&mut c, &ns, &["a", "b"], "u1", NONCE2, 1_000, keep).await);
+    assert_eq!(reentered, [1, 0]);
+    let a: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let b: i64 = c.pttl(format!("{ns}{{b}}")).await.unwrap();
+    assert!(a > 50_000, "kept: {a}");
+    assert!((1..=1_000).contains(&b), "{b}");
+    let expiry: f64 = c
+        .zscore(format!("{ns}{{u1}}:o"), format!("{ns}{{a}}"))
+        .await
+        .unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as f64;
+    assert!(expiry > now_ms + 50_000.0, "the index keeps the long lease");
 }
 
 #[tokio::test]
@@ -612,8 +645,7 @@ fn queued(pid: &str) -> Q<'_> {
     Q {
         pid,
         entry: pid,
-        fair: true,
-        more: false,
+        ..NO_QUEUE
     }
 }
 
@@ -743,8 +775,7 @@ async fn wake_entries_are_told_and_do_not_block() {
     let wake = Q {
         pid: "p1",
         entry: "~p1",
-        fair: true,
-        more: false,
+        ..NO_QUEUE
     };
     let r = ints(&take_q(&mut c, &ns, &["b", "a"], "multi", NONCE2, 0, wake).await);
     assert_eq!(r[..2], [0, 2]);

@@ -336,6 +336,8 @@ impl RedisProvider {
             self.inner.claim_ms.to_string(),
             self.channel_prefix_for(&keys.all[0]).into_owned(),
             if queueing.more { "1" } else { "0" }.to_owned(),
+            // Set per request on a cluster (see attempt_grouped).
+            "0".to_owned(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         #[cfg(feature = "cluster")]
@@ -537,7 +539,7 @@ impl RedisProvider {
     ) -> Result<Acquired, LockError> {
         // On a cluster: listen in the lock's slot before the first attempt.
         #[cfg(feature = "cluster")]
-        let _joined = self.join_slots(keys).await;
+        let _joined = self.join_slots(keys, request.wait).await;
         let key = &keys.locks()[0];
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl_ms = request.expire.map_or(0, millis_ceil);
@@ -635,7 +637,7 @@ impl RedisProvider {
         nonce: &str,
     ) -> Result<Acquired, LockError> {
         #[cfg(feature = "cluster")]
-        let _joined = self.join_slots(keys).await;
+        let _joined = self.join_slots(keys, request.wait).await;
         let owner = request.owner.as_deref().unwrap_or("");
         let waiter = Waiter::new(owner, nonce, 0, None);
         // Registered for every key before the first attempt: a release can

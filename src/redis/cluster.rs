@@ -17,10 +17,8 @@
 //! - **release_all**: one script on every master (see `lua/release_all.lua`,
 //!   slots and namespace modes), each atomic on its master.
 //!
-//! Release notifications need every process to hear every lock's releases,
-//! which cluster pub/sub only offers by broadcasting each message to every
-//! node; lockstep does not use them on a cluster, so waiters poll (with a
-//! jittered backoff capped at 100 ms, and never past the holder's lease).
+//! Release notifications go by sharded pub/sub, a channel per slot and
+//! process: see `shards.rs`.
 
 use futures_util::future::join_all;
 use redis::Value;
@@ -46,10 +44,18 @@ pub(super) struct Group {
 impl RedisProvider {
     /// On a cluster with notifications: joins the slots of `keys` for a
     /// waiting call (subscribing to their channels) until the guard drops.
-    pub(super) async fn join_slots(&self, keys: &Keyset) -> Option<super::shards::Joined> {
+    pub(super) async fn join_slots(
+        &self,
+        keys: &Keyset,
+        wait: crate::provider::Wait,
+    ) -> Option<super::shards::Joined> {
         let shards = self.inner.shards.get()?;
         let slots = keys.groups.iter().map(|g| g.slot).collect();
-        Some(shards.join(slots).await)
+        let deadline = match wait {
+            crate::provider::Wait::Until(at) => Some(at),
+            _ => None,
+        };
+        Some(shards.join(slots, deadline).await)
     }
 
     /// Whether this provider talks to a Redis Cluster.
@@ -84,6 +90,7 @@ impl RedisProvider {
         owner: &str,
         nonce: &str,
     ) -> Result<AcquireReply, LockError> {
+        let several = keys.groups.len() > 1;
         let mut tokens = vec![0; keys.n];
         let mut reentered = vec![false; keys.n];
         for (g, group) in keys.groups.iter().enumerate() {
@@ -93,6 +100,13 @@ impl RedisProvider {
             group_args[0] = &n;
             // ARGV[10]: the channel prefix of this slot.
             group_args[9] = &prefix;
+            // ARGV[12]: over several slots, a re-entered lock's lease is
+            // only renewed once every slot said yes (below): a later slot
+            // may refuse, and the give-back by nonce leaves re-entered
+            // locks alone.
+            if several {
+                group_args[11] = "1";
+            }
             let reply = if self.inner.replicas.0 > 0 {
                 self.acquire_acknowledged(&group.keys.all, &group_args)
                     .await
@@ -101,7 +115,7 @@ impl RedisProvider {
                     .await
             }
             .and_then(|v| decode_acquire(v, group.keys.n));
-            let (result, taken) = match reply {
+            let result = match reply {
                 Ok(AcquireReply::Acquired {
                     tokens: t,
                     reentered: r,
@@ -112,45 +126,78 @@ impl RedisProvider {
                     }
                     continue;
                 }
-                Ok(AcquireReply::Held { index, pttl }) => (
+                Ok(AcquireReply::Held { index, pttl }) => {
+                    self.give_back(keys, &keys.groups[..g], owner, nonce).await;
                     Ok(AcquireReply::Held {
                         index: group.positions[index],
                         pttl,
-                    }),
-                    g,
-                ),
-                Ok(AcquireReply::Foreign { index }) => (
+                    })
+                }
+                Ok(AcquireReply::Foreign { index }) => {
+                    self.give_back(keys, &keys.groups[..g], owner, nonce).await;
                     Ok(AcquireReply::Foreign {
                         index: group.positions[index],
-                    }),
-                    g,
-                ),
-                // Without a reply, or without its replicas, this slot may
-                // hold the locks too.
-                Err(e)
-                    if e.is_outcome_unknown()
-                        || matches!(&e, LockError::Backend(b) if b.kind() == BackendErrorKind::NotReplicated) =>
-                {
-                    (Err(e), g + 1)
+                    })
                 }
-                Err(e) => (Err(e), g),
+                // Any error may follow a try that ran (redis-rs retries by
+                // itself), and a late script may land after the give-back:
+                // this slot is given back too, and the call's undo guard
+                // gives everything back again by nonce unless it ends
+                // holding the locks.
+                Err(e) => {
+                    self.give_back(keys, &keys.groups[..=g], owner, nonce).await;
+                    keys.uncertain
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    Err(e)
+                }
             };
-            let mut undo: Vec<String> = Vec::new();
-            for group in &keys.groups[..taken] {
-                undo.extend(group.keys.locks().iter().cloned());
-            }
-            if !undo.is_empty()
-                && let Err(e) = self.release_keys(&undo, owner, nonce, None).await
-            {
-                // The call's undo guard releases them by this nonce unless
-                // a later attempt ends holding them.
-                tracing::debug!("giving back a partial acquisition failed: {e}");
-                keys.uncertain
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
             return result;
         }
+        // Every slot said yes: re-entered locks now get the new lease (as
+        // the one script on a single server would have given them).
+        let renewed: Vec<usize> = (0..keys.n).filter(|&p| reentered[p]).collect();
+        let ttl = args[3];
+        if several && ttl != "0" && !renewed.is_empty() {
+            let locks: Vec<String> = renewed.iter().map(|&p| keys.locks()[p].clone()).collect();
+            let outcome = self.extend_grouped(&locks, Some(owner), ttl).await;
+            if !matches!(outcome, Ok(None)) {
+                self.give_back(keys, &keys.groups, owner, nonce).await;
+            }
+            match outcome {
+                Ok(None) => {}
+                // Its lease ran out meanwhile: it is free (or someone
+                // else's); try again.
+                Ok(Some(i)) => {
+                    return Ok(AcquireReply::Held {
+                        index: renewed[i],
+                        pttl: 0,
+                    });
+                }
+                Err(e) => {
+                    keys.uncertain
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+        }
         Ok(AcquireReply::Acquired { tokens, reentered })
+    }
+
+    /// Releases by nonce what this attempt took in `groups`; if that fails,
+    /// the call's undo guard does it when the call ends without the locks.
+    async fn give_back(&self, keys: &Keyset, groups: &[Group], owner: &str, nonce: &str) {
+        let undo: Vec<String> = groups
+            .iter()
+            .flat_map(|g| g.keys.locks().iter().cloned())
+            .collect();
+        if undo.is_empty() {
+            return;
+        }
+        if let Err(e) = self.release_keys(&undo, owner, nonce, None).await {
+            tracing::debug!("giving back a partial acquisition failed: {e}");
+            keys.uncertain
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
     }
 
     /// `acquire.lua` followed by `WAIT` for the replicas, as one pipeline:

@@ -380,6 +380,9 @@ impl RawError {
                 } else if e.is_connection_refusal()
                     || !sent && e.is_io_error()
                     || refused_for_now(&e)
+                    // A cluster node the client has no connection to (it
+                    // reconnects from the seed nodes).
+                    || e.kind() == ErrorKind::ClusterConnectionNotFound
                 {
                     BackendErrorKind::Unavailable
                 } else if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() {

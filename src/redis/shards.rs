@@ -28,6 +28,7 @@
 //!   wake them too.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -60,8 +61,12 @@ struct Slot {
 /// The sharded subscriptions of one provider.
 pub(crate) struct Shards {
     client: ClusterClient,
-    /// The subscription connection, made on first use and after a failure.
+    /// The subscription connection, made on first use (kept: redis-rs
+    /// reconnects its nodes and resubscribes on its own).
     conn: tokio::sync::Mutex<Option<ClusterConnection>>,
+    /// A sweep or repair is running (they run in tasks of their own, so
+    /// that messages keep being delivered meanwhile).
+    maintaining: std::sync::atomic::AtomicBool,
     slots: Mutex<HashMap<u16, Slot>>,
     /// Channels are `<namespace>{<tag>}c:<pid>`.
     namespace: String,
@@ -81,6 +86,7 @@ impl Shards {
         Arc::new(Shards {
             client,
             conn: tokio::sync::Mutex::new(None),
+            maintaining: std::sync::atomic::AtomicBool::new(false),
             slots: Mutex::default(),
             namespace: layout.namespace().to_owned(),
             pid: waiting.pid.clone(),
@@ -121,20 +127,45 @@ impl Shards {
 
     /// Joins `slots` for one waiting call, until the returned guard is
     /// dropped, and subscribes those not yet subscribed. Returns once they
-    /// are (or subscribing failed: the waiters then hear nothing in them,
-    /// and find out at their fallback period).
+    /// are, or subscribing failed, or `deadline` passed (the call's own):
+    /// the waiters then hear nothing in those slots until the repair
+    /// subscribes them, and try again at their fallback period meanwhile.
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future leaves the slots again.
-    pub(crate) async fn join(self: &Arc<Self>, slots: Vec<u16>) -> Joined {
+    /// Dropping the future leaves the slots again; a subscribe it had under
+    /// way counts once the repair confirms it.
+    pub(crate) async fn join(
+        self: &Arc<Self>,
+        slots: Vec<u16>,
+        deadline: Option<Instant>,
+    ) -> Joined {
         self.enter(&slots);
         let joined = Joined {
             shards: Arc::clone(self),
             slots,
         };
-        self.subscribe(&joined.slots, false).await;
+        if !self.all_subscribed(&joined.slots) {
+            let subscribe = self.subscribe(&joined.slots, false);
+            match deadline {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at, subscribe).await;
+                }
+                None => {
+                    subscribe.await;
+                }
+            }
+        }
         joined
+    }
+
+    /// Whether all of `slots` are subscribed (checked without waiting for
+    /// a subscribe under way).
+    fn all_subscribed(&self, slots: &[u16]) -> bool {
+        let map = self.slots();
+        slots
+            .iter()
+            .all(|s| map.get(s).is_some_and(|slot| slot.subscribed))
     }
 
     /// Subscribes those of `slots` that are not subscribed yet (all of them
@@ -178,8 +209,11 @@ impl Shards {
                     }
                 }
                 failed => {
+                    // The connection stays: dropping it would silently drop
+                    // every other slot's subscription with it (redis-rs
+                    // reconnects its nodes itself). The repair tries this
+                    // slot again.
                     tracing::debug!("subscribing to {channel} failed: {failed:?}");
-                    *conn = None;
                     return false;
                 }
             }
@@ -264,16 +298,35 @@ impl Shards {
         }
     }
 
-    /// A slot's master dropped our subscription (the slot moved): subscribe
-    /// again, on its new master, if anyone still waits in it. Returns
-    /// whether anyone did. (The reply to the sweep's own unsubscribe comes
-    /// here too, for a slot no longer wanted.)
-    async fn resubscribe(&self, slot: u16) -> bool {
-        let wanted = self.slots().get(&slot).is_some_and(|s| s.users > 0);
-        if wanted {
-            self.subscribe(&[slot], true).await;
+    /// A slot's master dropped our subscription (the slot moved): it is
+    /// marked so at once, whether or not anyone waits in it now (a waiter
+    /// joining later must subscribe again). Returns whether anyone waits in
+    /// it, so that it should be subscribed again. (The reply to the sweep's
+    /// own unsubscribe comes here too, for a slot already forgotten.)
+    fn dropped(&self, slot: u16) -> bool {
+        match self.slots().get_mut(&slot) {
+            Some(s) => {
+                s.subscribed = false;
+                s.users > 0
+            }
+            None => false,
         }
-        wanted
+    }
+
+    /// The periodic maintenance, in a task of its own unless one runs:
+    /// idle slots unsubscribed, wanted ones subscribed again.
+    fn maintain(self: &Arc<Self>, waiting: &Arc<Waiting>) {
+        if self.maintaining.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (shards, waiting) = (Arc::clone(self), Arc::clone(waiting));
+        tokio::spawn(async move {
+            shards.sweep().await;
+            if shards.repair(false).await {
+                waiting.wake_all();
+            }
+            shards.maintaining.store(false, Ordering::Release);
+        });
     }
 }
 
@@ -305,10 +358,7 @@ pub(crate) async fn run(
             push = pushes.recv() => push,
             _ = sweep.tick() => {
                 let Some(shards) = shards.upgrade() else { return };
-                shards.sweep().await;
-                if shards.repair(false).await {
-                    waiting.wake_all();
-                }
+                shards.maintain(&waiting);
                 continue;
             }
             _ = waiting.stop.cancelled() => return,
@@ -331,13 +381,14 @@ pub(crate) async fn run(
                         .and_then(|c| s.slot_of_channel(c)),
                     _ => None,
                 };
-                if let Some(slot) = slot {
+                if let Some(slot) = slot
+                    && s.dropped(slot)
+                {
                     let waiting = Arc::clone(&waiting);
                     tokio::spawn(async move {
-                        if s.resubscribe(slot).await {
-                            // Messages may have been lost while it moved.
-                            waiting.wake_all();
-                        }
+                        s.subscribe(&[slot], true).await;
+                        // Messages may have been lost while it moved.
+                        waiting.wake_all();
                     });
                 }
             }
