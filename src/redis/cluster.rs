@@ -10,7 +10,9 @@
 //!   with the request's nonce. When one finds a lock held, the slots already
 //!   taken are released by that nonce (so re-entered locks stay), and the
 //!   request waits and retries whole. The fixed order means two requests
-//!   over the same keys never each hold a part the other needs.
+//!   over the same keys never each hold a part the other needs. Locks the
+//!   owner already held keep their lease until every slot said yes (the
+//!   give-back by nonce cannot touch them); then they are extended.
 //! - **release** and **extend**: every slot at once. An extension that
 //!   finds one slot's lock lost reports it; the slots it did extend are
 //!   still the caller's.
