@@ -109,14 +109,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
     let other = support::module_with(provider(&cluster.urls(), &ns).await);
     // The last slot in order is held: the first two were taken, then given back.
     let mut by_slot = keys.clone();
-    by_slot.sort_by_key(|k| {
-        let mut c = sync_connection(&cluster.masters[0]);
-        redis::cmd("CLUSTER")
-            .arg("KEYSLOT")
-            .arg(format!("{ns}{{{k}}}"))
-            .query::<u16>(&mut c)
-            .unwrap()
-    });
+    by_slot.sort_by_key(|k| cluster.slot_of(&format!("{ns}{{{k}}}")));
     let held = other
         .acquire(
             by_slot[2].as_str(),
@@ -160,7 +153,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
             .await
         }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    until_queued(cluster, &[format!("{ns}{{{}}}", by_slot[2])]).await;
     assert!(held.release().await.unwrap());
     let lease = waiter.await.unwrap().expect("all three after the release");
     assert_eq!(lease.fencing_tokens().count(), 3);
@@ -221,6 +214,31 @@ fn move_slot(cluster: &Cluster, slot: u16, from: &RedisServer, to: &RedisServer)
     let migration = Migration::begin(slot, from, to);
     migration.migrate(None);
     migration.finish(cluster);
+}
+
+/// Waits until some process is queued for one of `locks` (Redis key names),
+/// wherever their slots are now.
+async fn until_queued(cluster: &Cluster, locks: &[String]) {
+    let mut c = redis::cluster::ClusterClient::new(cluster.urls())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    support::eventually(Duration::from_secs(5), "a waiter queued", || {
+        let queued = locks
+            .iter()
+            .any(|l| c.llen::<_, u64>(format!("{l}:q")).unwrap_or(0) > 0);
+        async move { queued }
+    })
+    .await;
+}
+
+/// The shard channels `node` has subscribers for, under `namespace`.
+fn shard_channels(node: &RedisServer, namespace: &str) -> Vec<String> {
+    redis::cmd("PUBSUB")
+        .arg("SHARDCHANNELS")
+        .arg(format!("{namespace}*"))
+        .query(&mut sync_connection(node))
+        .unwrap()
 }
 
 /// A provider whose waiters only a notification can wake in time: its
@@ -350,7 +368,8 @@ async fn calls_during_a_slot_migration_wait_it_out() {
     let cluster = Cluster::start(3);
     let ns = "mid:";
     let holder = support::module_with(provider(&cluster.urls(), ns).await);
-    let waiter = support::module_with(provider(&cluster.urls(), ns).await);
+    let waiter_provider = provider(&cluster.urls(), ns).await;
+    let waiter = support::module_with(waiter_provider.clone());
     let lease = holder
         .acquire("order_1", AcquireOptions::new().owner_id("h"))
         .await
@@ -375,8 +394,17 @@ async fn calls_during_a_slot_migration_wait_it_out() {
         .unwrap_err();
     assert!(once.is_transient() || once.is_contended(), "{once:?}");
     // A waiting one rides it out.
+    let sent = waiter_provider.round_trips();
     let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(20));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    support::eventually(
+        Duration::from_secs(5),
+        "two attempts in the half-moved slot",
+        || {
+            let tried = waiter_provider.round_trips() >= sent + 2;
+            async move { tried }
+        },
+    )
+    .await;
     migration.migrate(None);
     migration.finish(&cluster);
     assert!(lease.release().await.unwrap(), "released on the new master");
@@ -646,7 +674,7 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
             .await
             .unwrap();
         let waiting = spawn_wait(&waiter, key, Duration::from_secs(20));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        until_queued(cluster, &[format!("{ns}{{{key}}}")]).await;
         release_wakes(held, waiting).await;
     }
     // A multi-key waiter across the three masters.
@@ -667,8 +695,9 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
         let (waiter, keys, options) = (waiter.clone(), keys.clone(), wait("m"));
         async move { waiter.acquire(keys, options).await }
     });
+    let locks: Vec<String> = keys.iter().map(|k| format!("{ns}{{{k}}}")).collect();
+    until_queued(cluster, &locks).await;
     for lease in held {
-        tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(lease.release().await.unwrap());
     }
     let lease = waiting.await.unwrap().expect("woken by the releases");
@@ -699,12 +728,7 @@ async fn a_waiter_follows_its_slot_to_another_master() {
     let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(30));
     let lock = format!("{ns}{{order_1}}");
     // The waiter is queued (and so subscribed) before the slot moves.
-    support::eventually(Duration::from_secs(5), "the waiter queued", || {
-        let mut c = sync_connection(cluster.master_of(&lock));
-        let queue = format!("{lock}:q");
-        async move { c.llen::<_, u64>(&queue).unwrap_or(0) == 1 }
-    })
-    .await;
+    until_queued(&cluster, std::slice::from_ref(&lock)).await;
     let slot = cluster.slot_of(&lock);
     let from = cluster.master_of(&lock);
     let to = cluster
@@ -713,8 +737,16 @@ async fn a_waiter_follows_its_slot_to_another_master() {
         .find(|n| n.port != from.port)
         .unwrap();
     move_slot(&cluster, slot, from, to);
-    // Give the pushes a moment to arrive, then release on the new master.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The waiter listens on the new master again; then the release there.
+    support::eventually(
+        Duration::from_secs(5),
+        "subscribed on the new master",
+        || {
+            let listening = !shard_channels(to, ns).is_empty();
+            async move { listening }
+        },
+    )
+    .await;
     release_wakes(held, waiting).await;
 }
 
@@ -801,12 +833,12 @@ async fn a_slot_that_moved_while_idle_is_subscribed_again() {
     };
     // A first wait subscribes the waiter to the slot.
     let held = hold().await;
+    let lock = format!("{ns}{{order_1}}");
     let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(30));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_queued(&cluster, std::slice::from_ref(&lock)).await;
     assert!(held.release().await.unwrap());
     assert!(waiting.await.unwrap().unwrap().release().await.unwrap());
     // Nobody waits now; the slot moves.
-    let lock = format!("{ns}{{order_1}}");
     let from = cluster.master_of(&lock);
     let to = cluster
         .masters
@@ -814,10 +846,17 @@ async fn a_slot_that_moved_while_idle_is_subscribed_again() {
         .find(|n| n.port != from.port)
         .unwrap();
     move_slot(&cluster, cluster.slot_of(&lock), from, to);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The old master has dropped the subscription (and told the waiter's
+    // process so); nothing listens on the new one yet.
+    support::eventually(Duration::from_secs(5), "the subscription dropped", || {
+        let dropped = shard_channels(from, ns).is_empty();
+        async move { dropped }
+    })
+    .await;
+    assert!(shard_channels(to, ns).is_empty());
     // A second wait in the same slot.
     let held = hold().await;
     let waiting = spawn_wait(&waiter, "order_1", Duration::from_secs(30));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_queued(&cluster, std::slice::from_ref(&lock)).await;
     release_wakes(held, waiting).await;
 }
