@@ -433,6 +433,13 @@ impl RedisProvider {
             expire: request.expire,
             armed: true,
         };
+        // On a cluster, a waiting call listens in its keys' slots before
+        // its first attempt (see shards.rs).
+        #[cfg(feature = "cluster")]
+        let _joined = match (&self.inner.waiting, request.wait) {
+            (Some(_), Wait::Until(_) | Wait::Forever) => self.join_slots(&keys, request.wait).await,
+            _ => None,
+        };
         let result = match (&self.inner.waiting, request.wait) {
             (_, Wait::Once) => self.acquire_once(request, &keys, &nonce).await,
             (Some(w), _) if keys.n == 1 && self.inner.fair => {
@@ -537,9 +544,6 @@ impl RedisProvider {
         keys: &Keyset,
         nonce: &str,
     ) -> Result<Acquired, LockError> {
-        // On a cluster: listen in the lock's slot before the first attempt.
-        #[cfg(feature = "cluster")]
-        let _joined = self.join_slots(keys, request.wait).await;
         let key = &keys.locks()[0];
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl_ms = request.expire.map_or(0, millis_ceil);
@@ -636,8 +640,6 @@ impl RedisProvider {
         keys: &Keyset,
         nonce: &str,
     ) -> Result<Acquired, LockError> {
-        #[cfg(feature = "cluster")]
-        let _joined = self.join_slots(keys, request.wait).await;
         let owner = request.owner.as_deref().unwrap_or("");
         let waiter = Waiter::new(owner, nonce, 0, None);
         // Registered for every key before the first attempt: a release can

@@ -209,6 +209,11 @@ impl RedisProvider {
     /// slot's old master after a failover). The script's reply, or
     /// `NotReplicated` when it took the locks and too few replicas
     /// acknowledged them (the caller gives them back).
+    ///
+    /// Cost: Redis serves a connection's commands in order, so a `WAIT`
+    /// holds up the calls queued behind it on the node's one connection for
+    /// a replica round trip. On one server lockstep takes a pooled
+    /// connection for this instead; the cluster connection has no pool.
     async fn acquire_acknowledged(
         &self,
         keys: &[String],

@@ -213,8 +213,15 @@ impl Connections {
                 };
             }
         };
+        self.checkout(&pool)
+            .await
+            .map(|conn| Link::Single(Connection::take(conn)))
+    }
+
+    /// A connection of `pool`'s, within the connect timeout.
+    async fn checkout(&self, pool: &Pool) -> Result<deadpool_redis::Connection, RawError> {
         match timeout(self.connect_timeout, pool.get()).await {
-            Ok(Ok(conn)) => Ok(Link::Single(Connection::take(conn))),
+            Ok(Ok(conn)) => Ok(conn),
             Ok(Err(PoolError::Backend(e))) => Err(RawError::Redis(e)),
             Ok(Err(PoolError::Closed)) => Err(RawError::Closed),
             Ok(Err(e)) => Err(RawError::Connect(e.to_string(), None)),
@@ -270,12 +277,7 @@ impl Connections {
                 // A stalled or partitioned server: start afresh next time.
                 // The old connection finishes (or fails) its requests alone.
                 self.invalidate(generation);
-                Err(LockError::Backend(BackendError::new(
-                    BackendErrorKind::OutcomeUnknown,
-                    operation,
-                    format!("no reply within {limit:?}"),
-                    None,
-                )))
+                Err(no_reply(operation, limit))
             }
         }
     }
@@ -300,34 +302,15 @@ impl Connections {
             return Err(RawError::Connect("no pool on a cluster".into(), None)
                 .into_lock_error(operation, false));
         };
-        let conn = match timeout(self.connect_timeout, pool.get()).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(PoolError::Backend(e))) => {
-                return Err(RawError::Redis(e).into_lock_error(operation, false));
-            }
-            Ok(Err(e)) => {
-                return Err(
-                    RawError::Connect(e.to_string(), None).into_lock_error(operation, false)
-                );
-            }
-            Err(_) => {
-                return Err(RawError::Connect(
-                    format!("no connection within {:?}", self.connect_timeout),
-                    None,
-                )
-                .into_lock_error(operation, false));
-            }
-        };
+        let conn = self
+            .checkout(&pool)
+            .await
+            .map_err(|e| e.into_lock_error(operation, false))?;
         self.sent.fetch_add(1, Ordering::Relaxed);
         match timeout(limit, f(conn)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(RawError::Redis(e).into_lock_error(operation, true)),
-            Err(_) => Err(LockError::Backend(BackendError::new(
-                BackendErrorKind::OutcomeUnknown,
-                operation,
-                format!("no reply within {limit:?}"),
-                None,
-            ))),
+            Err(_) => Err(no_reply(operation, limit)),
         }
     }
 
@@ -338,6 +321,16 @@ impl Connections {
             pool.close();
         }
     }
+}
+
+/// A request sent that got no reply within `limit`: it may have run.
+fn no_reply(operation: &'static str, limit: Duration) -> LockError {
+    LockError::Backend(BackendError::new(
+        BackendErrorKind::OutcomeUnknown,
+        operation,
+        format!("no reply within {limit:?}"),
+        None,
+    ))
 }
 
 /// A failure before it is classified.
