@@ -52,13 +52,7 @@ pub(crate) struct DemoArgs {
     /// instances become separate processes. Default: in-memory, instances
     /// as tasks.
     #[command(flatten)]
-    backend: BackendArgs,
-    /// The ledger's Redis (the payment provider's record of charges).
-    /// Default: the --redis-url server; required with --cluster, --sentinel
-    /// and --redlock, so that no failover of the lock servers can rewrite
-    /// the record the demo is judged by.
-    #[arg(long, value_name = "URL")]
-    ledger_url: Option<String>,
+    servers: Servers,
     /// Run without locks, to see the race.
     #[arg(long)]
     no_lock: bool,
@@ -87,7 +81,7 @@ impl DemoArgs {
                 "--instances, --orders and --attempts-per-order must be at least 1",
             ));
         }
-        if self.instances > 64 && self.backend.is_given() {
+        if self.instances > 64 && self.servers.backend.is_given() {
             return Err(Failure::usage(
                 "at most 64 instances (processes) with Redis",
             ));
@@ -140,14 +134,8 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let started = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
     let display = Progress::start(Arc::clone(&progress), plan.total_attempts() as u64);
-    let outcome = if args.backend.is_given() {
-        in_processes(
-            &plan,
-            &args.backend,
-            args.ledger_url.as_deref(),
-            Arc::clone(&progress),
-        )
-        .await
+    let outcome = if args.servers.backend.is_given() {
+        in_processes(&plan, &args.servers, Arc::clone(&progress)).await
     } else {
         in_tasks(&plan, Arc::clone(&progress)).await
     };
@@ -203,45 +191,64 @@ async fn in_tasks(plan: &Plan, progress: Arc<AtomicU64>) -> Result<Outcome, Fail
     Ok(("in-memory".into(), "tasks", stats, charges))
 }
 
-/// The ledger's Redis: `ledger_url`, else the one server locks live on.
-fn ledger_url(backend: &BackendArgs, ledger_url: Option<&str>) -> Result<String, Failure> {
-    match (ledger_url, &backend.redis_url) {
-        (Some(url), _) => Ok(url.to_owned()),
-        (None, Some(url)) if backend.is_single() => Ok(url.clone()),
-        _ => Err(Failure::usage(
-            "give --ledger-url: with --cluster, --sentinel or --redlock the ledger lives on a plain Redis of its own",
-        )),
+/// Where a demo run's locks and ledger live.
+#[derive(Debug, clap::Args)]
+pub(crate) struct Servers {
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// The ledger's Redis (the payment provider's record of charges).
+    /// Default: the --redis-url server; required with --cluster, --sentinel
+    /// and --redlock, so that no failover of the lock servers can rewrite
+    /// the record the demo is judged by.
+    #[arg(long, value_name = "URL")]
+    ledger_url: Option<String>,
+}
+
+impl Servers {
+    /// The ledger's Redis: `--ledger-url`, else the one server locks live on.
+    fn ledger_url(&self) -> Result<String, Failure> {
+        match (&self.ledger_url, &self.backend.redis_url) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Some(url)) if self.backend.is_single() => Ok(url.clone()),
+            _ => Err(Failure::usage(
+                "give --ledger-url: with --cluster, --sentinel or --redlock the ledger lives on a plain Redis of its own",
+            )),
+        }
     }
-}
 
-/// A connection to the ledger's Redis, with exit status 2 on failure.
-async fn ledger_connection(url: &str) -> Result<redis::aio::MultiplexedConnection, Failure> {
-    crate::backend::plain(url)
-        .await
-        .map_err(|e| Failure::usage(format!("cannot reach the ledger's Redis: {e}")))
-}
+    /// The ledger of demo run `run`, with exit status 2 on failure.
+    async fn ledger(&self, run: &str) -> Result<Ledger, Failure> {
+        let conn = crate::backend::plain(&self.ledger_url()?)
+            .await
+            .map_err(|e| Failure::usage(format!("cannot reach the ledger's Redis: {e}")))?;
+        Ok(Ledger::redis(conn, &self.backend.namespace, run))
+    }
 
-/// Connects the locks, then the ledger, with exit status 2 on failure.
-async fn connect(
-    backend: &BackendArgs,
-    ledger: Option<&str>,
-) -> Result<(Connected, String, redis::aio::MultiplexedConnection), Failure> {
-    let url = ledger_url(backend, ledger)?;
-    let connected = backend.connect().await.map_err(Failure::usage)?;
-    let conn = ledger_connection(&url).await?;
-    Ok((connected, url, conn))
+    /// The locks, then the ledger of run `run`, with exit status 2 on
+    /// failure (a missing --ledger-url before anything connects).
+    async fn connect(&self, run: &str) -> Result<(Connected, Ledger), Failure> {
+        self.ledger_url()?;
+        let connected = self.backend.connect().await.map_err(Failure::usage)?;
+        Ok((connected, self.ledger(run).await?))
+    }
+
+    /// The same flags, for a worker process.
+    fn to_args(&self) -> Result<Vec<String>, Failure> {
+        let mut args = self.backend.to_args();
+        args.extend(["--ledger-url".to_owned(), self.ledger_url()?]);
+        Ok(args)
+    }
 }
 
 /// Instances as worker processes sharing one Redis.
 async fn in_processes(
     plan: &Plan,
-    backend: &BackendArgs,
-    ledger_url: Option<&str>,
+    servers: &Servers,
     progress: Arc<AtomicU64>,
 ) -> Result<Outcome, Failure> {
-    let (connected, ledger_url, conn) = connect(backend, ledger_url).await?;
     let run = format!("{:x}", rand_u64());
-    let ledger = Ledger::redis(conn, &backend.namespace, &run);
+    let (connected, ledger) = servers.connect(&run).await?;
+    let worker_args = servers.to_args()?;
     let exe = std::env::current_exe()
         .map_err(|e| Failure::usage(format!("cannot find my own binary: {e}")))?;
     let plan_json = serde_json::to_string(plan).expect("a plan serializes");
@@ -249,8 +256,8 @@ async fn in_processes(
     for i in 0..plan.instances {
         let mut child = tokio::process::Command::new(&exe)
             .arg("worker")
-            .args(backend.to_args())
-            .args(["--ledger-url", &ledger_url, "--run", &run])
+            .args(&worker_args)
+            .args(["--run", &run])
             .args(["--instance", &i.to_string(), "--plan", &plan_json])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -331,10 +338,7 @@ fn rand_u64() -> u64 {
 #[derive(Debug, clap::Args)]
 pub(crate) struct WorkerArgs {
     #[command(flatten)]
-    redis: BackendArgs,
-    /// The ledger's Redis (default: --redis-url).
-    #[arg(long, value_name = "URL")]
-    ledger_url: Option<String>,
+    servers: Servers,
     /// The demo run this worker belongs to (names the ledger).
     #[arg(long)]
     run: String,
@@ -378,9 +382,8 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<u8, Failure> {
     if args.instance >= plan.instances {
         return Err(Failure::usage("--instance must be below --instances"));
     }
-    let (connected, _, conn) = connect(&args.redis, args.ledger_url.as_deref()).await?;
+    let (connected, ledger) = args.servers.connect(&args.run).await?;
     let locking = connected.module;
-    let ledger = Ledger::redis(conn, &args.redis.namespace, &args.run);
     if !args.start_now {
         println!("ready");
         let mut go = String::new();
@@ -421,10 +424,7 @@ pub(crate) async fn worker(args: WorkerArgs) -> Result<u8, Failure> {
 #[derive(Debug, clap::Args)]
 pub(crate) struct ReportArgs {
     #[command(flatten)]
-    redis: BackendArgs,
-    /// The ledger's Redis (default: --redis-url).
-    #[arg(long, value_name = "URL")]
-    ledger_url: Option<String>,
+    servers: Servers,
     /// The demo run to report on.
     #[arg(long)]
     run: String,
@@ -437,8 +437,7 @@ pub(crate) struct ReportArgs {
 
 /// Reads the ledger of a run made by standalone workers.
 pub(crate) async fn report_run(args: ReportArgs) -> Result<u8, Failure> {
-    let conn = ledger_connection(&ledger_url(&args.redis, args.ledger_url.as_deref())?).await?;
-    let ledger = Ledger::redis(conn, &args.redis.namespace, &args.run);
+    let ledger = args.servers.ledger(&args.run).await?;
     let charges = ledger
         .charges()
         .await
