@@ -62,6 +62,12 @@ fn keys_on_every_master(cluster: &Cluster, namespace: &str) -> Vec<String> {
     found.into_iter().map(Option::unwrap).collect()
 }
 
+/// The Redis key of lock `key` in `namespace` (the layout, spelt out here
+/// so that the tests check it).
+fn lock_key(namespace: &str, key: &str) -> String {
+    format!("{namespace}{{{key}}}")
+}
+
 fn exists_on(node: &RedisServer, key: &str) -> bool {
     sync_connection(node).exists(key).unwrap()
 }
@@ -83,7 +89,7 @@ async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
         .unwrap();
     assert_eq!(lease.fencing_tokens().count(), 3);
     for key in &keys {
-        let lock = format!("{ns}{{{key}}}");
+        let lock = lock_key(&ns, key);
         assert!(exists_on(cluster.master_of(&lock), &lock), "{lock}");
     }
     // The owner's index is split by slot: one part beside each lock.
@@ -95,7 +101,7 @@ async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
     }
     assert!(lease.release().await.unwrap());
     for key in &keys {
-        let lock = format!("{ns}{{{key}}}");
+        let lock = lock_key(&ns, key);
         assert!(!exists_on(cluster.master_of(&lock), &lock), "{lock}");
     }
 }
@@ -109,7 +115,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
     let other = support::module_with(provider(&cluster.urls(), &ns).await);
     // The last slot in order is held: the first two were taken, then given back.
     let mut by_slot = keys.clone();
-    by_slot.sort_by_key(|k| cluster.slot_of(&format!("{ns}{{{k}}}")));
+    by_slot.sort_by_key(|k| cluster.slot_of(&lock_key(&ns, k)));
     let held = other
         .acquire(
             by_slot[2].as_str(),
@@ -133,7 +139,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
     assert!(matches!(err, LockError::TimedOut { .. }), "{err}");
     assert!(started.elapsed() >= Duration::from_millis(300));
     for key in &by_slot[..2] {
-        let lock = format!("{ns}{{{key}}}");
+        let lock = lock_key(&ns, key);
         assert!(
             !exists_on(cluster.master_of(&lock), &lock),
             "{lock} left held"
@@ -153,7 +159,7 @@ async fn a_request_that_finds_one_master_s_lock_held_leaves_nothing_on_the_other
             .await
         }
     });
-    until_queued(cluster, &[format!("{ns}{{{}}}", by_slot[2])]).await;
+    until_queued(cluster, &[lock_key(&ns, &by_slot[2])]).await;
     assert!(held.release().await.unwrap());
     let lease = waiter.await.unwrap().expect("all three after the release");
     assert_eq!(lease.fencing_tokens().count(), 3);
@@ -182,7 +188,7 @@ async fn release_all_finds_an_owner_s_locks_on_every_master() {
         3
     );
     for key in &keys {
-        let lock = format!("{ns}{{{key}}}");
+        let lock = lock_key(&ns, key);
         assert!(!exists_on(cluster.master_of(&lock), &lock), "{lock}");
         assert!(
             sync_connection(cluster.master_of(&lock))
@@ -495,8 +501,8 @@ fn the_slots_mode_script_releases_local_indexes_and_returns_foreign_slots() {
     let node = cluster.master_of(local);
     assert_ne!(node.port, cluster.master_of(foreign).port);
     let mut c = sync_connection(node);
-    let lock = format!("{ns}{{{local}}}");
-    let index = format!("{ns}{{{local}}}:o:run-1");
+    let lock = lock_key(&ns, local);
+    let index = format!("{}:o:run-1", lock_key(&ns, local));
     // A lock held by run-1 (owner + 12-byte nonce), in its index.
     let _: () = c.set(&lock, "run-1nonce-12byte").unwrap();
     let _: () = c.zadd(&index, &lock, "+inf").unwrap();
@@ -674,7 +680,7 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
             .await
             .unwrap();
         let waiting = spawn_wait(&waiter, key, Duration::from_secs(20));
-        until_queued(cluster, &[format!("{ns}{{{key}}}")]).await;
+        until_queued(cluster, &[lock_key(&ns, key)]).await;
         release_wakes(held, waiting).await;
     }
     // A multi-key waiter across the three masters.
@@ -695,7 +701,7 @@ async fn releases_wake_waiters_in_every_slot_by_sharded_pub_sub() {
         let (waiter, keys, options) = (waiter.clone(), keys.clone(), wait("m"));
         async move { waiter.acquire(keys, options).await }
     });
-    let locks: Vec<String> = keys.iter().map(|k| format!("{ns}{{{k}}}")).collect();
+    let locks: Vec<String> = keys.iter().map(|k| lock_key(&ns, k)).collect();
     until_queued(cluster, &locks).await;
     for lease in held {
         assert!(lease.release().await.unwrap());
@@ -759,12 +765,12 @@ async fn a_failed_request_over_several_slots_leaves_re_entered_leases_alone() {
     let cluster = shared();
     let ns = support::unique_namespace();
     let mut keys = keys_on_every_master(cluster, &ns);
-    keys.sort_by_key(|k| cluster.slot_of(&format!("{ns}{{{k}}}")));
+    keys.sort_by_key(|k| cluster.slot_of(&lock_key(&ns, k)));
     let (first, middle, last) = (&keys[0], &keys[1], &keys[2]);
     let m = support::module_with(provider(&cluster.urls(), &ns).await);
     let other = support::module_with(provider(&cluster.urls(), &ns).await);
     let pttl = |key: &str| {
-        let lock = format!("{ns}{{{key}}}");
+        let lock = lock_key(&ns, key);
         redis::cmd("PTTL")
             .arg(&lock)
             .query::<i64>(&mut sync_connection(cluster.master_of(&lock)))

@@ -128,6 +128,11 @@ async fn take_q(
     inv.invoke_async(c).await.expect("acquire.lua runs")
 }
 
+/// The remaining lease of lock `key`, in ms (-1: none, -2: not held).
+async fn lease_ms(c: &mut MultiplexedConnection, ns: &str, key: &str) -> i64 {
+    c.pttl(format!("{ns}{{{key}}}")).await.unwrap()
+}
+
 fn ints(v: &Value) -> Vec<i64> {
     match v {
         Value::Array(a) => a
@@ -159,7 +164,7 @@ async fn acquire_takes_every_key_with_the_lease_and_owner() {
     assert_eq!(reentered, [0, 0]);
     let v: String = c.get(format!("{ns}{{a}}")).await.unwrap();
     assert_eq!(v, format!("u1{NONCE}"));
-    let pttl: i64 = c.pttl(format!("{ns}{{b}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "b").await;
     assert!((9_000..=10_000).contains(&pttl), "{pttl}");
 }
 
@@ -167,7 +172,7 @@ async fn acquire_takes_every_key_with_the_lease_and_owner() {
 async fn acquire_without_ttl_sets_no_expiry() {
     let (mut c, ns) = setup().await;
     granted(&take(&mut c, &ns, &["a"], "", NONCE, 0).await);
-    let pttl: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "a").await;
     assert_eq!(pttl, -1);
 }
 
@@ -205,8 +210,8 @@ async fn reentry_can_be_told_to_keep_the_lease() {
     let (_, reentered) =
         granted(&take_q(&mut c, &ns, &["a", "b"], "u1", NONCE2, 1_000, keep).await);
     assert_eq!(reentered, [1, 0]);
-    let a: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
-    let b: i64 = c.pttl(format!("{ns}{{b}}")).await.unwrap();
+    let a = lease_ms(&mut c, &ns, "a").await;
+    let b = lease_ms(&mut c, &ns, "b").await;
     assert!(a > 50_000, "kept: {a}");
     assert!((1..=1_000).contains(&b), "{b}");
     let expiry: f64 = c
@@ -228,10 +233,10 @@ async fn reentry_keeps_the_lease_without_ttl_and_resets_it_with_one() {
     assert_eq!(reentered, [1]);
     let v: String = c.get(format!("{ns}{{a}}")).await.unwrap();
     assert_eq!(v, format!("u1{NONCE}"), "re-entry keeps the first nonce");
-    let pttl: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "a").await;
     assert!((0..=5_000).contains(&pttl), "kept, not removed: {pttl}");
     granted(&take(&mut c, &ns, &["a"], "u1", NONCE2, 60_000).await);
-    let pttl: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "a").await;
     assert!(pttl > 50_000, "reset: {pttl}");
 }
 
@@ -453,10 +458,10 @@ async fn extend_is_all_or_nothing() {
     granted(&take(&mut c, &ns, &["a"], "u1", NONCE, 1_000).await);
     granted(&take(&mut c, &ns, &["b"], "u2", NONCE, 1_000).await);
     assert_eq!(prolong(&mut c, &ns, &["a", "b"], "u1", 60_000).await, 2);
-    let pttl: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "a").await;
     assert!(pttl <= 1_000, "unchanged: {pttl}");
     assert_eq!(prolong(&mut c, &ns, &["a"], "u1", 60_000).await, 0);
-    let pttl: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "a").await;
     assert!(pttl > 50_000, "{pttl}");
     let index_ttl: i64 = c.pttl(format!("{ns}{{u1}}:o")).await.unwrap();
     assert!(index_ttl > 50_000, "the index follows: {index_ttl}");
@@ -468,7 +473,7 @@ async fn extend_gives_a_permanent_lock_a_lease() {
     let (mut c, ns) = setup().await;
     granted(&take(&mut c, &ns, &["a"], "u1", NONCE, 0).await);
     assert_eq!(prolong(&mut c, &ns, &["a"], "u1", 5_000).await, 0);
-    let pttl: i64 = c.pttl(format!("{ns}{{a}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "a").await;
     assert!((0..=5_000).contains(&pttl));
     let index_ttl: i64 = c.pttl(format!("{ns}{{u1}}:o")).await.unwrap();
     assert!(
@@ -690,7 +695,7 @@ async fn a_release_reserves_the_lock_for_the_first_listening_process() {
     assert_eq!(free(&mut c, &ns, &["k"], "holder", "").await, [1]);
     assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
     assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
-    let pttl: i64 = c.pttl(format!("{ns}{{k}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "k").await;
     assert!((0..=CLAIM_MS as i64).contains(&pttl));
     assert!(queue_of(&mut c, &ns, "k").await.is_empty());
     // Nobody else can take it; p1 claims it.
@@ -740,7 +745,7 @@ async fn a_release_hands_the_lock_straight_to_a_local_successor() {
     assert_eq!(r[0], 1);
     assert!(r[1] > t0[0], "the successor's token is newer");
     assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("b{NONCE2}")));
-    let pttl: i64 = c.pttl(format!("{ns}{{k}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "k").await;
     assert!((4_000..=5_000).contains(&pttl));
     // More local waiters follow: p1 stays queued, now at the back.
     assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
@@ -843,7 +848,7 @@ async fn a_retry_with_the_same_nonce_finds_its_own_lock() {
     granted(&take(&mut c, &ns, &["anon"], "", NONCE, 1_000).await);
     let (_, reentered) = granted(&take(&mut c, &ns, &["anon"], "", NONCE, 5_000).await);
     assert_eq!(reentered, [0], "taken by this call, not re-entered");
-    let pttl: i64 = c.pttl(format!("{ns}{{anon}}")).await.unwrap();
+    let pttl = lease_ms(&mut c, &ns, "anon").await;
     assert!(pttl > 4_000, "{pttl}");
     // Another anonymous acquisition still conflicts.
     assert_eq!(

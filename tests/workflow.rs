@@ -43,25 +43,33 @@ fn logged(
     )
 }
 
-/// Steps run in order; a failure compensates the completed steps in reverse
-/// order and returns the original error.
-#[tokio::test]
-async fn a_failure_compensates_completed_steps_in_reverse() {
-    let log: Log = Arc::default();
+/// Steps a, b, c adding 1 each, logged in `log`; c fails, and so does b's
+/// compensation if `b_compensation_fails`.
+fn three_steps(log: &Log, b_compensation_fails: bool) -> lockstep::workflow::Workflow<u32, u32> {
     let (a, b, c) = (
-        logged("a", &log, false, false),
-        logged("b", &log, false, false),
-        logged("c", &log, true, false),
+        logged("a", log, false, false),
+        logged("b", log, false, b_compensation_fails),
+        logged("c", log, true, false),
     );
-    let wf = create_workflow("three", move |run, n: u32| {
+    create_workflow("three", move |run, n: u32| {
         let (a, b, c) = (a.clone(), b.clone(), c.clone());
         async move {
             let n = run.step(&a, n).await?;
             let n = run.step(&b, n).await?;
             run.step(&c, n).await
         }
-    });
-    let e = wf.run(&Container::new(), 10).await.unwrap_err();
+    })
+}
+
+/// Steps run in order; a failure compensates the completed steps in reverse
+/// order and returns the original error.
+#[tokio::test]
+async fn a_failure_compensates_completed_steps_in_reverse() {
+    let log: Log = Arc::default();
+    let e = three_steps(&log, false)
+        .run(&Container::new(), 10)
+        .await
+        .unwrap_err();
     assert_eq!(
         *log.lock().unwrap(),
         [
@@ -84,20 +92,10 @@ async fn a_failure_compensates_completed_steps_in_reverse() {
 #[tokio::test]
 async fn compensation_failures_are_reported_not_swallowed() {
     let log: Log = Arc::default();
-    let (a, b, c) = (
-        logged("a", &log, false, false),
-        logged("b", &log, false, true),
-        logged("c", &log, true, false),
-    );
-    let wf = create_workflow("three", move |run, n: u32| {
-        let (a, b, c) = (a.clone(), b.clone(), c.clone());
-        async move {
-            let n = run.step(&a, n).await?;
-            let n = run.step(&b, n).await?;
-            run.step(&c, n).await
-        }
-    });
-    let e = wf.run(&Container::new(), 0).await.unwrap_err();
+    let e = three_steps(&log, true)
+        .run(&Container::new(), 0)
+        .await
+        .unwrap_err();
     assert_eq!(
         e.error().to_string(),
         "c failed",
