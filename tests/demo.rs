@@ -228,6 +228,35 @@ fn bench_does_not_flush_a_database_silently() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--flush"));
     let kept: Option<String> = redis::cmd("GET").arg("precious").query(&mut c).unwrap();
     assert_eq!(kept.as_deref(), Some("1"));
+    // --flush on database 2 flushes database 2 only: the URL's database
+    // is kept for every connection bench makes.
+    let out = lockstep(&[
+        "bench",
+        "--workload",
+        "w1",
+        "--redis-url",
+        &format!("{}/2", server.url()),
+        "--flush",
+        "--duration",
+        "0.2",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept: Option<String> = redis::cmd("GET").arg("precious").query(&mut c).unwrap();
+    assert_eq!(kept.as_deref(), Some("1"), "database 0 untouched");
+    let used: u64 = redis::cmd("DBSIZE")
+        .query(
+            &mut redis::Client::open(format!("{}/2", server.url()))
+                .unwrap()
+                .get_connection()
+                .unwrap(),
+        )
+        .unwrap();
+    assert!(used > 0, "the bench ran in database 2");
 }
 
 /// `lockstep torture` injects faults and reports, as one JSON object, no

@@ -157,15 +157,21 @@ impl BackendArgs {
         args
     }
 
-    /// The servers that hold locks, as `host:port`: the server, the
-    /// cluster's masters, the master the sentinels name, or the Redlock
-    /// masters. Looked up now (a cluster's or Sentinel's view may change).
-    pub(crate) async fn data_nodes(&self) -> Result<Vec<String>, String> {
+    /// The servers that hold locks: the server, the cluster's masters, the
+    /// master the sentinels name, or the Redlock masters. Looked up now (a
+    /// cluster's or Sentinel's view may change). Their URLs keep the
+    /// credentials, TLS and database of the URL they were found through.
+    pub(crate) async fn data_nodes(&self) -> Result<Vec<Node>, String> {
         if !self.redlock.is_empty() {
-            return self.redlock.iter().map(|u| address(u)).collect();
+            return self.redlock.iter().map(|u| Node::of(u)).collect();
         }
         if !self.cluster.is_empty() {
-            return cluster_masters(&self.cluster).await;
+            let seed = &self.cluster[0];
+            return cluster_masters(&self.cluster)
+                .await?
+                .into_iter()
+                .map(|(host, port)| Node::at(seed, &host, port))
+                .collect();
         }
         if let Some(master) = &self.sentinel_master {
             for sentinel in &self.sentinels {
@@ -179,14 +185,45 @@ impl BackendArgs {
                 }
                 .await;
                 if let Ok([host, port]) = reply.as_deref() {
-                    return Ok(vec![format!("{host}:{port}")]);
+                    let port = port.parse().map_err(|_| format!("bad port {port:?}"))?;
+                    let template = self.redis_url.as_deref().unwrap_or("redis://localhost");
+                    return Ok(vec![Node::at(template, host, port)?]);
                 }
             }
             return Err(format!("no sentinel knows a master named {master:?}"));
         }
-        Ok(vec![address(
+        Ok(vec![Node::of(
             self.redis_url.as_deref().ok_or_else(missing)?,
         )?])
+    }
+}
+
+/// A server that holds locks.
+pub(crate) struct Node {
+    /// `host:port`, for reports.
+    pub(crate) address: String,
+    /// How to connect to it.
+    pub(crate) url: String,
+}
+
+impl Node {
+    fn of(url: &str) -> Result<Node, String> {
+        let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
+        let host = parsed.host_str().ok_or_else(|| format!("{url}: no host"))?;
+        Ok(Node {
+            address: format!("{host}:{}", parsed.port().unwrap_or(6379)),
+            url: url.to_owned(),
+        })
+    }
+
+    /// The server at `host:port`, reached as `template` says otherwise.
+    fn at(template: &str, host: &str, port: u16) -> Result<Node, String> {
+        let mut url = url::Url::parse(template).map_err(|e| format!("{template}: {e}"))?;
+        url.set_host(Some(host))
+            .map_err(|e| format!("{host}: {e}"))?;
+        url.set_port(Some(port))
+            .map_err(|()| format!("{template}: no port can be set"))?;
+        Node::of(url.as_str())
     }
 }
 
@@ -202,22 +239,10 @@ fn module(id: &str, provider: Arc<dyn LockingProvider>) -> LockingModule {
         .expect("one provider")
 }
 
-/// `host:port` of a redis:// URL.
-fn address(url: &str) -> Result<String, String> {
-    let parsed = url::Url::parse(url).map_err(|e| format!("{url}: {e}"))?;
-    let host = parsed.host_str().ok_or_else(|| format!("{url}: no host"))?;
-    Ok(format!("{host}:{}", parsed.port().unwrap_or(6379)))
-}
-
-/// A plain connection to `url` (or to `host:port`).
+/// A plain connection to `url`.
 pub(crate) async fn plain(
     url: &str,
 ) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
-    let url = if url.contains("://") {
-        url.to_owned()
-    } else {
-        format!("redis://{url}")
-    };
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(2)))
         .set_response_timeout(None);
@@ -226,8 +251,8 @@ pub(crate) async fn plain(
         .await
 }
 
-/// The masters of the cluster the seed nodes belong to.
-async fn cluster_masters(seeds: &[String]) -> Result<Vec<String>, String> {
+/// The masters (host, port) of the cluster the seed nodes belong to.
+async fn cluster_masters(seeds: &[String]) -> Result<Vec<(String, u16)>, String> {
     let mut last = String::from("no seed node");
     for seed in seeds {
         let reply: Result<redis::Value, _> = async {
@@ -246,7 +271,7 @@ async fn cluster_masters(seeds: &[String]) -> Result<Vec<String>, String> {
                 continue;
             }
         };
-        let mut masters: Vec<String> = Vec::new();
+        let mut masters: Vec<(String, u16)> = Vec::new();
         for range in ranges {
             // [first, last, [host, port, id, ...], replicas...]
             if let redis::Value::Array(r) = range
@@ -256,11 +281,9 @@ async fn cluster_masters(seeds: &[String]) -> Result<Vec<String>, String> {
                     redis::from_redis_value::<String>(host.clone()),
                     redis::from_redis_value::<u16>(port.clone()),
                 )
+                && !masters.contains(&(host.clone(), port))
             {
-                let a = format!("{host}:{port}");
-                if !masters.contains(&a) {
-                    masters.push(a);
-                }
+                masters.push((host, port));
             }
         }
         masters.sort();

@@ -302,24 +302,28 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
     Ok(EXIT_OK)
 }
 
-/// An admin connection to each server that holds locks.
+/// An admin connection to each server that holds locks (by `host:port`).
 struct Nodes {
     admins: Vec<(String, redis::aio::MultiplexedConnection)>,
+    /// The first server's URL (credentials and database included).
+    first_url: String,
 }
 
 impl Nodes {
     async fn connect(backend: &BackendArgs) -> Result<Nodes, Failure> {
         let mut admins = Vec::new();
-        for node in backend.data_nodes().await.map_err(Failure::usage)? {
+        let nodes = backend.data_nodes().await.map_err(Failure::usage)?;
+        for node in &nodes {
             // plain() sets no response timeout: flushing millions of keys
             // (the baseline leaves them) takes longer than redis-rs's
             // default half second.
-            let conn = crate::backend::plain(&node)
-                .await
-                .map_err(|e| Failure::usage(format!("cannot reach Redis at {node}: {e}")))?;
-            admins.push((node, conn));
+            let conn = crate::backend::plain(&node.url).await.map_err(|e| {
+                Failure::usage(format!("cannot reach Redis at {}: {e}", node.address))
+            })?;
+            admins.push((node.address.clone(), conn));
         }
-        Ok(Nodes { admins })
+        let first_url = nodes.first().map(|n| n.url.clone()).unwrap_or_default();
+        Ok(Nodes { admins, first_url })
     }
 
     async fn dbsize(&mut self) -> u64 {
@@ -370,7 +374,7 @@ impl Counter {
             let conn = client.get_async_connection().await.map_err(fail)?;
             return Ok(Counter::Cluster(conn));
         }
-        let conn = crate::backend::plain(&nodes.admins[0].0)
+        let conn = crate::backend::plain(&nodes.first_url)
             .await
             .map_err(fail)?;
         Ok(Counter::Plain(conn))
