@@ -203,7 +203,13 @@ async fn a_waiter_recovers_when_redis_restarts_while_it_waits() {
             .acquire("k", owner("w").timeout(Duration::from_secs(20)))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The waiter is queued in Redis before the restart wipes everything.
+    let c = raw_connection(&server.url()).await;
+    eventually(Duration::from_secs(5), "the waiter queued", || {
+        let mut c = c.clone();
+        async move { c.llen::<_, u64>(format!("{NS}{{k}}:q")).await.unwrap_or(0) > 0 }
+    })
+    .await;
     server.restart();
     let restarted = Instant::now();
     let lease = timeout(Duration::from_secs(20), waiting)
