@@ -40,10 +40,7 @@ impl Held {
 
     /// The fencing token of `key`, if the job holds it.
     pub fn token_of(&self, key: &str) -> Option<u64> {
-        self.keys
-            .iter()
-            .position(|k| k == key)
-            .map(|i| self.tokens[i])
+        crate::lease::token_of(&self.keys, &self.tokens, key)
     }
 
     /// The keys held.

@@ -51,10 +51,7 @@ impl Lease {
 
     /// The fencing token of `key`, if the lease holds it.
     pub fn token_of(&self, key: &str) -> Option<u64> {
-        self.keys
-            .iter()
-            .position(|k| k == key)
-            .map(|i| self.tokens[i])
+        token_of(&self.keys, &self.tokens, key)
     }
 
     /// Every key with its fencing token.
@@ -158,4 +155,9 @@ impl fmt::Debug for Lease {
             .field("provider_id", &self.provider_id)
             .finish_non_exhaustive()
     }
+}
+
+/// The token of `key` among `keys` (`tokens[i]` is `keys[i]`'s).
+pub(crate) fn token_of(keys: &[String], tokens: &[u64], key: &str) -> Option<u64> {
+    keys.iter().position(|k| k == key).map(|i| tokens[i])
 }
