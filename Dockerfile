@@ -5,8 +5,11 @@ COPY Cargo.toml Cargo.lock ./
 COPY src src
 COPY lua lua
 COPY examples examples
+COPY docs docs
 COPY README.md README.md
-RUN cargo build --release --locked --features cli --bin lockstep
+COPY cli cli
+COPY testkit testkit
+RUN cargo build --release --locked -p lockstep-cli --bin lockstep
 
 FROM debian:bookworm-slim
 COPY --from=build /src/target/release/lockstep /usr/local/bin/lockstep

@@ -45,8 +45,11 @@ instances = sorted(int(services[a]["command"][services[a]["command"].index("--in
 if instances != [0, 1, 2]:
     problems.append(f"the apps' --instance values are {instances}, expected 0, 1, 2")
 
-if "--features cli" not in dockerfile:
-    problems.append("the Dockerfile does not build the cli feature")
+if "-p lockstep-cli" not in dockerfile:
+    problems.append("the Dockerfile does not build the lockstep-cli package")
+for needed in ["cli", "testkit", "src", "lua"]:
+    if f"COPY {needed} {needed}" not in dockerfile:
+        problems.append(f"the Dockerfile does not copy {needed}/, which the build needs")
 for needle in ["docker compose up --build", "docker-compose.yml"] + sorted(services):
     if needle not in readme:
         problems.append(f"the README does not mention {needle!r}")

@@ -14,28 +14,10 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::time::Instant;
 
 use crate::backend::{BackendArgs, Connected};
-use crate::checkout::{InstanceStats, Ledger, Plan, order_id, run_instance};
+use crate::failure::{EXIT_OK, EXIT_USAGE, EXIT_WRONG, Failure};
+mod checkout;
 
-/// Exit statuses of `demo`.
-pub(crate) const EXIT_OK: u8 = 0;
-pub(crate) const EXIT_WRONG: u8 = 1;
-pub(crate) const EXIT_USAGE: u8 = 2;
-
-/// A failure that ends the command with a message and a status.
-#[derive(Debug)]
-pub(crate) struct Failure {
-    pub(crate) status: u8,
-    pub(crate) message: String,
-}
-
-impl Failure {
-    pub(crate) fn usage(message: impl Into<String>) -> Failure {
-        Failure {
-            status: EXIT_USAGE,
-            message: message.into(),
-        }
-    }
-}
+use checkout::{InstanceStats, Ledger, Plan, order_id, run_instance};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {

@@ -2,6 +2,7 @@
 //! Redis killed, paused or cut off by a proxy while calls are in flight.
 //! Every server and holder here is a private process started by the test.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::io::{BufRead, BufReader};

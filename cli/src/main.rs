@@ -1,14 +1,30 @@
-//! The `lockstep` command line.
+//! The `lockstep` command line: a crate of its own, so that programs using
+//! the library do not compile argument parsing, JSON output or the test
+//! kit's server launcher.
 //!
-//! Built only with the `cli` feature, so that programs using the library do
-//! not compile argument parsing or JSON output.
+//! # Layout
+//!
+//! - `main.rs`: the commands, `check` and `release-all`.
+//! - `failure.rs`: exit statuses and the one result type of every command.
+//! - `backend.rs`: the flags that pick a backend (`--redis-url`,
+//!   `--cluster`, `--sentinel`, `--redlock`) and connecting to it.
+//! - `demo/`: the checkout demo (`mod.rs`: demo, worker, report;
+//!   `checkout.rs`: the workflow and the ledger).
+//! - `torture/`: faults against real servers (`mod.rs`: torture and its
+//!   workers; `hold.rs`: one holder as a process; `fenced.rs`: the fenced
+//!   store that checks).
+//! - `bench/`: measurements (`contention.rs`: w1-w3; `memory.rs`;
+//!   `waiters.rs`; `baseline.rs`; `stats.rs`).
+//!
+//! Three subcommands are internal, hidden from `--help`: `worker` (one demo
+//! instance, started by `demo`), `torture-worker` (started by `torture`) and
+//! `hold` (a lock holder for fault-injection tests). They are not meant to
+//! be run by hand and may change without notice.
 
 mod backend;
 mod bench;
-mod checkout;
 mod demo;
-mod fenced;
-mod hold;
+mod failure;
 mod torture;
 
 use std::process::ExitCode;
@@ -16,6 +32,7 @@ use std::time::Duration;
 
 use backend::BackendArgs;
 use clap::{Parser, Subcommand};
+use failure::{CommandResult, EXIT_OK, Failure};
 use lockstep::ReleaseOptions;
 
 /// Distributed locks for workflows, backed by Redis.
@@ -33,8 +50,8 @@ enum Command {
     /// order is charged once, 1 on a double (or missing) charge, 2 on bad
     /// usage or an unreachable Redis.
     Demo(demo::DemoArgs),
-    /// One demo instance as a process (started by `demo --redis-url`, or by
-    /// docker compose with --start-now).
+    /// Internal: one demo instance as a process (started by `demo
+    /// --redis-url`, or by docker compose with --start-now).
     #[command(hide = true)]
     Worker(demo::WorkerArgs),
     /// Report on a demo run made by standalone workers (docker compose).
@@ -43,12 +60,13 @@ enum Command {
     /// faults (Redis restarts, paused holders, dropped connections), checked
     /// by fencing tokens. Exit status 1 on any mutual-exclusion violation.
     Torture(torture::TortureArgs),
-    /// One torture worker.
+    /// Internal: one torture worker (started by `torture`).
     #[command(hide = true)]
     TortureWorker(torture::TortureWorkerArgs),
-    /// Hold one lock as a process of its own (for fault injection).
+    /// Internal: hold one lock as a process of its own (for fault
+    /// injection tests).
     #[command(hide = true)]
-    Hold(hold::HoldArgs),
+    Hold(torture::hold::HoldArgs),
     /// Measure throughput, latency, fairness and cost against a real Redis
     /// (workloads w1, w2, w3, mem, waiters); prints JSON lines.
     Bench(bench::BenchArgs),
@@ -71,26 +89,16 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo(args) => return finish(demo::demo(args).await),
-        Command::Worker(args) => return finish(demo::worker(args).await),
-        Command::Report(args) => return finish(demo::report_run(args).await),
-        Command::Bench(args) => return finish(bench::bench(args).await),
-        Command::Hold(args) => return finish(hold::hold(args).await),
-        Command::Torture(args) => return finish(torture::torture(args).await),
-        Command::TortureWorker(args) => return finish(torture::torture_worker(args).await),
+        Command::Demo(args) => demo::demo(args).await,
+        Command::Worker(args) => demo::worker(args).await,
+        Command::Report(args) => demo::report_run(args).await,
+        Command::Bench(args) => bench::bench(args).await,
+        Command::Hold(args) => torture::hold::hold(args).await,
+        Command::Torture(args) => torture::torture(args).await,
+        Command::TortureWorker(args) => torture::torture_worker(args).await,
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("lockstep: {e}");
-            ExitCode::from(2)
-        }
-    }
-}
-
-fn finish(result: Result<u8, demo::Failure>) -> ExitCode {
     match result {
         Ok(status) => ExitCode::from(status),
         Err(failure) => {
@@ -100,10 +108,8 @@ fn finish(result: Result<u8, demo::Failure>) -> ExitCode {
     }
 }
 
-type CliResult = Result<(), Box<dyn std::error::Error>>;
-
-async fn check(args: &BackendArgs) -> CliResult {
-    let module = args.connect().await?.module;
+async fn check(args: &BackendArgs) -> CommandResult {
+    let module = args.connect().await.map_err(Failure::usage)?.module;
     let key = format!("lockstep-check-{}", std::process::id());
     let started = std::time::Instant::now();
     let lease = module
@@ -120,11 +126,11 @@ async fn check(args: &BackendArgs) -> CliResult {
         args.namespace
     );
     module.shutdown().await;
-    Ok(())
+    Ok(EXIT_OK)
 }
 
-async fn release_all(args: &BackendArgs, owner: Option<String>) -> CliResult {
-    let module = args.connect().await?.module;
+async fn release_all(args: &BackendArgs, owner: Option<String>) -> CommandResult {
+    let module = args.connect().await.map_err(Failure::usage)?.module;
     let mut options = ReleaseOptions::new();
     if let Some(o) = &owner {
         options = options.owner_id(o);
@@ -132,5 +138,5 @@ async fn release_all(args: &BackendArgs, owner: Option<String>) -> CliResult {
     let n = module.release_all(options).await?;
     println!("released {n} lock(s)");
     module.shutdown().await;
-    Ok(())
+    Ok(EXIT_OK)
 }

@@ -1,14 +1,18 @@
 //! A master, its replicas and three sentinels, all on local ports.
 
-use super::{RedisServer, free_port, wait_until_in_sync};
+use crate::{RedisServer, free_port, wait_until_in_sync};
 
 /// The name the sentinels know the master by.
 pub const MASTER_NAME: &str = "mymaster";
 
 /// One monitored master and its watchers. Dropping it kills them all.
+#[derive(Debug)]
 pub struct SentinelSet {
+    /// The master at the start.
     pub master: RedisServer,
+    /// Its replicas, in sync.
     pub replicas: Vec<RedisServer>,
+    /// Three sentinels, quorum 2.
     pub sentinels: Vec<RedisServer>,
 }
 
@@ -16,6 +20,10 @@ impl SentinelSet {
     /// A master, `replicas` replicas in sync, and three sentinels (quorum
     /// 2, master down after 500 ms) that know each other and the replicas
     /// from their config files, so they are ready in about a second.
+    ///
+    /// # Panics
+    ///
+    /// When a server does not start.
     pub async fn start(replicas: usize) -> SentinelSet {
         let master = RedisServer::start(&[
             "--repl-diskless-sync",
@@ -58,6 +66,7 @@ impl SentinelSet {
         panic!("the sentinels did not start; the last log:\n{last_log}");
     }
 
+    /// The sentinels' URLs (for `RedisConfig::from_sentinels`).
     pub fn sentinel_urls(&self) -> Vec<String> {
         self.sentinels.iter().map(RedisServer::url).collect()
     }

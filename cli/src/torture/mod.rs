@@ -20,19 +20,23 @@
 //!   (audited afterwards from the store's log, independently of the check
 //!   that should have refused it).
 
+pub(crate) mod fenced;
+pub(crate) mod hold;
+
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use lockstep::{ExecuteOptions, LockError, LockingModule, RedisConfig, RedisProvider};
+use lockstep_testkit::RedisServer;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::time::Instant;
 
-use crate::demo::{EXIT_OK, EXIT_WRONG, Failure};
+use crate::failure::{EXIT_OK, EXIT_WRONG, Failure};
 
 /// The store's side of a critical section, atomic.
 ///
@@ -83,9 +87,10 @@ pub(crate) struct TortureArgs {
     /// How long to run, in seconds.
     #[arg(long, default_value_t = 30.0)]
     duration: f64,
-    /// The redis-server binary to start.
-    #[arg(long, default_value = "redis-server")]
-    redis_server_bin: PathBuf,
+    /// The redis-server binary to start (default: `LOCKSTEP_REDIS_SERVER_BIN`,
+    /// else redis-server in PATH).
+    #[arg(long)]
+    redis_server_bin: Option<PathBuf>,
     /// Worker processes.
     #[arg(long, default_value_t = 4)]
     workers: usize,
@@ -129,109 +134,24 @@ struct WorkerStats {
     errors: HashMap<String, u64>,
 }
 
-/// A redis-server started by this command, killed when dropped.
-struct Server {
-    child: Option<tokio::process::Child>,
-    port: u16,
-    dir: PathBuf,
-    bin: PathBuf,
-    persist: bool,
+/// A redis-server of this command's (the test kit's launcher), with AOF
+/// and `fsync` on every write unless `persist` is false.
+fn start_server(persist: bool) -> Result<RedisServer, Failure> {
+    let persistence: &[&str] = if persist {
+        &["--appendonly", "yes", "--appendfsync", "always"]
+    } else {
+        &[]
+    };
+    RedisServer::try_start_with(None, None, persistence).map_err(Failure::usage)
 }
 
-impl Server {
-    async fn start(bin: &Path, name: &str, persist: bool) -> Result<Server, Failure> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| Failure::usage(e.to_string()))?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("lockstep-torture-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| Failure::usage(e.to_string()))?;
-        let mut server = Server {
-            child: None,
-            port,
-            dir,
-            bin: bin.to_owned(),
-            persist,
-        };
-        server.spawn().await?;
-        Ok(server)
-    }
-
-    async fn spawn(&mut self) -> Result<(), Failure> {
-        let mut command = tokio::process::Command::new(&self.bin);
-        command
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true);
-        if self.persist {
-            command.args(["--appendonly", "yes", "--appendfsync", "always"]);
-        } else {
-            command.args(["--appendonly", "no"]);
-        }
-        self.child =
-            Some(command.spawn().map_err(|e| {
-                Failure::usage(format!("cannot start {}: {e}", self.bin.display()))
-            })?);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(mut c) = self.connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        Err(Failure::usage("a redis-server did not start"))
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn connection(&self) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
-    }
-
-    /// kill -9, then start again on the same port and data directory.
-    async fn restart(&mut self) -> Result<(), Failure> {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
-        // The port can linger for a moment after the kill.
-        for _ in 0..50 {
-            if self.spawn().await.is_ok() {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(Failure::usage("the lock server did not restart"))
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.child {
-            let _ = child.start_kill();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// A connection to `server`.
+async fn connection(
+    server: &RedisServer,
+) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+    redis::Client::open(server.url())?
+        .get_multiplexed_async_connection()
+        .await
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -247,8 +167,11 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
         ));
     }
     let started = Instant::now();
-    let mut locks = Server::start(&args.redis_server_bin, "locks", !args.no_persistence).await?;
-    let store = Server::start(&args.redis_server_bin, "store", false).await?;
+    if let Some(bin) = &args.redis_server_bin {
+        lockstep_testkit::set_server_bin(bin);
+    }
+    let mut locks = start_server(!args.no_persistence)?;
+    let store = start_server(false)?;
     let exe = std::env::current_exe().map_err(|e| Failure::usage(e.to_string()))?;
     let mut workers = Vec::new();
     for i in 0..args.workers {
@@ -298,13 +221,14 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
         tokio::time::sleep(Duration::from_millis(500 + next() % 1000)).await;
         match next() % 3 {
             0 => {
-                locks.restart().await?;
+                // kill -9, then the same port and data directory again.
+                tokio::task::block_in_place(|| locks.try_restart()).map_err(Failure::usage)?;
                 *faults.entry("redis_restarts").or_default() += 1;
             }
             1 => {
                 // Pause whoever holds a key right now, past its lease.
                 let key = next() % args.keys as u64;
-                let holder: Option<u32> = match store.connection().await {
+                let holder: Option<u32> = match connection(&store).await {
                     Ok(mut c) => c
                         .hget(format!("rec:key-{key}"), "pid")
                         .await
@@ -320,7 +244,7 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
                 *faults.entry("paused_holders").or_default() += 1;
             }
             _ => {
-                if let Ok(mut c) = locks.connection().await {
+                if let Ok(mut c) = connection(&locks).await {
                     for kind in ["normal", "pubsub"] {
                         let _: Result<i64, _> = redis::cmd("CLIENT")
                             .arg(&["KILL", "TYPE", kind])
@@ -352,8 +276,7 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
     }
 
     // The audit.
-    let mut c = store
-        .connection()
+    let mut c = connection(&store)
         .await
         .map_err(|e| Failure::usage(e.to_string()))?;
     let overlaps: u64 = c.hget("violations", "overlap").await.unwrap_or(0);

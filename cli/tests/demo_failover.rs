@@ -6,6 +6,7 @@
 //! rewrite what the run is judged by. No order may be charged twice, and
 //! every order must be charged. A binary of its own: it kills servers.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::process::{Child, Command, Stdio};

@@ -2,6 +2,7 @@
 //! statuses, on the in-memory default and on a real redis-server with
 //! worker processes.
 
+#[path = "../../tests/support/mod.rs"]
 mod support;
 
 use std::process::{Command, Output};

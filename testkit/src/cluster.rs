@@ -3,9 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use super::{RedisServer, free_port};
+use crate::{RedisServer, free_port};
 
 /// The nodes of one local cluster. Dropping it kills them all.
+#[derive(Debug)]
 pub struct Cluster {
     /// The masters, in slot order: master `i` serves the `i`-th share.
     pub masters: Vec<RedisServer>,
@@ -20,6 +21,10 @@ const FORM_DEADLINE: Duration = Duration::from_secs(30);
 
 impl Cluster {
     /// `masters` masters with no replicas (about a second).
+    ///
+    /// # Panics
+    ///
+    /// As [`start_with`](Self::start_with).
     pub fn start(masters: usize) -> Cluster {
         Self::start_with(masters, 0)
     }
@@ -28,9 +33,28 @@ impl Cluster {
     /// made first, then each replica is attached to its master with
     /// `CLUSTER REPLICATE` (so the pairing is known), and the call returns
     /// once every node sees every slot served and every replica is in sync.
+    ///
+    /// # Panics
+    ///
+    /// When a node does not start or the cluster does not form in 30 s.
     pub fn start_with(masters: usize, per_master: usize) -> Cluster {
-        let masters: Vec<RedisServer> = (0..masters).map(|_| node()).collect();
-        let replicas: Vec<RedisServer> = (0..masters.len() * per_master).map(|_| node()).collect();
+        Self::try_start(masters, per_master).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`start_with`](Self::start_with), returning why instead of
+    /// panicking (for the command line's `--spawn-cluster`).
+    ///
+    /// # Errors
+    ///
+    /// A node that did not start (with its log), a command a node refused,
+    /// or a cluster that did not form within 30 s.
+    pub fn try_start(masters: usize, per_master: usize) -> Result<Cluster, String> {
+        let masters = (0..masters)
+            .map(|_| node())
+            .collect::<Result<Vec<_>, _>>()?;
+        let replicas = (0..masters.len() * per_master)
+            .map(|_| node())
+            .collect::<Result<Vec<_>, _>>()?;
         let cluster = Cluster {
             masters,
             replicas,
@@ -49,11 +73,11 @@ impl Cluster {
                 .arg("ADDSLOTSRANGE")
                 .arg(first)
                 .arg(last)
-                .exec(&mut connect(m))
-                .expect("assign slots");
+                .exec(&mut try_connect(m).map_err(|e| e.to_string())?)
+                .map_err(|e| format!("assign slots: {e}"))?;
         }
         for n in cluster.nodes().skip(1) {
-            meet(&cluster.masters[0], n);
+            meet(&cluster.masters[0], n)?;
         }
         let deadline = Instant::now() + FORM_DEADLINE;
         // Every node must know every other before a replica can name its
@@ -61,42 +85,47 @@ impl Cluster {
         for n in cluster.nodes() {
             wait(deadline, "every node to know the others", || {
                 known_nodes(n) == cluster.masters.len() + cluster.replicas.len()
-            });
+            })?;
         }
         for (i, m) in cluster.masters.iter().enumerate() {
             for r in cluster.replicas_of(i) {
-                replicate(r, m);
+                replicate(r, m)?;
             }
         }
         for n in cluster.nodes() {
             wait(deadline, "the cluster to be ok everywhere", || {
-                let info: String = redis::cmd("CLUSTER")
-                    .arg("INFO")
-                    .query(&mut connect(n))
-                    .unwrap_or_default();
-                info.contains("cluster_state:ok")
-            });
+                try_connect(n)
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                    .is_ok_and(|info| info.contains("cluster_state:ok"))
+            })?;
         }
         for (i, m) in cluster.masters.iter().enumerate() {
             for r in cluster.replicas_of(i) {
-                wait_in_sync(deadline, m, r);
+                wait_in_sync(deadline, m, r)?;
             }
         }
-        cluster
+        Ok(cluster)
     }
 
     /// A new node, introduced to the cluster and made a replica of
     /// `master` (any master of the cluster now), returned once in sync.
+    ///
+    /// # Panics
+    ///
+    /// When the node does not start or join within 30 s.
     pub fn add_replica(&self, master: &RedisServer) -> RedisServer {
-        let replica = node();
-        let deadline = Instant::now() + FORM_DEADLINE;
-        meet(master, &replica);
-        wait(deadline, "the new node to know the cluster", || {
-            known_nodes(&replica) == self.masters.len() + self.replicas.len() + 1
-        });
-        replicate(&replica, master);
-        wait_in_sync(deadline, master, &replica);
-        replica
+        let joined = (|| {
+            let replica = node()?;
+            let deadline = Instant::now() + FORM_DEADLINE;
+            meet(master, &replica)?;
+            wait(deadline, "the new node to know the cluster", || {
+                known_nodes(&replica) == self.masters.len() + self.replicas.len() + 1
+            })?;
+            replicate(&replica, master)?;
+            wait_in_sync(deadline, master, &replica)?;
+            Ok::<_, String>(replica)
+        })();
+        joined.unwrap_or_else(|e| panic!("{e}"))
     }
 
     /// The replicas `masters[i]` started with.
@@ -115,6 +144,10 @@ impl Cluster {
     }
 
     /// The hash slot of a full Redis key name.
+    ///
+    /// # Panics
+    ///
+    /// When the first master does not answer.
     pub fn slot_of(&self, key: &str) -> u16 {
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
@@ -136,7 +169,7 @@ impl Cluster {
 }
 
 /// A cluster-enabled server, not yet part of any cluster.
-fn node() -> RedisServer {
+fn node() -> Result<RedisServer, String> {
     let mut last_log = String::new();
     for _ in 0..5 {
         // The cluster bus gets a free port of its own: the default (port +
@@ -156,41 +189,53 @@ fn node() -> RedisServer {
             "0",
         ];
         match RedisServer::try_start_at(free_port(), None, &args) {
-            Ok(server) => return server,
+            Ok(server) => return Ok(server),
             Err(log) => last_log = log,
         }
     }
-    panic!("a cluster node did not start; its log:\n{last_log}");
+    Err(format!(
+        "a cluster node did not start; its log:\n{last_log}"
+    ))
 }
 
 /// Introduces `newcomer` to `member`'s cluster.
-fn meet(member: &RedisServer, newcomer: &RedisServer) {
+fn meet(member: &RedisServer, newcomer: &RedisServer) -> Result<(), String> {
+    let fail = |e: redis::RedisError| format!("CLUSTER MEET: {e}");
     let bus: Vec<String> = redis::cmd("CONFIG")
         .arg("GET")
         .arg("cluster-port")
-        .query(&mut connect(newcomer))
-        .expect("cluster-port");
+        .query(&mut try_connect(newcomer).map_err(fail)?)
+        .map_err(fail)?;
     redis::cmd("CLUSTER")
         .arg("MEET")
         .arg("127.0.0.1")
         .arg(newcomer.port)
         .arg(&bus[1])
-        .exec(&mut connect(member))
-        .expect("meet");
+        .exec(&mut try_connect(member).map_err(fail)?)
+        .map_err(fail)
 }
 
-fn replicate(replica: &RedisServer, master: &RedisServer) {
+fn replicate(replica: &RedisServer, master: &RedisServer) -> Result<(), String> {
+    let fail = |e: redis::RedisError| format!("CLUSTER REPLICATE: {e}");
+    let id: String = redis::cmd("CLUSTER")
+        .arg("MYID")
+        .query(&mut try_connect(master).map_err(fail)?)
+        .map_err(fail)?;
     redis::cmd("CLUSTER")
         .arg("REPLICATE")
-        .arg(node_id(master))
-        .exec(&mut connect(replica))
-        .expect("replicate");
+        .arg(id)
+        .exec(&mut try_connect(replica).map_err(fail)?)
+        .map_err(fail)
 }
 
 /// Waits until `replica` has synced with `master`, and `master` counts it
 /// (for `WAIT`) as online.
-fn wait_in_sync(deadline: Instant, master: &RedisServer, replica: &RedisServer) {
-    wait(deadline, "a replica in sync", || in_sync(replica));
+fn wait_in_sync(
+    deadline: Instant,
+    master: &RedisServer,
+    replica: &RedisServer,
+) -> Result<(), String> {
+    wait(deadline, "a replica in sync", || in_sync(replica))?;
     wait(deadline, "a master to see its replica online", || {
         try_connect(master)
             .and_then(|mut c| {
@@ -199,7 +244,7 @@ fn wait_in_sync(deadline: Instant, master: &RedisServer, replica: &RedisServer) 
                     .query::<String>(&mut c)
             })
             .is_ok_and(|info| info.contains(&format!("port={},state=online", replica.port)))
-    });
+    })
 }
 
 /// Whether a replica's link to its master is up (synced).
@@ -214,6 +259,10 @@ pub fn in_sync(replica: &RedisServer) -> bool {
 }
 
 /// A plain connection to one node.
+///
+/// # Panics
+///
+/// When the node does not take one.
 pub fn connect(node: &RedisServer) -> redis::Connection {
     try_connect(node).expect("connect to a cluster node")
 }
@@ -225,6 +274,10 @@ fn try_connect(node: &RedisServer) -> redis::RedisResult<redis::Connection> {
 }
 
 /// The node's cluster id.
+///
+/// # Panics
+///
+/// When the node does not answer.
 pub fn node_id(node: &RedisServer) -> String {
     redis::cmd("CLUSTER")
         .arg("MYID")
@@ -242,18 +295,20 @@ pub fn is_master(node: &RedisServer) -> bool {
 }
 
 fn known_nodes(node: &RedisServer) -> usize {
-    redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query::<String>(&mut connect(node))
+    try_connect(node)
+        .and_then(|mut c| redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut c))
         .unwrap_or_default()
         .lines()
         .filter(|l| !l.contains("handshake") && !l.contains("noaddr"))
         .count()
 }
 
-fn wait(deadline: Instant, what: &str, mut ready: impl FnMut() -> bool) {
+fn wait(deadline: Instant, what: &str, mut ready: impl FnMut() -> bool) -> Result<(), String> {
     while !ready() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            return Err(format!("timed out waiting for {what}"));
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
+    Ok(())
 }

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use lockstep::{AcquireOptions, ExecuteOptions};
 
-use crate::demo::{EXIT_OK, EXIT_WRONG, Failure};
-use crate::fenced::FencedStore;
+use super::fenced::FencedStore;
+use crate::failure::{EXIT_OK, EXIT_WRONG, Failure};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct HoldArgs {

@@ -1,0 +1,210 @@
+//! `lockstep bench`: throughput, latency, fairness and cost of the Redis
+//! provider, measured against a real server. Measurements, not tests: they
+//! print JSON lines and assert nothing.
+//!
+//! - `w1`: C workers (default 64), each on its own key, acquire -> release.
+//! - `w2`: C workers (default 16) on one key: acquire (waiting up to
+//!   `--wait-timeout-ms`), INCR a holders counter on a separate connection
+//!   (a result other than 1 is a violation), hold `--hold-us`, DECR, release.
+//! - `w3`: C workers (default 32), each iteration locks 3 distinct keys drawn
+//!   from 100, holds, releases.
+//! - `mem`: holds 10,000 single-key locks and reports Redis memory per lock.
+//! - `waiters`: `--waiters` (default 10,000) waiters on one key in this
+//!   process, with a pool of 2 connections: all must be served, in order,
+//!   before their deadline; reports client memory per waiter.
+//!
+//! Only operations that finish inside the window (`--duration`, default
+//! 10 s) count; the database is flushed and one warm-up operation runs
+//! before it.
+//!
+//! `w1`-`w3` run on any backend (`--redis-url`, `--cluster`, `--sentinel`,
+//! `--redlock`, or one spawned here: `--spawn-redis`, `--spawn-cluster N`)
+//! and report the commands each server ran (`commands_per_node`), so the
+//! spread over a cluster's masters shows. `mem`, `waiters` and
+//! `--baseline` need one server.
+
+mod baseline;
+mod contention;
+mod memory;
+mod stats;
+mod waiters;
+
+use std::path::PathBuf;
+
+use lockstep::{RedisConfig, RedisProvider};
+use lockstep_testkit::RedisServer;
+use lockstep_testkit::cluster::Cluster;
+
+use crate::backend::BackendArgs;
+use crate::failure::{EXIT_OK, Failure};
+use contention::Shape;
+use stats::{Nodes, medians};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum Workload {
+    W1,
+    W2,
+    W3,
+    Mem,
+    Waiters,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct BenchArgs {
+    /// What to measure.
+    #[arg(long, value_enum)]
+    workload: Workload,
+    /// The Redis to measure against (flushed: see --flush). Its namespace
+    /// is always `bench:`.
+    #[command(flatten)]
+    backend: BackendArgs,
+    /// Start a redis-server of our own on a free loopback port.
+    #[arg(long, conflicts_with_all = ["redis_url", "cluster", "sentinels", "redlock"])]
+    spawn_redis: bool,
+    /// Start a Redis Cluster of N masters of our own on free loopback ports.
+    #[arg(long, value_name = "N", conflicts_with_all = ["spawn_redis", "redis_url", "cluster", "sentinels", "redlock"])]
+    spawn_cluster: Option<usize>,
+    /// The redis-server binary for --spawn-redis and --spawn-cluster
+    /// (default: `LOCKSTEP_REDIS_SERVER_BIN`, else redis-server in PATH).
+    #[arg(long)]
+    redis_server_bin: Option<PathBuf>,
+    /// Flush a --redis-url database that is not empty (never done silently).
+    #[arg(long)]
+    flush: bool,
+    /// Workers (default: 64 for w1, 16 for w2, 32 for w3).
+    #[arg(long)]
+    concurrency: Option<usize>,
+    /// The measurement window, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// How long each acquisition holds its lock(s), in microseconds.
+    #[arg(long, default_value_t = 0)]
+    hold_us: u64,
+    /// Lease of each lock, ms.
+    #[arg(long, default_value_t = 10_000)]
+    ttl_ms: u64,
+    /// How long an acquisition may wait, ms.
+    #[arg(long, default_value_t = 5_000)]
+    wait_timeout_ms: u64,
+    /// Runs of the workload (one JSON line each, then a line of medians).
+    #[arg(long, default_value_t = 1)]
+    runs: usize,
+    /// Barging instead of FIFO handoff.
+    #[arg(long)]
+    barging: bool,
+    /// Poll instead of waiting for release notifications.
+    #[arg(long)]
+    no_notifications: bool,
+    /// Anonymous locks instead of one named owner per worker.
+    #[arg(long)]
+    anonymous: bool,
+    /// Waiters for the `waiters` workload.
+    #[arg(long, default_value_t = 10_000)]
+    waiters: usize,
+    /// For w1: also run `redis-benchmark -c 50 -P 16` with the acquire
+    /// script (EVALSHA) on the same server, and report the ratio.
+    #[arg(long)]
+    baseline: bool,
+}
+
+pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
+    let mut backend = args.backend.clone();
+    if let Some(bin) = &args.redis_server_bin {
+        lockstep_testkit::set_server_bin(bin);
+    }
+    // Servers started here, stopped when this returns.
+    let mut _single = None;
+    let mut _cluster = None;
+    if args.spawn_redis {
+        let server = RedisServer::try_start_with(None, None, &[]).map_err(Failure::usage)?;
+        backend.redis_url = Some(server.url());
+        _single = Some(server);
+    } else if let Some(n) = args.spawn_cluster {
+        if n == 0 || n > 64 {
+            return Err(Failure::usage("--spawn-cluster takes 1 to 64 masters"));
+        }
+        let cluster = tokio::task::spawn_blocking(move || Cluster::try_start(n, 0))
+            .await
+            .map_err(|e| Failure::usage(e.to_string()))?
+            .map_err(Failure::usage)?;
+        backend.redis_url = None;
+        backend.cluster = cluster.urls();
+        _cluster = Some(cluster);
+    } else if !backend.is_given() {
+        return Err(Failure::usage(
+            "give --spawn-redis, --spawn-cluster N, --redis-url URL, --cluster, --sentinel or --redlock",
+        ));
+    }
+    let spawned = _single.is_some() || _cluster.is_some();
+    if !backend.is_single()
+        && (args.baseline || matches!(args.workload, Workload::Mem | Workload::Waiters))
+    {
+        return Err(Failure::usage(
+            "mem, waiters and --baseline measure one server: use --redis-url or --spawn-redis",
+        ));
+    }
+    let mut nodes = Nodes::connect(&backend).await?;
+    let size = nodes.dbsize().await;
+    if size > 0 && !args.flush && !spawned {
+        return Err(Failure::usage(format!(
+            "the servers hold {size} keys; bench flushes them before each run: pass --flush to allow it, or use --spawn-redis"
+        )));
+    }
+    let url = backend.redis_url.clone().unwrap_or_default();
+    let mut results = Vec::new();
+    for _ in 0..args.runs.max(1) {
+        nodes.flush().await?;
+        let run = match args.workload {
+            Workload::W1 => {
+                contention::contention(&args, &backend, &mut nodes, Shape::OwnKey).await?
+            }
+            Workload::W2 => {
+                contention::contention(&args, &backend, &mut nodes, Shape::OneKey).await?
+            }
+            Workload::W3 => {
+                contention::contention(&args, &backend, &mut nodes, Shape::ThreeOf100).await?
+            }
+            Workload::Mem => memory::memory(&args, &url, &mut nodes.admins[0].1).await?,
+            Workload::Waiters => waiters::waiters(&args, &url).await?,
+        };
+        println!("{run}");
+        results.push(run);
+    }
+    if results.len() > 1 {
+        println!("{}", medians(&results));
+    }
+    Ok(EXIT_OK)
+}
+
+/// The bench's provider settings.
+pub(super) fn tune(config: RedisConfig, args: &BenchArgs, pool_size: usize) -> RedisConfig {
+    config
+        .namespace("bench:")
+        .pool_size(pool_size)
+        .fair(!args.barging)
+        .notifications(!args.no_notifications)
+}
+
+pub(super) async fn connect(
+    args: &BenchArgs,
+    url: &str,
+    pool_size: usize,
+) -> Result<RedisProvider, Failure> {
+    connect_with(url, pool_size, !args.barging, !args.no_notifications).await
+}
+
+pub(super) async fn connect_with(
+    url: &str,
+    pool_size: usize,
+    fair: bool,
+    notifications: bool,
+) -> Result<RedisProvider, Failure> {
+    let config = RedisConfig::from_url(url)
+        .namespace("bench:")
+        .pool_size(pool_size)
+        .fair(fair)
+        .notifications(notifications);
+    RedisProvider::connect(config)
+        .await
+        .map_err(|e| Failure::usage(e.to_string()))
+}
