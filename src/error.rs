@@ -242,7 +242,7 @@ impl BackendError {
 
     /// True when the request may have taken effect although no reply
     /// arrived. lockstep undoes such acquisitions itself (see
-    /// [`LockingProvider::acquire`](crate::LockingProvider::acquire)); a
+    /// [`LockingProvider::acquire`](crate::provider::LockingProvider::acquire)); a
     /// release or extend with an unknown outcome can simply be repeated.
     pub fn is_outcome_unknown(&self) -> bool {
         self.kind == BackendErrorKind::OutcomeUnknown

@@ -42,7 +42,7 @@ impl Keys {
     ///
     /// [`InvalidInput::NoKeys`], [`InvalidInput::EmptyKey`],
     /// [`InvalidInput::KeyTooLong`] or [`InvalidInput::TooManyKeys`].
-    pub fn validated(self) -> Result<Vec<String>, InvalidInput> {
+    pub(crate) fn validated(self) -> Result<Vec<String>, InvalidInput> {
         if self.0.is_empty() {
             return Err(InvalidInput::NoKeys);
         }

@@ -3,29 +3,34 @@
 //!
 //! # Layout
 //!
+//! The user API is at the root; [`provider`] is the backend SPI, for
+//! writing a provider of your own; [`workflow`] is the workflow engine.
+//!
 //! - [`LockingModule`] (`module.rs`, `execute.rs`): the service. `execute`,
 //!   `acquire`, `release`, `release_all` and `extend`, routed to a provider
 //!   by id; `execute`'s job gets a [`Held`] (fencing tokens, loss signal).
-//! - [`LockingProvider`] (`provider.rs`): the trait a backend implements,
-//!   and its contract.
-//! - [`InMemoryProvider`] (`memory.rs`): locks in this process; the default.
-//! - [`RedisProvider`] (`redis/`): locks in Redis for many processes.
-//!   `redis/config.rs` ([`RedisConfig`]), `redis/layout.rs` (key names, hash
-//!   tags), `redis/connection.rs` (the shared connection, error kinds),
-//!   `redis/acquire.rs` (attempts, the ways of waiting, undo guards),
-//!   `redis/release.rs` (release with handoff, background undo),
-//!   `redis/waiting.rs` (notifications and local waiter queues),
-//!   `redis/sentinel.rs` (following a Sentinel master), `redis/cluster.rs`
-//!   (requests split by hash slot on a Redis Cluster),
-//!   `redis/scripts.rs` (the Lua scripts in `lua/` at the repository root).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
 //!   tokens.
 //! - [`Keys`] (`keys.rs`) and the options (`options.rs`): call inputs.
+//! - [`LockError`], [`ConfigError`] (`error.rs`).
+//! - [`provider`] (`provider.rs`): the trait a backend implements, and its
+//!   contract.
+//! - [`InMemoryProvider`] (`memory.rs`): locks in this process; the default.
+//! - [`RedisProvider`] (`redis/`, feature `redis`): locks in Redis for many
+//!   processes, on one server, a Sentinel-managed master or a Redis
+//!   Cluster; `redis/mod.rs` maps its files.
+//! - [`RedlockProvider`] (`redlock.rs`, feature `redlock`): one lock across
+//!   a majority of independent Redis masters.
 //! - [`workflow`] (`workflow/`): a small workflow engine with compensation,
 //!   and Medusa's `acquire_lock_step` / `release_lock_step`.
-//! - `RedlockProvider` (`redlock.rs`, feature `redlock`): one lock across a
-//!   majority of independent Redis masters.
-//! - [`LockError`], [`ConfigError`] (`error.rs`).
+//! - `backoff.rs`: the one jittered backoff every retry loop uses;
+//!   `token.rs`: random owners and run ids.
+//!
+//! Names: a *lease* is how long a lock lives unless extended; Medusa calls
+//! it `expire` in the module's options and `ttl` in the lock steps, and
+//! lockstep keeps those names. [`Lease`] is what `acquire` hands back,
+//! [`Held`] what `execute`'s job borrows, and
+//! [`AcquiredLock`](workflow::AcquiredLock) what the acquire step outputs.
 //!
 //! # Example
 //!
@@ -54,16 +59,22 @@
 //! - `serde`: `Deserialize` for [`RedisConfig`].
 //! - `tls`: `rediss://` URLs (rustls), with a private CA if needed.
 //! - `sentinel`: find the master through Redis Sentinel and follow failovers
-//!   ([`RedisConfig::from_sentinels`]).
-//! - `redlock`: `RedlockProvider`, a quorum of independent masters.
-//! - `cli`: the `lockstep` command line (and its dependencies).
-//! - `testcontainers`: lets the test suite start Redis in Docker.
+//!   (`RedisConfig::from_sentinels`).
+//! - `cluster`: Redis Cluster, locks sharded by hash slot
+//!   (`RedisConfig::from_cluster`).
+//! - `redlock`: [`RedlockProvider`], a quorum of independent masters.
+//!
+//! The command line (`lockstep demo`, `bench`, `torture`, ...) is the
+//! `lockstep-cli` package of this repository: a program that uses the
+//! library compiles none of it.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 #![deny(rustdoc::broken_intra_doc_links)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "redis")]
+mod backoff;
 mod error;
 mod execute;
 mod keys;
@@ -71,7 +82,7 @@ mod lease;
 mod memory;
 mod module;
 mod options;
-mod provider;
+pub mod provider;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redlock")]
@@ -89,14 +100,16 @@ pub use options::{
     AcquireOptions, DEFAULT_EXECUTE_LEASE, DEFAULT_WAIT_TIMEOUT, ExecuteOptions, ExtendOptions,
     MAX_DURATION, ReleaseOptions,
 };
-pub use provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
 #[cfg(feature = "redis")]
-pub use redis::{DEFAULT_NAMESPACE, ENV_URL, RedisConfig, RedisProvider};
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{DEFAULT_NAMESPACE, Deployment, ENV_URL, RedisConfig, RedisProvider};
 #[cfg(feature = "redlock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redlock")))]
 pub use redlock::RedlockProvider;
 pub use tokio_util::sync::CancellationToken;
 
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use deadpool_redis;
 
 /// The README's examples, compiled as doctests so they cannot rot.

@@ -42,17 +42,6 @@ pub(crate) fn check_max(what: &'static str, d: Duration) -> Result<Duration, Inv
     Ok(d)
 }
 
-/// Whole milliseconds, rounded up so that a lease is never shorter than asked.
-#[cfg_attr(not(feature = "redis"), allow(dead_code))]
-pub(crate) fn millis_ceil(d: Duration) -> u64 {
-    let ms = d.as_millis() as u64; // <= MAX_DURATION, fits easily
-    if !d.subsec_nanos().is_multiple_of(1_000_000) {
-        ms + 1
-    } else {
-        ms
-    }
-}
-
 /// How long an acquisition may wait, as the caller asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub(crate) enum Patience {
@@ -234,13 +223,6 @@ impl ExtendOptions {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn millis_round_up() {
-        assert_eq!(millis_ceil(Duration::from_micros(1)), 1);
-        assert_eq!(millis_ceil(Duration::from_millis(2500)), 2500);
-        assert_eq!(millis_ceil(Duration::from_micros(2_500_001)), 2501);
-    }
 
     #[test]
     fn leases_are_checked() {

@@ -1,4 +1,12 @@
-//! The provider trait: what a lock backend implements.
+//! The backend SPI: what a lock backend implements, and what the module
+//! hands it.
+//!
+//! A user of lockstep never needs this module: [`LockingModule`](crate::LockingModule)
+//! validates every call and passes the provider an [`AcquireRequest`]. To
+//! write a backend of your own, implement [`LockingProvider`] (its docs list
+//! the contract) and register it with
+//! [`LockingModuleBuilder::provider`](crate::LockingModuleBuilder::provider);
+//! the contract suite in the repository's `tests/contract/` is the test.
 
 use std::fmt;
 use std::future::Future;

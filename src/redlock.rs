@@ -7,18 +7,19 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use tokio::time::{Instant, sleep};
 
+use crate::backoff::Backoff;
 use crate::error::{BackendError, BackendErrorKind, ConfigError, LockError};
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
+use crate::redis::connect;
+use crate::redis::wire::nonce;
 use crate::redis::{RedisConfig, RedisProvider};
-use crate::token::{nonce, unit_random};
 
 /// How much of a lease is set aside for clock drift between the client
 /// and the masters (Redlock's usual 1 %), plus 2 ms.
 const DRIFT_FACTOR: f64 = 0.01;
 
 /// The first and the longest pause between two rounds of attempts.
-const RETRY_MIN: Duration = Duration::from_millis(10);
-const RETRY_MAX: Duration = Duration::from_millis(200);
+const RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
 
 /// Locks held by a majority of N independent Redis masters (Redlock).
 ///
@@ -84,10 +85,13 @@ impl RedlockProvider {
         let masters = urls
             .iter()
             .map(|url| {
-                RedisProvider::connect_lazily(&RedisConfig {
+                // Connected on first use, without notifications (waiters
+                // poll): a set must start while some masters are down.
+                let config = RedisConfig {
                     url: Some((*url).to_owned()),
                     ..config.clone()
-                })
+                };
+                connect::single(&config, false).map(|(master, _)| master)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let provider = RedlockProvider {
@@ -187,7 +191,7 @@ impl RedlockProvider {
             wait: Wait::Once,
             ..request.clone()
         };
-        let mut pause = RETRY_MIN;
+        let mut backoff = Backoff::new(RETRY.0, RETRY.1);
         loop {
             let nonce = nonce();
             let started = Instant::now();
@@ -198,7 +202,11 @@ impl RedlockProvider {
                 .fan_out(
                     |m| {
                         let (once, nonce) = (once.clone(), nonce.clone());
-                        Box::pin(async move { m.try_with_nonce(&once, &nonce).await.map(Attempt) })
+                        Box::pin(async move {
+                            let owner = once.owner.as_deref().filter(|_| once.indexed);
+                            let keys = m.keyset(&once.keys, owner);
+                            m.try_once(&once, &keys, &nonce).await.map(Attempt)
+                        })
                     },
                     |t| t.ok.len() >= self.quorum,
                 )
@@ -231,9 +239,13 @@ impl RedlockProvider {
                     let (keys, owner, nonce) =
                         (request.keys.clone(), request.owner.clone(), nonce.clone());
                     Box::pin(async move {
-                        m.release_nonce(&keys, owner.as_deref(), &nonce)
-                            .await
-                            .map(Released)
+                        m.release_by_nonce(
+                            &m.lock_keys(&keys),
+                            owner.as_deref().unwrap_or(""),
+                            &nonce,
+                        )
+                        .await
+                        .map(Released)
                     })
                 },
                 |_| false,
@@ -256,11 +268,10 @@ impl RedlockProvider {
                     request.wait.give_up(&request.keys[held])
                 });
             }
-            let mut nap = pause.mul_f64(0.5 + 0.5 * unit_random());
+            let mut nap = backoff.next_pause();
             if let Some(r) = remaining {
                 nap = nap.min(r);
             }
-            pause = (pause * 2).min(RETRY_MAX);
             sleep(nap).await;
         }
     }

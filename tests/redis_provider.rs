@@ -63,25 +63,6 @@ async fn rediss_without_the_tls_feature_says_so() {
     assert!(e.to_string().contains("`tls` cargo feature"), "{e}");
 }
 
-#[cfg(not(feature = "cluster"))]
-#[tokio::test]
-async fn a_cluster_without_the_cluster_feature_says_so() {
-    let e = RedisProvider::connect(RedisConfig::from_cluster(["redis://127.0.0.1:7000"]))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            ConfigError::InvalidSetting {
-                name: "cluster_nodes",
-                ..
-            }
-        ),
-        "{e:?}"
-    );
-    assert!(e.to_string().contains("`cluster` cargo feature"), "{e}");
-}
-
 #[tokio::test]
 async fn bad_settings_are_typed_errors() {
     let url = shared_url();

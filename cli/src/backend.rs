@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use lockstep::{LockingModule, LockingProvider, RedisConfig, RedisProvider, RedlockProvider};
+use lockstep::provider::LockingProvider;
+use lockstep::{LockingModule, RedisConfig, RedisProvider, RedlockProvider};
 
 /// Connection flags shared by the commands that talk to Redis.
 #[derive(Debug, Clone, clap::Args)]

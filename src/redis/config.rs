@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
+use super::layout::check_namespace;
+use super::topology::Deployment;
+use super::wire::redact_url;
 use crate::error::ConfigError;
 use crate::options::{DEFAULT_WAIT_TIMEOUT, MAX_DURATION};
-use crate::redis::layout::check_namespace;
 
 /// The environment variable holding the Redis URL (Medusa's docs convention).
 pub const ENV_URL: &str = "LOCKING_REDIS_URL";
@@ -92,17 +94,13 @@ pub struct RedisConfig {
     /// How long an acquisition waits for its replicas (default 1 s).
     #[cfg_attr(feature = "serde", serde(deserialize_with = "de::duration"))]
     pub replica_timeout: Duration,
-    /// Redis Cluster (feature `cluster`): seed nodes (`redis://host:port`).
-    /// With them, locks are spread over the cluster's masters by hash slot,
-    /// and `url` is not used.
-    pub cluster_nodes: Vec<String>,
-    /// Sentinel (feature `sentinel`): the sentinels' URLs
-    /// (`redis://host:26379`). With them, the master is found and followed
-    /// through failovers by the sentinels, and `url`, if set, only supplies
-    /// the master's credentials and database.
-    pub sentinels: Vec<String>,
-    /// The name the sentinels know the master by (`sentinel monitor <name>`).
-    pub sentinel_master: Option<String>,
+    /// Where the servers are: one server at `url` (the default), a Redis
+    /// Cluster (feature `cluster`, `RedisConfig::from_cluster`) or a
+    /// Sentinel-managed master (feature `sentinel`,
+    /// `RedisConfig::from_sentinels`). Deserialized as `"server"`,
+    /// `{"cluster": {"nodes": [...]}}` or `{"sentinel": {"sentinels": [...],
+    /// "master": "mymaster"}}`.
+    pub deployment: Deployment,
     /// For `rediss://` URLs (feature `tls`): a PEM file of the certificate
     /// authorities to trust instead of the usual roots (a private CA).
     pub tls_root_cert: Option<std::path::PathBuf>,
@@ -122,9 +120,7 @@ impl Default for RedisConfig {
             wait_fallback: Duration::from_secs(1),
             replicas: 0,
             replica_timeout: Duration::from_secs(1),
-            cluster_nodes: Vec::new(),
-            sentinels: Vec::new(),
-            sentinel_master: None,
+            deployment: Deployment::Server,
             tls_root_cert: None,
         }
     }
@@ -136,30 +132,6 @@ impl RedisConfig {
     pub fn from_url(url: impl Into<String>) -> Self {
         RedisConfig {
             url: Some(url.into()),
-            ..RedisConfig::default()
-        }
-    }
-
-    /// Defaults, on the Redis Cluster these seed nodes belong to (feature
-    /// `cluster`).
-    #[must_use]
-    pub fn from_cluster<S: Into<String>>(nodes: impl IntoIterator<Item = S>) -> Self {
-        RedisConfig {
-            cluster_nodes: nodes.into_iter().map(Into::into).collect(),
-            ..RedisConfig::default()
-        }
-    }
-
-    /// Defaults, with the master `master` found through `sentinels`
-    /// (feature `sentinel`).
-    #[must_use]
-    pub fn from_sentinels<S: Into<String>>(
-        sentinels: impl IntoIterator<Item = S>,
-        master: impl Into<String>,
-    ) -> Self {
-        RedisConfig {
-            sentinels: sentinels.into_iter().map(Into::into).collect(),
-            sentinel_master: Some(master.into()),
             ..RedisConfig::default()
         }
     }
@@ -305,36 +277,7 @@ impl RedisConfig {
                 });
             }
         }
-        if !self.cluster_nodes.is_empty() {
-            if !cfg!(feature = "cluster") {
-                return Err(ConfigError::InvalidSetting {
-                    name: "cluster_nodes",
-                    reason: "Redis Cluster needs lockstep's `cluster` cargo feature".into(),
-                });
-            }
-            if self.sentinel_master.is_some() {
-                return Err(ConfigError::InvalidSetting {
-                    name: "cluster_nodes",
-                    reason:
-                        "a cluster fails over by itself: give seed nodes or sentinels, not both"
-                            .into(),
-                });
-            }
-        }
-        if self.sentinel_master.is_some() {
-            if !cfg!(feature = "sentinel") {
-                return Err(ConfigError::InvalidSetting {
-                    name: "sentinel_master",
-                    reason: "Sentinel needs lockstep's `sentinel` cargo feature".into(),
-                });
-            }
-            if self.sentinels.is_empty() {
-                return Err(ConfigError::InvalidSetting {
-                    name: "sentinels",
-                    reason: "no sentinel address given".into(),
-                });
-            }
-        }
+        self.deployment.check()?;
         if self.pool_size == 0 {
             return Err(ConfigError::InvalidSetting {
                 name: "pool_size",
@@ -360,42 +303,9 @@ impl std::fmt::Debug for RedisConfig {
             .field("wait_fallback", &self.wait_fallback)
             .field("replicas", &self.replicas)
             .field("replica_timeout", &self.replica_timeout)
-            .field(
-                "cluster_nodes",
-                &self
-                    .cluster_nodes
-                    .iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field(
-                "sentinels",
-                &self
-                    .sentinels
-                    .iter()
-                    .map(|u| redact_url(u))
-                    .collect::<Vec<_>>(),
-            )
-            .field("sentinel_master", &self.sentinel_master)
+            .field("deployment", &self.deployment)
             .field("tls_root_cert", &self.tls_root_cert)
             .finish()
-    }
-}
-
-/// The URL with its password (if any) replaced by `***`.
-pub(crate) fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut u) => {
-            if u.password().is_some() {
-                let _ = u.set_password(Some("***"));
-            }
-            u.to_string()
-        }
-        // Unparseable: keep the scheme and host part after any '@'.
-        Err(_) => match (url.find("://"), url.rfind('@')) {
-            (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
-            _ => url.to_owned(),
-        },
     }
 }
 
@@ -474,13 +384,7 @@ mod tests {
     }
 
     #[test]
-    fn passwords_are_redacted() {
-        assert_eq!(
-            redact_url("redis://user:hunter2@host:6379/0"),
-            "redis://user:***@host:6379/0"
-        );
-        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
-        assert!(!redact_url("redis://u:hunter2@ho st").contains("hunter2"));
+    fn passwords_stay_out_of_debug() {
         let c = RedisConfig::from_url("redis://:hunter2@h");
         assert!(!format!("{c:?}").contains("hunter2"));
     }

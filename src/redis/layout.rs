@@ -57,9 +57,8 @@ impl Layout {
 
     /// `ns{T}:f` for an already-mapped lock key `ns{esc(key)}`.
     pub(crate) fn fence_key_of(&self, lock_key: &str) -> String {
-        let tag = &lock_key[self.namespace.len() + 1..lock_key.len() - 1];
-        let slot = key_slot(tag.as_bytes());
-        format!("{}{{{}}}:f", self.namespace, SLOT_TAGS[slot as usize])
+        let tag = &slot_tags()[self.slot_of(lock_key) as usize];
+        format!("{}{{{tag}}}:f", self.namespace)
     }
 
     /// `<lock key>:q`: the wait queue of a lock (same hash slot).
@@ -73,27 +72,8 @@ impl Layout {
     }
 
     /// The hash slot of an already-mapped lock key `ns{esc(key)}`.
-    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
     pub(crate) fn slot_of(&self, lock_key: &str) -> u16 {
         key_slot(&lock_key.as_bytes()[self.namespace.len() + 1..lock_key.len() - 1])
-    }
-
-    /// On a cluster, an owner's index is split by hash slot, so that each
-    /// script finds the index beside the locks it touches:
-    /// `ns{T}:o:esc(owner)`, where `T` is the tag of `slot`.
-    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-    pub(crate) fn slot_owner_index(&self, owner: &str, slot: u16) -> String {
-        let (before, after) = self.slot_owner_index_parts(owner);
-        format!("{before}{}{after}", SLOT_TAGS[slot as usize])
-    }
-
-    /// The text around the tag in [`slot_owner_index`](Self::slot_owner_index).
-    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-    pub(crate) fn slot_owner_index_parts(&self, owner: &str) -> (String, String) {
-        (
-            format!("{}{{", self.namespace),
-            format!("}}:o:{}", escape(owner)),
-        )
     }
 
     /// A `SCAN MATCH` pattern for every key of the namespace.
@@ -146,8 +126,7 @@ pub(crate) fn escape(s: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Every slot's tag, in slot order (see [`Layout::slot_owner_index`]).
-#[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+/// Every slot's tag, in slot order: a short string that hashes to it.
 pub(crate) fn slot_tags() -> &'static [String] {
     &SLOT_TAGS
 }
@@ -238,9 +217,6 @@ mod tests {
             assert_eq!(fence, l.fence_key_of(&lock));
             assert_eq!(redis_slot(&lock), redis_slot(&l.queue_key(&lock)));
             assert_eq!(l.slot_of(&lock), redis_slot(&lock));
-            let index = l.slot_owner_index("run-{1}", l.slot_of(&lock));
-            assert_eq!(redis_slot(&index), redis_slot(&lock), "{key}");
-            assert!(index.ends_with("}:o:run-%7B1%7D"));
         }
     }
 

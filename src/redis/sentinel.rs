@@ -16,20 +16,41 @@ use futures_util::StreamExt;
 use redis::{ConnectionAddr, IntoConnectionInfo};
 use tokio::time::timeout;
 
-use super::config::redact_url;
-use super::{Inner, RedisConfig, RedisProvider, parse_url};
+use super::connect::{parse_url, pool_from, start};
+use super::connection::Connections;
+use super::topology::{Deployment, Source, Topology};
+use super::wire::redact_url;
+use super::{Inner, RedisConfig, RedisProvider};
 use crate::error::ConfigError;
 
 /// How often the follower asks the sentinels where the master is.
 const LOOKUP_EVERY: Duration = Duration::from_secs(1);
 
-/// Connects to the master that `config.sentinels` name, and follows it.
-pub(super) async fn connect(config: RedisConfig) -> Result<RedisProvider, ConfigError> {
-    let master = config
-        .sentinel_master
-        .clone()
-        .expect("checked by the caller");
-    let (host, port) = lookup(&config.sentinels, &master, config.connect_timeout)
+impl RedisConfig {
+    /// Defaults, with the master `master` found through `sentinels`
+    /// (feature `sentinel`; see [`Deployment::Sentinel`]).
+    #[must_use]
+    pub fn from_sentinels<S: Into<String>>(
+        sentinels: impl IntoIterator<Item = S>,
+        master: impl Into<String>,
+    ) -> Self {
+        RedisConfig {
+            deployment: Deployment::Sentinel {
+                sentinels: sentinels.into_iter().map(Into::into).collect(),
+                master: master.into(),
+            },
+            ..RedisConfig::default()
+        }
+    }
+}
+
+/// Connects to the master that `sentinels` name `master`, and follows it.
+pub(super) async fn connect(
+    sentinels: &[String],
+    master: &str,
+    config: &RedisConfig,
+) -> Result<RedisProvider, ConfigError> {
+    let (host, port) = lookup(sentinels, master, config.connect_timeout)
         .await
         .map_err(|reason| ConfigError::Unreachable {
             url: format!("the sentinels of {master}"),
@@ -37,18 +58,20 @@ pub(super) async fn connect(config: RedisConfig) -> Result<RedisProvider, Config
             reason,
             source: None,
         })?;
-    let (pool, client) = target(&config, &host, port)?;
-    let provider = RedisProvider::start(
-        super::connection::Source::single(pool),
+    let (pool, client) = target(config, &host, port)?;
+    let provider = start(
+        Source::single(pool),
+        Topology::Single,
         Some(client),
-        &config,
-        describe(&master, &host, port),
+        config,
+        describe(master, &host, port),
     )
     .await?;
     tokio::spawn(follow(
         Arc::downgrade(&provider.inner),
-        config,
-        master,
+        config.clone(),
+        sentinels.to_vec(),
+        master.to_owned(),
         (host, port),
     ));
     Ok(provider)
@@ -108,7 +131,7 @@ fn target(
         url: label.clone(),
         reason: e.to_string(),
     })?;
-    let pool = RedisProvider::pool_from(info, config, &label)?;
+    let pool = pool_from(info, config, &label)?;
     Ok((pool, client))
 }
 
@@ -116,12 +139,13 @@ fn target(
 async fn follow(
     inner: Weak<Inner>,
     config: RedisConfig,
+    sentinels: Vec<String>,
     master: String,
     mut current: (String, u16),
 ) {
     let mut next = 0usize;
     loop {
-        let url = &config.sentinels[next % config.sentinels.len()];
+        let url = &sentinels[next % sentinels.len()];
         next += 1;
         let subscription = async {
             let (mut sink, stream) = redis::Client::open(url.as_str())?
@@ -158,7 +182,7 @@ async fn follow(
                     if !alive(&inner) {
                         return;
                     }
-                    lookup(&config.sentinels, &master, config.connect_timeout).await.ok()
+                    lookup(&sentinels, &master, config.connect_timeout).await.ok()
                 }
             };
             if let Some(addr) = moved_to.filter(|a| *a != current) {
@@ -194,4 +218,21 @@ fn alive(inner: &Weak<Inner>) -> bool {
     inner
         .upgrade()
         .is_some_and(|i: Arc<Inner>| !i.conns.is_closed())
+}
+
+impl Connections {
+    /// Points every later call at `pool` (a new master): the shared
+    /// connection is dropped (its calls in flight finish or fail alone) and
+    /// the old pool closed.
+    fn retarget(&self, pool: deadpool_redis::Pool) {
+        let Some(current) = self.source.pool_slot() else {
+            return;
+        };
+        let old = std::mem::replace(
+            &mut *current.write().unwrap_or_else(|e| e.into_inner()),
+            pool,
+        );
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        old.close();
+    }
 }

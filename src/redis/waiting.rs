@@ -162,7 +162,9 @@ pub(crate) struct Waiting {
 }
 
 impl Waiting {
-    pub(crate) fn new(namespace: &str) -> Arc<Waiting> {
+    /// `subscribed`: whether messages can arrive from the start (on a
+    /// cluster, where each wait subscribes its slots itself).
+    pub(crate) fn new(namespace: &str, subscribed: bool) -> Arc<Waiting> {
         let pid = {
             let mut id = crate::token::random_id();
             id.truncate(16);
@@ -172,7 +174,7 @@ impl Waiting {
             pid,
             channel_prefix: format!("{namespace}c:"),
             local: Mutex::default(),
-            subscribed: AtomicBool::new(false),
+            subscribed: AtomicBool::new(subscribed),
             stop: CancellationToken::new(),
         })
     }
@@ -189,13 +191,6 @@ impl Waiting {
     /// Whether messages can arrive now.
     pub(crate) fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
-    }
-
-    /// Sets whether messages can arrive (on a cluster: whether the
-    /// notification task runs).
-    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-    pub(crate) fn set_subscribed(&self, on: bool) {
-        self.subscribed.store(on, Ordering::Release);
     }
 
     /// Queues a single-key waiter. Returns true when it is the only one, so
@@ -246,8 +241,9 @@ impl Waiting {
         left
     }
 
-    /// Registers a multi-key (or barging) waiter as waiting for `key`.
-    pub(crate) fn join_other(&self, key: &str, w: &Arc<Waiter>) {
+    /// Registers a waiter that waits to be woken (multi-key, or barging) as
+    /// waiting for `key`.
+    pub(crate) fn join_woken(&self, key: &str, w: &Arc<Waiter>) {
         let mut local = self.local();
         let k = local.entry(key.to_owned()).or_default();
         if !k.others.iter().any(|o| Arc::ptr_eq(o, w)) {
@@ -256,7 +252,7 @@ impl Waiting {
     }
 
     /// Removes a multi-key (or barging) waiter from `key`.
-    pub(crate) fn leave_other(&self, key: &str, w: &Arc<Waiter>) -> Left {
+    pub(crate) fn leave_woken(&self, key: &str, w: &Arc<Waiter>) -> Left {
         let mut local = self.local();
         let Some(k) = local.get_mut(key) else {
             return Left::Last;
@@ -358,8 +354,8 @@ impl Waiting {
         }
     }
 
-    /// How many local waiters there are (for tests and introspection).
-    #[allow(dead_code)]
+    /// How many local waiters there are.
+    #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.local()
             .values()
@@ -470,7 +466,7 @@ mod tests {
 
     #[test]
     fn local_waiters_queue_in_order_and_hand_over() {
-        let w = Waiting::new("ns:");
+        let w = Waiting::new("ns:", false);
         let (a, b, c) = (waiter("a"), waiter("b"), waiter("c"));
         assert!(w.join_single("k", &a));
         assert!(!w.join_single("k", &b));
@@ -491,11 +487,11 @@ mod tests {
 
     #[test]
     fn messages_wake_the_first_waiter_and_report_unwanted_reservations() {
-        let w = Waiting::new("ns:");
+        let w = Waiting::new("ns:", false);
         let (a, b, m) = (waiter("a"), waiter("b"), waiter("m"));
         w.join_single("k", &a);
         w.join_single("k", &b);
-        w.join_other("k", &m);
+        w.join_woken("k", &m);
         assert_eq!(w.dispatch("rk"), None);
         assert!(a.take_woken() && !b.take_woken() && m.take_woken());
         assert_eq!(w.dispatch("rother"), Some("other".to_owned()));
@@ -505,7 +501,7 @@ mod tests {
 
     #[test]
     fn a_grant_to_a_gone_waiter_is_reported_for_undo() {
-        let w = Waiting::new("ns:");
+        let w = Waiting::new("ns:", false);
         let a = waiter("a");
         w.join_single("k", &a);
         let (s, _) = w.successor("k").unwrap();

@@ -1,18 +1,22 @@
-//! Workflows, runs, and compensation.
+//! Workflows: running a body, its steps and sub-workflows, and
+//! compensating what completed when something fails.
 
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
 use tracing::Instrument;
 
 use crate::error::LockError;
-use crate::provider::BoxFuture;
 use crate::workflow::StepError;
 use crate::workflow::container::Container;
-use crate::workflow::step::Step;
+use crate::workflow::run::{
+    CompensationErrors, CompensationFailure, Pending, Run, compensate_stack,
+};
+use crate::workflow::step::{Step, StepContext};
 
 type Body<I, O> = Arc<dyn Fn(Run, I) -> BoxFuture<'static, Result<O, StepError>> + Send + Sync>;
 
@@ -163,109 +167,8 @@ impl<I: Send + 'static, O: Send + 'static> Workflow<I, O> {
     }
 }
 
-/// A compensation waiting on a run's stack.
-struct Pending {
-    step: String,
-    undo: Box<dyn FnOnce() -> BoxFuture<'static, Result<(), CompensationErrors>> + Send>,
-}
-
-/// Failures of a group of compensations (a sub-workflow's).
-struct CompensationErrors(Vec<CompensationFailure>);
-
-/// A lock taken by a lock step of a run, for the sub-workflow rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HeldLock {
-    pub(crate) provider: String,
-    pub(crate) key: String,
-    pub(crate) owner: String,
-}
-
-/// One execution of a workflow: its id, its container, and its stack of
-/// compensations. The body runs steps with [`Run::step`] and sub-workflows
-/// with [`Run::run_sub`].
-///
-/// Cloning is cheap; clones are the same run.
-#[derive(Clone)]
-pub struct Run {
-    inner: Arc<RunInner>,
-}
-
-struct RunInner {
-    id: String,
-    workflow: Arc<str>,
-    container: Container,
-    parent: Option<Run>,
-    /// The root run's id: the default owner of lock steps, inherited by
-    /// sub-workflows.
-    root_id: String,
-    pending: Mutex<Vec<Pending>>,
-    failed_step: Mutex<Option<String>>,
-    sub_failures: Mutex<Vec<CompensationFailure>>,
-    held: Mutex<Vec<HeldLock>>,
-}
-
-fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
+/// Running steps and sub-workflows.
 impl Run {
-    fn root(workflow: &Arc<str>, container: Container, id: String) -> Run {
-        Run::new(workflow, container, id.clone(), id, None)
-    }
-
-    fn new(
-        workflow: &Arc<str>,
-        container: Container,
-        id: String,
-        root_id: String,
-        parent: Option<Run>,
-    ) -> Run {
-        Run {
-            inner: Arc::new(RunInner {
-                id,
-                workflow: Arc::clone(workflow),
-                container,
-                parent,
-                root_id,
-                pending: Mutex::default(),
-                failed_step: Mutex::default(),
-                sub_failures: Mutex::default(),
-                held: Mutex::default(),
-            }),
-        }
-    }
-
-    /// This run's id (unique per run; a sub-workflow has its own).
-    pub fn id(&self) -> &str {
-        &self.inner.id
-    }
-
-    /// The id of the outermost run: the default owner of the lock steps of
-    /// this run and of every sub-workflow under it.
-    pub fn root_id(&self) -> &str {
-        &self.inner.root_id
-    }
-
-    /// The workflow's name.
-    pub fn workflow(&self) -> &str {
-        &self.inner.workflow
-    }
-
-    /// Whether this run is a sub-workflow of another.
-    pub fn is_nested(&self) -> bool {
-        self.inner.parent.is_some()
-    }
-
-    /// The parent run, for a sub-workflow.
-    pub fn parent(&self) -> Option<&Run> {
-        self.inner.parent.as_ref()
-    }
-
-    /// The services of the run.
-    pub fn container(&self) -> &Container {
-        &self.inner.container
-    }
-
     /// Runs one step. On success its compensation (if it returned data for
     /// one) is pushed on the run's stack; on failure the step's error is
     /// returned as is, for the body to propagate with `?`.
@@ -274,17 +177,14 @@ impl Run {
     ///
     /// The step's own error.
     pub async fn step<S: Step>(&self, step: &S, input: S::Input) -> Result<S::Output, StepError> {
-        let ctx = StepContext {
-            run: self.clone(),
-            step: step.name().into(),
-        };
+        let ctx = StepContext::new(self.clone(), step.name());
         let span = tracing::debug_span!("lockstep.step", workflow = %self.workflow(), run_id = %self.id(), step = %step.name());
         match step.invoke(ctx.clone(), input).instrument(span).await {
             Ok(response) => {
                 if let Some(data) = response.compensation {
                     let step = step.clone();
                     let name = step.name().to_owned();
-                    locked(&self.inner.pending).push(Pending {
+                    self.push_pending(Pending {
                         step: name.clone(),
                         undo: Box::new(move || {
                             Box::pin(async move {
@@ -301,7 +201,7 @@ impl Run {
                 Ok(response.output)
             }
             Err(e) => {
-                *locked(&self.inner.failed_step) = Some(step.name().to_owned());
+                self.set_failed_step(step.name().to_owned());
                 Err(e)
             }
         }
@@ -323,23 +223,17 @@ impl Run {
         I: Send + 'static,
         O: Send + 'static,
     {
-        let child = Run::new(
-            &workflow.name,
-            self.inner.container.clone(),
-            crate::token::random_id(),
-            self.inner.root_id.clone(),
-            Some(self.clone()),
-        );
+        let child = self.child(&workflow.name);
         let span = tracing::debug_span!("lockstep.workflow", workflow = %workflow.name, run_id = %child.id(), parent = %self.id());
         match (workflow.body)(child.clone(), input)
             .instrument(span.clone())
             .await
         {
             Ok(output) => {
-                let pending = std::mem::take(&mut *locked(&child.inner.pending));
+                let pending = child.take_pending();
                 if !pending.is_empty() {
                     let name = workflow.name.to_string();
-                    locked(&self.inner.pending).push(Pending {
+                    self.push_pending(Pending {
                         step: name,
                         undo: Box::new(move || {
                             Box::pin(async move {
@@ -353,127 +247,21 @@ impl Run {
                         }),
                     });
                 }
-                let held = std::mem::take(&mut *locked(&child.inner.held));
-                locked(&self.inner.held).extend(held);
+                // What the sub-workflow's steps keep per run (the locks it
+                // took, say) is now this run's.
+                self.adopt_extensions(&child);
                 Ok(output)
             }
             Err(e) => {
                 let (_, mut failures) = child.compensate().instrument(span).await;
                 failures.append(&mut child.take_sub_failures());
-                locked(&self.inner.sub_failures).append(&mut failures);
+                self.add_sub_failures(&mut failures);
                 let failed = child.failed_step().unwrap_or_else(|| "(body)".to_owned());
-                *locked(&self.inner.failed_step) = Some(format!("{}/{failed}", workflow.name));
+                self.set_failed_step(format!("{}/{failed}", workflow.name));
                 Err(e)
             }
         }
     }
-
-    /// Runs the pending compensations in reverse order; returns the names
-    /// compensated and the failures.
-    async fn compensate(&self) -> (Vec<String>, Vec<CompensationFailure>) {
-        let pending = std::mem::take(&mut *locked(&self.inner.pending));
-        compensate_stack(pending).await
-    }
-
-    fn failed_step(&self) -> Option<String> {
-        locked(&self.inner.failed_step).clone()
-    }
-
-    fn take_sub_failures(&self) -> Vec<CompensationFailure> {
-        std::mem::take(&mut *locked(&self.inner.sub_failures))
-    }
-
-    /// Records locks newly taken by a lock step of this run.
-    pub(crate) fn record_held(&self, locks: impl IntoIterator<Item = HeldLock>) {
-        locked(&self.inner.held).extend(locks);
-    }
-
-    /// Forgets locks released by a lock step of this run.
-    pub(crate) fn forget_held(&self, provider: &str, keys: &[String]) {
-        locked(&self.inner.held).retain(|h| !(h.provider == provider && keys.contains(&h.key)));
-    }
-
-    /// Whether an enclosing run holds `key` with `owner` through a lock step.
-    pub(crate) fn ancestor_holds(&self, provider: &str, key: &str, owner: &str) -> bool {
-        let mut next = self.inner.parent.as_ref();
-        while let Some(run) = next {
-            if locked(&run.inner.held)
-                .iter()
-                .any(|h| h.provider == provider && h.key == key && h.owner == owner)
-            {
-                return true;
-            }
-            next = run.inner.parent.as_ref();
-        }
-        false
-    }
-}
-
-async fn compensate_stack(mut pending: Vec<Pending>) -> (Vec<String>, Vec<CompensationFailure>) {
-    let mut done = Vec::new();
-    let mut failures = Vec::new();
-    while let Some(p) = pending.pop() {
-        tracing::debug!(step = %p.step, "compensating");
-        if let Err(CompensationErrors(mut errors)) = (p.undo)().await {
-            for f in &errors {
-                tracing::warn!(step = %f.step, "compensation failed: {}", f.error);
-            }
-            failures.append(&mut errors);
-        }
-        done.push(p.step);
-    }
-    (done, failures)
-}
-
-impl fmt::Debug for Run {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Run")
-            .field("id", &self.inner.id)
-            .field("workflow", &self.inner.workflow)
-            .field("root_id", &self.inner.root_id)
-            .field("nested", &self.is_nested())
-            .finish_non_exhaustive()
-    }
-}
-
-/// What a step sees of its run (Medusa's `{ container }` argument and
-/// more).
-#[derive(Clone, Debug)]
-pub struct StepContext {
-    run: Run,
-    step: Arc<str>,
-}
-
-impl StepContext {
-    /// The run executing the step.
-    pub fn run(&self) -> &Run {
-        &self.run
-    }
-
-    /// The run's id.
-    pub fn run_id(&self) -> &str {
-        self.run.id()
-    }
-
-    /// The step's name.
-    pub fn step(&self) -> &str {
-        &self.step
-    }
-
-    /// The run's services: `ctx.container().locking()` is Medusa's
-    /// `container.resolve("locking")`.
-    pub fn container(&self) -> &Container {
-        self.run.container()
-    }
-}
-
-/// A step that failed to compensate.
-#[derive(Debug)]
-pub struct CompensationFailure {
-    /// The step (or `workflow/step` in a sub-workflow).
-    pub step: String,
-    /// Its error.
-    pub error: StepError,
 }
 
 /// A failed run: the original error, and what compensation did.

@@ -1,6 +1,7 @@
 //! `acquire_lock_step` and `release_lock_step` (Medusa's `acquireLockStep`
 //! and `releaseLockStep`).
 
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -10,8 +11,8 @@ use crate::keys::Keys;
 use crate::module::LockingModule;
 use crate::options::{AcquireOptions, ReleaseOptions};
 use crate::workflow::StepError;
-use crate::workflow::engine::{HeldLock, Run, StepContext};
-use crate::workflow::step::{Step, StepResponse};
+use crate::workflow::run::{Extension, Run};
+use crate::workflow::step::{Step, StepContext, StepResponse};
 
 /// The pause before trying again after a transient backend error.
 const TRANSIENT_PAUSE: Duration = Duration::from_millis(50);
@@ -160,6 +161,63 @@ pub struct TakenLocks {
     provider: String,
 }
 
+/// A lock taken by a lock step of a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct HeldLock {
+    provider: String,
+    key: String,
+    owner: String,
+}
+
+/// The locks a run's acquire steps took and its release steps did not
+/// release yet, kept in the run ([`Run::extension`]): a release step in a
+/// sub-workflow leaves alone what an enclosing run took. A sub-workflow
+/// that succeeds hands its locks to its parent.
+#[derive(Debug, Default)]
+struct HeldLocks(Mutex<Vec<HeldLock>>);
+
+impl HeldLocks {
+    fn locked(&self) -> std::sync::MutexGuard<'_, Vec<HeldLock>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records locks newly taken by a lock step of `run`.
+    fn record(run: &Run, locks: impl IntoIterator<Item = HeldLock>) {
+        run.extension::<HeldLocks>().locked().extend(locks);
+    }
+
+    /// Forgets locks released by a lock step of `run`.
+    fn forget(run: &Run, provider: &str, keys: &[String]) {
+        run.extension::<HeldLocks>()
+            .locked()
+            .retain(|h| !(h.provider == provider && keys.contains(&h.key)));
+    }
+
+    /// Whether a run enclosing `run` holds `key` with `owner` through a
+    /// lock step.
+    fn held_above(run: &Run, provider: &str, key: &str, owner: &str) -> bool {
+        let mut next = run.parent();
+        while let Some(r) = next {
+            if r.extension::<HeldLocks>()
+                .locked()
+                .iter()
+                .any(|h| h.provider == provider && h.key == key && h.owner == owner)
+            {
+                return true;
+            }
+            next = r.parent();
+        }
+        false
+    }
+}
+
+impl Extension for HeldLocks {
+    fn adopt(&self, child: &Self) {
+        let taken = std::mem::take(&mut *child.locked());
+        self.locked().extend(taken);
+    }
+}
+
 /// The owner lock steps use when none is given: the root run (inherited by
 /// sub-workflows), or the sub-workflow's own run with
 /// `execute_on_sub_workflow`.
@@ -263,11 +321,14 @@ impl Step for AcquireLockStep {
             }
         };
         let taken: Vec<String> = lease.newly_acquired().map(str::to_owned).collect();
-        ctx.run().record_held(taken.iter().map(|key| HeldLock {
-            provider: provider.clone(),
-            key: key.clone(),
-            owner: owner.clone(),
-        }));
+        HeldLocks::record(
+            ctx.run(),
+            taken.iter().map(|key| HeldLock {
+                provider: provider.clone(),
+                key: key.clone(),
+                owner: owner.clone(),
+            }),
+        );
         let acquired = AcquiredLock {
             keys: lease.keys().to_vec(),
             owner_id: owner.clone(),
@@ -304,7 +365,7 @@ impl Step for AcquireLockStep {
                 .provider(&taken.provider),
         )
         .await?;
-        ctx.run().forget_held(&taken.provider, &taken.keys);
+        HeldLocks::forget(ctx.run(), &taken.provider, &taken.keys);
         Ok(())
     }
 }
@@ -377,7 +438,7 @@ impl Step for ReleaseLockStep {
         let keys: Vec<String> = input
             .keys
             .into_iter()
-            .filter(|k| !(inherited && ctx.run().ancestor_holds(&provider, k, &owner)))
+            .filter(|k| !(inherited && HeldLocks::held_above(ctx.run(), &provider, k, &owner)))
             .collect();
         if keys.is_empty() {
             return Ok(StepResponse::without_compensation(true));
@@ -388,7 +449,7 @@ impl Step for ReleaseLockStep {
             ReleaseOptions::new().owner_id(&owner).provider(&provider),
         )
         .await?;
-        ctx.run().forget_held(&provider, &keys);
+        HeldLocks::forget(ctx.run(), &provider, &keys);
         Ok(StepResponse::without_compensation(released))
     }
 }

@@ -11,6 +11,13 @@
 //!   resolves services from (`ctx.container().locking()`, Medusa's
 //!   `container.resolve("locking")`).
 //! - [`Run::run_sub`] runs another workflow as a sub-workflow.
+//! - [`Run::extension`] keeps per-run state for a family of steps (an
+//!   [`Extension`]); the lock steps keep the locks a run took there.
+//!
+//! Files: `engine.rs` (workflows, running steps and sub-workflows,
+//! [`WorkflowError`]), `run.rs` ([`Run`], its compensation stack and
+//! extensions), `step.rs` ([`Step`], [`StepContext`]), `container.rs`,
+//! `lock_steps.rs`.
 //! - [`acquire_lock_step`] and [`release_lock_step`] are Medusa's
 //!   `acquireLockStep` and `releaseLockStep`.
 //!
@@ -44,17 +51,19 @@
 mod container;
 mod engine;
 mod lock_steps;
+mod run;
 mod step;
 
 pub use container::{Container, LOCKING, ResolveError};
-pub use engine::{
-    CompensationFailure, Run, RunOutput, StepContext, Workflow, WorkflowError, create_workflow,
-};
+pub use engine::{RunOutput, Workflow, WorkflowError, create_workflow};
 pub use lock_steps::{
     AcquireLockInput, AcquireLockStep, AcquiredLock, DEFAULT_RETRY_INTERVAL, ReleaseLockInput,
     ReleaseLockStep, TakenLocks, acquire_lock_step, release_lock_step,
 };
-pub use step::{FnStep, Step, StepResponse, create_step, create_step_with_compensation};
+pub use run::{CompensationFailure, Extension, Run};
+pub use step::{
+    FnStep, Step, StepContext, StepResponse, create_step, create_step_with_compensation,
+};
 
 /// The error of a step: any error, boxed.
 pub type StepError = Box<dyn std::error::Error + Send + Sync + 'static>;

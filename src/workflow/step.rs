@@ -1,11 +1,53 @@
-//! Steps: an invoke and an optional compensation.
+//! Steps: an invoke and an optional compensation, and what a step sees of
+//! its run.
 
 use std::future::Future;
 use std::sync::Arc;
 
-use crate::provider::BoxFuture;
+use futures_util::future::BoxFuture;
+
 use crate::workflow::StepError;
-use crate::workflow::engine::StepContext;
+use crate::workflow::container::Container;
+use crate::workflow::run::Run;
+
+/// What a step sees of its run (Medusa's `{ container }` argument and
+/// more).
+#[derive(Clone, Debug)]
+pub struct StepContext {
+    run: Run,
+    step: Arc<str>,
+}
+
+impl StepContext {
+    /// The context of step `step` in `run`.
+    pub(crate) fn new(run: Run, step: &str) -> Self {
+        StepContext {
+            run,
+            step: step.into(),
+        }
+    }
+
+    /// The run executing the step.
+    pub fn run(&self) -> &Run {
+        &self.run
+    }
+
+    /// The run's id.
+    pub fn run_id(&self) -> &str {
+        self.run.id()
+    }
+
+    /// The step's name.
+    pub fn step(&self) -> &str {
+        &self.step
+    }
+
+    /// The run's services: `ctx.container().locking()` is Medusa's
+    /// `container.resolve("locking")`.
+    pub fn container(&self) -> &Container {
+        self.run.container()
+    }
+}
 
 /// What a step returns: its output, and the data its compensation needs
 /// (Medusa's `new StepResponse(output, compensateInput)`).

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use lockstep::provider::LockingProvider;
 use lockstep::{
     AcquireOptions, ExecuteOptions, ExtendOptions, InvalidInput, LockError, LockingModule,
-    LockingProvider, ReleaseOptions,
+    ReleaseOptions,
 };
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, timeout};

@@ -38,8 +38,8 @@ use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{Instant, timeout};
 
-use super::layout::{Layout, key_slot, slot_tags};
-use super::waiting::Waiting;
+use crate::redis::layout::{Layout, key_slot, slot_tags};
+use crate::redis::waiting::Waiting;
 
 /// How long a slot stays subscribed with nobody waiting in it.
 const IDLE: Duration = Duration::from_secs(10);

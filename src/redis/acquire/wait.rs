@@ -1,0 +1,338 @@
+//! The ways of waiting for a held lock: polling (without notifications),
+//! queued for a handoff (single-key, fair), and woken by releases
+//! (multi-key or barging); and the guards that keep the local waiter
+//! registry and the Redis queues honest however a wait ends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep};
+use tracing::Instrument;
+
+use super::{Queueing, foreign, keep_trying, wait_span};
+use crate::backoff::Backoff;
+use crate::error::LockError;
+use crate::provider::{AcquireRequest, Acquired, Wait};
+use crate::redis::RedisProvider;
+use crate::redis::keyset::Keyset;
+use crate::redis::scripts::acquire::AcquireReply;
+use crate::redis::waiting::{Left, Waiter, Waiting};
+use crate::redis::wire::millis_ceil;
+
+/// The first and the longest pause before retrying a contended lock when
+/// polling, or any lock while Redis is away.
+const RETRY: (Duration, Duration) = (Duration::from_millis(5), Duration::from_millis(100));
+
+/// The longest a wait queue is kept alive by one waiter without news.
+const QUEUE_TTL_MAX: Duration = Duration::from_secs(3600);
+
+fn retry_backoff() -> Backoff {
+    Backoff::new(RETRY.0, RETRY.1)
+}
+
+/// Keeps a single-key waiter's local registration honest however its call
+/// ends: on drop (return, error, or a dropped future) it leaves the local
+/// queue, and withdraws the process's Redis queue entry when it was the
+/// last local waiter.
+struct LocalGuard<'a> {
+    provider: &'a RedisProvider,
+    waiting: &'a Arc<Waiting>,
+    waiter: &'a Arc<Waiter>,
+    key: Option<String>,
+}
+
+impl LocalGuard<'_> {
+    /// Leaves the local queue now. `acquired`: the call holds the lock, so
+    /// the process's queue entry was already dealt with by the script.
+    fn finish(&mut self, acquired: bool) {
+        if acquired {
+            if let Some(key) = self.key.take() {
+                self.waiting.leave_single(&key, self.waiter);
+            }
+        } else {
+            self.leave();
+        }
+    }
+
+    /// Leaves the local queue, withdrawing from Redis if it was the last
+    /// local waiter.
+    fn leave(&mut self) {
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        if self.waiting.leave_single(&key, self.waiter) == Left::Last {
+            self.provider.withdraw_later(key, false);
+        }
+    }
+}
+
+impl Drop for LocalGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = &self.key {
+            if self.waiting.mark_gone(self.waiter).is_some() {
+                // Handed the lock after the call had decided to give up:
+                // nobody will use it.
+                self.provider.undo_later(
+                    vec![key.clone()],
+                    self.waiter.owner.clone(),
+                    self.waiter.nonce.clone(),
+                    None,
+                );
+            }
+            self.leave();
+        }
+    }
+}
+
+/// The same for a waiter that waits to be woken (multi-key or barging): it
+/// is registered for all its keys, and queued in Redis on those it found
+/// held (`enqueued`, indices into `keys`).
+struct WokenGuard<'a> {
+    provider: &'a RedisProvider,
+    waiting: &'a Arc<Waiting>,
+    waiter: &'a Arc<Waiter>,
+    keys: &'a [String],
+    enqueued: Vec<usize>,
+}
+
+impl Drop for WokenGuard<'_> {
+    fn drop(&mut self) {
+        for (i, key) in self.keys.iter().enumerate() {
+            let last = self.waiting.leave_woken(key, self.waiter) == Left::Last;
+            if last && self.enqueued.contains(&i) {
+                self.provider.withdraw_later(key.clone(), true);
+            }
+        }
+    }
+}
+
+impl RedisProvider {
+    /// Waiting without notifications: jittered exponential backoff, never
+    /// past the holder's lease nor past the deadline.
+    pub(in crate::redis) async fn acquire_polling(
+        &self,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
+        let mut backoff = retry_backoff();
+        let mut span = None::<tracing::Span>;
+        loop {
+            let sent_at = Instant::now();
+            let (index, pttl) = match self.attempt(request, keys, nonce, None).await {
+                Ok(AcquireReply::Acquired { tokens, reentered }) => {
+                    return Ok(Acquired::new(tokens, reentered, sent_at));
+                }
+                Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
+                Ok(AcquireReply::Held { index, pttl }) => (index, pttl),
+                Err(e) if keep_trying(request, &e) => (0, RETRY.1.as_millis() as i64),
+                Err(e) => return Err(e),
+            };
+            let key = &request.keys[index];
+            let remaining = request.wait.remaining();
+            if remaining == Some(Duration::ZERO) {
+                return Err(request.wait.give_up(key));
+            }
+            let mut nap = backoff.next_pause();
+            if pttl > 0 {
+                nap = nap.min(Duration::from_millis(pttl as u64 + 1));
+            }
+            if let Some(r) = remaining {
+                nap = nap.min(r);
+            }
+            let span = span.get_or_insert_with(|| wait_span(key));
+            sleep(nap).instrument(span.clone()).await;
+            self.inner.conns.check_open()?;
+        }
+    }
+
+    /// A single-key, fair wait: this process queues once in Redis; local
+    /// waiters queue behind each other and are handed the lock in order.
+    pub(in crate::redis) async fn acquire_queued(
+        &self,
+        waiting: &Arc<Waiting>,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
+        let key = &keys.locks()[0];
+        let owner = request.owner.as_deref().unwrap_or("");
+        let ttl_ms = request.expire.map_or(0, millis_ceil);
+        let waiter = Waiter::new(owner, nonce, ttl_ms, keys.owner_index.clone());
+        let mut guard = LocalGuard {
+            provider: self,
+            waiting,
+            waiter: &waiter,
+            key: Some(key.clone()),
+        };
+        let span = wait_span(&request.keys[0]);
+        let mut attempt_now = waiting.join_single(key, &waiter);
+        let mut holder_expiry = None::<Instant>;
+        let mut backoff = retry_backoff();
+        let mut last_error = None::<LockError>;
+        loop {
+            if let Some((token, sent_at)) = waiter.granted() {
+                guard.finish(waiting.mark_gone(&waiter).is_some());
+                return Ok(Acquired::new(vec![token], vec![false], sent_at));
+            }
+            if attempt_now && waiter.begin_attempt() {
+                let queueing = Queueing {
+                    pid: &waiting.pid,
+                    entry: &waiting.pid,
+                    more: waiting.others_waiting(key, &waiter),
+                    queue_ttl_ms: self.queue_ttl_ms(request),
+                };
+                let sent_at = Instant::now();
+                let reply = self.attempt(request, keys, nonce, Some(&queueing)).await;
+                waiter.end_attempt();
+                match reply {
+                    Ok(AcquireReply::Acquired { tokens, reentered }) => {
+                        waiting.mark_gone(&waiter);
+                        guard.finish(true);
+                        return Ok(Acquired::new(tokens, reentered, sent_at));
+                    }
+                    Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
+                    Ok(AcquireReply::Held { pttl, .. }) => {
+                        holder_expiry = (pttl > 0)
+                            .then(|| Instant::now() + Duration::from_millis(pttl as u64 + 1));
+                    }
+                    Err(e) if keep_trying(request, &e) => {
+                        // Redis is away: try again soon, as the first waiter.
+                        last_error = Some(e);
+                        holder_expiry = Some(Instant::now() + backoff.next_pause());
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            let now = Instant::now();
+            if let Wait::Until(deadline) = request.wait
+                && now >= deadline
+            {
+                if waiter.is_being_handed() {
+                    // A release is handing us the lock: take its answer.
+                    waiter
+                        .sleep_until(now + 2 * self.inner.response_timeout)
+                        .await;
+                    attempt_now = false;
+                    continue;
+                }
+                if waiter.granted().is_some() {
+                    continue;
+                }
+                // Out of time while Redis was away: say so.
+                return Err(last_error
+                    .take()
+                    .unwrap_or_else(|| request.wait.give_up(&request.keys[0])));
+            }
+            let fallback = self.quiet_period(waiting, &mut backoff);
+            let mut until = now + fallback;
+            if let Some(at) = holder_expiry.filter(|_| waiting.is_first(key, &waiter)) {
+                until = until.min(at);
+            }
+            if let Wait::Until(deadline) = request.wait {
+                until = until.min(deadline);
+            }
+            waiter.sleep_until(until).instrument(span.clone()).await;
+            waiter.take_woken();
+            self.inner.conns.check_open()?;
+            // Only the first local waiter speaks for the process; the
+            // others wait for their turn or for a release to hand them
+            // the lock.
+            attempt_now = waiting.is_first(key, &waiter);
+        }
+    }
+
+    /// Waiting to be woken: multi-key requests, and every request when
+    /// barging. Each wake-up is a new attempt.
+    pub(in crate::redis) async fn acquire_woken(
+        &self,
+        waiting: &Arc<Waiting>,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Acquired, LockError> {
+        let owner = request.owner.as_deref().unwrap_or("");
+        let waiter = Waiter::new(owner, nonce, 0, None);
+        // Registered for every key before the first attempt: a release can
+        // be published before the reply that says which key was held
+        // reaches us, and must not find nobody to wake.
+        for key in keys.locks() {
+            waiting.join_woken(key, &waiter);
+        }
+        let mut guard = WokenGuard {
+            provider: self,
+            waiting,
+            waiter: &waiter,
+            keys: keys.locks(),
+            enqueued: Vec::new(),
+        };
+        let entry = format!("~{}", waiting.pid);
+        let mut span = None::<tracing::Span>;
+        let mut backoff = retry_backoff();
+        loop {
+            let queueing = Queueing {
+                pid: &waiting.pid,
+                entry: &entry,
+                more: false,
+                queue_ttl_ms: self.queue_ttl_ms(request),
+            };
+            let sent_at = Instant::now();
+            let (index, pttl) = match self.attempt(request, keys, nonce, Some(&queueing)).await {
+                Ok(AcquireReply::Acquired { tokens, reentered }) => {
+                    // Wake entries left in queues cost one stray message at
+                    // the next release: cheaper than a call to remove them
+                    // (and other local waiters may still need them).
+                    guard.enqueued.clear();
+                    return Ok(Acquired::new(tokens, reentered, sent_at));
+                }
+                Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
+                Ok(AcquireReply::Held { index, pttl }) => {
+                    if !guard.enqueued.contains(&index) {
+                        guard.enqueued.push(index);
+                    }
+                    (index, pttl)
+                }
+                // Redis is away: try again soon.
+                Err(e) if keep_trying(request, &e) => (0, backoff.next_pause().as_millis() as i64),
+                Err(e) => return Err(e),
+            };
+            let now = Instant::now();
+            let remaining = request.wait.remaining();
+            if remaining == Some(Duration::ZERO) {
+                return Err(request.wait.give_up(&request.keys[index]));
+            }
+            let fallback = self.quiet_period(waiting, &mut backoff);
+            let mut until = now + fallback;
+            if pttl > 0 {
+                until = until.min(now + Duration::from_millis(pttl as u64 + 1));
+            }
+            if let Some(r) = remaining {
+                until = until.min(now + r);
+            }
+            let span = span.get_or_insert_with(|| wait_span(&request.keys[index]));
+            waiter.sleep_until(until).instrument(span.clone()).await;
+            waiter.take_woken();
+            self.inner.conns.check_open()?;
+        }
+    }
+
+    /// How long a waiter sleeps without news: the fallback period while
+    /// notifications arrive, a jittered backoff while they cannot.
+    fn quiet_period(&self, waiting: &Waiting, backoff: &mut Backoff) -> Duration {
+        if waiting.is_subscribed() {
+            self.inner.fallback
+        } else {
+            backoff.next_pause()
+        }
+    }
+
+    /// How long a queue must live for this request's wait.
+    fn queue_ttl_ms(&self, request: &AcquireRequest) -> u64 {
+        let wait = request
+            .wait
+            .remaining()
+            .unwrap_or(QUEUE_TTL_MAX)
+            .min(QUEUE_TTL_MAX);
+        millis_ceil(wait) + self.inner.claim_ms + 1000
+    }
+}

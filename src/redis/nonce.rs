@@ -1,0 +1,56 @@
+//! Acquisition-level calls, matched by the acquisition's nonce: one
+//! attempt that never queues, and the release of exactly what one
+//! acquisition took. The provider's own single attempts, undo and
+//! give-backs use them, and a Redlock set runs them on each master.
+
+use tokio::time::Instant;
+
+use super::RedisProvider;
+use super::keyset::Keyset;
+use super::scripts::acquire::AcquireReply;
+use crate::error::LockError;
+use crate::provider::{AcquireRequest, Acquired};
+
+impl RedisProvider {
+    /// One attempt with `nonce` that never queues (and, when fair, never
+    /// takes a lock another process is queued for): the locks, or the
+    /// index of a key found held.
+    ///
+    /// # Errors
+    ///
+    /// [`LockError::ForeignValue`] and backend failures; an attempt without
+    /// a reply marks `keys` uncertain (it may have taken the locks).
+    pub(crate) async fn try_once(
+        &self,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+    ) -> Result<Result<Acquired, usize>, LockError> {
+        self.inner.conns.check_open()?;
+        let sent_at = Instant::now();
+        match self.attempt(request, keys, nonce, None).await? {
+            AcquireReply::Acquired { tokens, reentered } => {
+                Ok(Ok(Acquired::new(tokens, reentered, sent_at)))
+            }
+            AcquireReply::Held { index, .. } => Ok(Err(index)),
+            AcquireReply::Foreign { index } => Err(super::acquire::foreign(request, index)),
+        }
+    }
+
+    /// Releases what the acquisition `nonce` of `owner` (`""`: anonymous)
+    /// holds among `lock_keys`, and nothing else: a lock the owner held
+    /// before that acquisition (re-entered) keeps its holder. Per key,
+    /// whether it was released.
+    ///
+    /// # Errors
+    ///
+    /// Backend failures; the release can be repeated.
+    pub(crate) async fn release_by_nonce(
+        &self,
+        lock_keys: &[String],
+        owner: &str,
+        nonce: &str,
+    ) -> Result<Vec<bool>, LockError> {
+        Ok(self.run_release(lock_keys, owner, nonce, None).await?.0)
+    }
+}

@@ -1,0 +1,134 @@
+//! The binding of `lua/acquire.lua`: its ARGV, and its reply.
+
+use redis::Value;
+
+use super::flag;
+use crate::error::LockError;
+use crate::redis::error::unexpected;
+
+/// `acquire.lua`'s ARGV, by name. Its KEYS are a
+/// [`Keyset`](crate::redis::keyset::Keyset).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AcquireArgs<'a> {
+    /// ARGV[2]: the owner; `""` for an anonymous lock.
+    pub(crate) owner: &'a str,
+    /// ARGV[3]: this acquisition's nonce.
+    pub(crate) nonce: &'a str,
+    /// ARGV[4]: the lease in ms; 0 for none.
+    pub(crate) ttl_ms: u64,
+    /// ARGV[5]: the calling process's pid, or `""` without notifications.
+    pub(crate) pid: &'a str,
+    /// ARGV[6]: the queue entry to add on conflict (`"<pid>"`, `"~<pid>"`
+    /// or `""`).
+    pub(crate) entry: &'a str,
+    /// ARGV[7]: serve queued processes first.
+    pub(crate) fair: bool,
+    /// ARGV[8]: how long a queue touched by the call must live, ms.
+    pub(crate) queue_ttl_ms: u64,
+    /// ARGV[9]: how long a reservation lasts unclaimed, ms.
+    pub(crate) claim_ms: u64,
+    /// ARGV[10]: the channel prefix processes are told on.
+    pub(crate) channel_prefix: &'a str,
+    /// ARGV[11]: the caller has more waiters for these locks.
+    pub(crate) more: bool,
+    /// ARGV[12]: leave re-entered leases alone (a cluster request over
+    /// several slots; see `cluster/mod.rs`).
+    pub(crate) keep_reentered_lease: bool,
+}
+
+impl AcquireArgs<'_> {
+    /// ARGV in the script's order, for a request of `lock_count` locks.
+    pub(crate) fn argv(&self, lock_count: usize) -> Vec<String> {
+        vec![
+            lock_count.to_string(),
+            self.owner.to_owned(),
+            self.nonce.to_owned(),
+            self.ttl_ms.to_string(),
+            self.pid.to_owned(),
+            self.entry.to_owned(),
+            flag(self.fair),
+            self.queue_ttl_ms.to_string(),
+            self.claim_ms.to_string(),
+            self.channel_prefix.to_owned(),
+            flag(self.more),
+            flag(self.keep_reentered_lease),
+        ]
+    }
+}
+
+/// A decoded reply of `acquire.lua`.
+#[derive(Debug)]
+pub(crate) enum AcquireReply {
+    /// Every lock taken: a token and a re-entry flag per key.
+    Acquired {
+        tokens: Vec<u64>,
+        reentered: Vec<bool>,
+    },
+    /// The lock at `index` is held; its lease ends in `pttl` ms (-1: never).
+    Held { index: usize, pttl: i64 },
+    /// The key at `index` holds a value of another type.
+    Foreign { index: usize },
+}
+
+impl AcquireReply {
+    /// Decodes a reply to a request of `n` locks.
+    pub(crate) fn decode(reply: Value, n: usize) -> Result<AcquireReply, LockError> {
+        let bad = |what: &str| unexpected("acquire", what);
+        let Value::Array(items) = reply else {
+            return Err(bad("not an array"));
+        };
+        let int = |v: &Value| match v {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        };
+        let ints = |v: &Value| match v {
+            Value::Array(a) => a.iter().map(int).collect::<Option<Vec<i64>>>(),
+            _ => None,
+        };
+        match items.first().and_then(int) {
+            Some(1) => {
+                let tokens = items
+                    .get(1)
+                    .and_then(ints)
+                    .ok_or_else(|| bad("no tokens"))?;
+                let reentered = items
+                    .get(2)
+                    .and_then(ints)
+                    .ok_or_else(|| bad("no re-entry flags"))?;
+                if tokens.len() != n || reentered.len() != n || tokens.iter().any(|t| *t <= 0) {
+                    return Err(bad("tokens do not match the keys"));
+                }
+                Ok(AcquireReply::Acquired {
+                    tokens: tokens.into_iter().map(|t| t as u64).collect(),
+                    reentered: reentered.into_iter().map(|r| r == 1).collect(),
+                })
+            }
+            Some(0) => {
+                let index = items.get(1).and_then(int).ok_or_else(|| bad("no index"))?;
+                let pttl = items.get(2).and_then(int).unwrap_or(-1);
+                if index < 1 || index as usize > n {
+                    return Err(bad("index out of range"));
+                }
+                Ok(AcquireReply::Held {
+                    index: index as usize - 1,
+                    pttl,
+                })
+            }
+            Some(2) => {
+                let index = items.get(1).and_then(int).ok_or_else(|| bad("no index"))?;
+                // Indices past the lock keys name internal keys; report the
+                // first lock key then, the one the caller can act on.
+                let index = index.max(1) as usize - 1;
+                Ok(AcquireReply::Foreign {
+                    index: if index < n { index } else { 0 },
+                })
+            }
+            _ => Err(bad("unknown status")),
+        }
+    }
+
+    /// Whether the reply says every lock was taken (before decoding it).
+    pub(crate) fn is_granted(reply: &Value) -> bool {
+        matches!(reply, Value::Array(items) if items.first() == Some(&Value::Int(1)))
+    }
+}

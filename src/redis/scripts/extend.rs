@@ -1,0 +1,47 @@
+//! The binding of `lua/extend.lua`: its KEYS and ARGV, and its reply.
+
+use redis::Value;
+
+use crate::error::LockError;
+use crate::redis::error::unexpected;
+
+/// One call of `extend.lua`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExtendArgs<'a> {
+    /// KEYS[1..n]: the lock keys.
+    pub(crate) lock_keys: &'a [String],
+    /// KEYS[n+1]: the owner's index, kept in step, if the owner has one.
+    pub(crate) index: Option<&'a str>,
+    /// ARGV[2]: the owner (`""`: anonymous).
+    pub(crate) owner: &'a str,
+    /// ARGV[3]: the new lease, ms from now.
+    pub(crate) ttl_ms: u64,
+}
+
+impl ExtendArgs<'_> {
+    /// KEYS in the script's order.
+    pub(crate) fn keys(&self) -> Vec<String> {
+        let mut keys = self.lock_keys.to_vec();
+        keys.extend(self.index.map(str::to_owned));
+        keys
+    }
+
+    /// ARGV in the script's order.
+    pub(crate) fn argv(&self) -> Vec<String> {
+        vec![
+            self.lock_keys.len().to_string(),
+            self.owner.to_owned(),
+            self.ttl_ms.to_string(),
+        ]
+    }
+
+    /// `None` when every lock was extended, else the position of the
+    /// first lock not held by the owner (nothing was changed then).
+    pub(crate) fn decode(&self, reply: Value) -> Result<Option<usize>, LockError> {
+        match redis::from_redis_value::<i64>(reply).map_err(|e| unexpected("extend", e))? {
+            0 => Ok(None),
+            i if i >= 1 && (i as usize) <= self.lock_keys.len() => Ok(Some(i as usize - 1)),
+            other => Err(unexpected("extend", format!("index {other}"))),
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! The Lua scripts, compiled into the binary and hashed once, and one
+//! binding per script.
+//!
+//! Each is invoked with `EVALSHA`; on `NOSCRIPT` (a restarted or flushed
+//! server) redis-rs loads it on the same connection and retries. Their
+//! KEYS/ARGV/return contracts are at the top of each file in `lua/`, and
+//! `tests/scripts.rs` checks each against a real server. The scripts that
+//! hand locks on are prefixed with `lua/prelude.lua`, their shared helpers.
+//!
+//! A binding (`acquire.rs`, `release.rs`, ...) is the only Rust code that
+//! knows its script's KEYS and ARGV order: a typed struct builds them, and
+//! a decoder turns the reply into a typed value.
+
+pub(crate) mod acquire;
+pub(crate) mod extend;
+pub(crate) mod release;
+pub(crate) mod release_all;
+pub(crate) mod withdraw;
+
+use std::sync::LazyLock;
+
+use redis::Script;
+
+/// `prelude.lua`, a newline, then the script at `$file` (relative to the
+/// repository's `lua/`).
+macro_rules! with_prelude {
+    ($file:literal) => {
+        concat!(
+            include_str!("../../../lua/prelude.lua"),
+            "\n",
+            include_str!(concat!("../../../lua/", $file))
+        )
+    };
+}
+
+/// `lua/acquire.lua`: all keys or none, re-entry, fencing tokens, queueing.
+pub(crate) static ACQUIRE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("acquire.lua")));
+
+/// `lua/release.lua`: owner- (or nonce-) checked release, per key, with handoff.
+pub(crate) static RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("release.lua")));
+
+/// `lua/extend.lua`: owner-checked lease extension, all or nothing.
+pub(crate) static EXTEND: LazyLock<Script> =
+    LazyLock::new(|| Script::new(include_str!("../../../lua/extend.lua")));
+
+/// The source of `lua/release_all.lua`, prelude included (a Redis Cluster
+/// sends it with a flag line in front).
+pub(crate) const RELEASE_ALL_SOURCE: &str = with_prelude!("release_all.lua");
+
+/// `lua/release_all.lua`: one owner's locks, or the namespace's.
+pub(crate) static RELEASE_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_ALL_SOURCE));
+
+/// `lua/withdraw.lua`: a process stops waiting for a lock.
+pub(crate) static WITHDRAW: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("withdraw.lua")));
+
+/// Every script, to load them up front.
+pub(crate) fn all() -> [&'static Script; 5] {
+    [&ACQUIRE, &RELEASE, &EXTEND, &RELEASE_ALL, &WITHDRAW]
+}
+
+/// `"1"` or `"0"`, the scripts' booleans.
+pub(crate) fn flag(on: bool) -> String {
+    if on { "1" } else { "0" }.to_owned()
+}

@@ -1,0 +1,82 @@
+//! Small pieces of the wire format: acquisition nonces, milliseconds, and
+//! URLs as they may appear in messages.
+
+use uuid::Uuid;
+
+/// The length of an acquisition nonce, in bytes. The Lua scripts rely on it
+/// (`NONCE_LEN` in `lua/prelude.lua` and `lua/extend.lua`).
+pub(crate) const NONCE_LEN: usize = 12;
+
+/// A nonce of [`NONCE_LEN`] base64url characters, unique to one
+/// acquisition. Twelve bytes keep a lock's value small enough for Redis's
+/// compact string encoding.
+pub(crate) fn nonce() -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    // The low 72 bits of a v4 UUID, 6 bits per character. Two of them are
+    // the UUID's fixed variant bits (62-63 from the least significant), so
+    // a nonce carries 70 random bits.
+    let mut bits = Uuid::new_v4().as_u128();
+    (0..NONCE_LEN)
+        .map(|_| {
+            let c = ALPHABET[(bits & 63) as usize] as char;
+            bits >>= 6;
+            c
+        })
+        .collect()
+}
+
+/// Whole milliseconds, rounded up so that a lease is never shorter than asked.
+pub(crate) fn millis_ceil(d: std::time::Duration) -> u64 {
+    let ms = d.as_millis() as u64; // <= MAX_DURATION, fits easily
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        ms + 1
+    } else {
+        ms
+    }
+}
+
+/// The URL with its password (if any) replaced by `***`.
+pub(crate) fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) => {
+            if u.password().is_some() {
+                let _ = u.set_password(Some("***"));
+            }
+            u.to_string()
+        }
+        // Unparseable: keep the scheme and host part after any '@'.
+        Err(_) => match (url.find("://"), url.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}://***@{}", &url[..s], &url[at + 1..]),
+            _ => url.to_owned(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn nonces_have_their_length_and_differ() {
+        assert_eq!(nonce().len(), NONCE_LEN);
+        assert_ne!(nonce(), nonce());
+    }
+
+    #[test]
+    fn millis_round_up() {
+        assert_eq!(millis_ceil(Duration::from_micros(1)), 1);
+        assert_eq!(millis_ceil(Duration::from_millis(2500)), 2500);
+        assert_eq!(millis_ceil(Duration::from_micros(2_500_001)), 2501);
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+        assert!(!redact_url("redis://u:hunter2@ho st").contains("hunter2"));
+    }
+}
