@@ -256,15 +256,21 @@ impl LockingModule {
 
     /// Shuts every provider down (closing Redis connections). Later calls
     /// fail with [`LockError::Shutdown`].
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the providers shut down so far stay shut
+    /// down; calling it again shuts down the rest.
     pub async fn shutdown(&self) {
-        let mut seen: Vec<*const ()> = Vec::new();
+        // A provider registered under two ids is shut down once.
+        let mut distinct: Vec<&Arc<dyn LockingProvider>> = Vec::new();
         for provider in self.inner.providers.values() {
-            // A provider registered under two ids is shut down once.
-            let ptr = Arc::as_ptr(provider) as *const ();
-            if !seen.contains(&ptr) {
-                seen.push(ptr);
-                provider.shutdown().await;
+            if !distinct.iter().any(|p| Arc::ptr_eq(p, provider)) {
+                distinct.push(provider);
             }
+        }
+        for provider in distinct {
+            provider.shutdown().await;
         }
     }
 }
