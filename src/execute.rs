@@ -151,7 +151,10 @@ impl LockingModule {
         let (id, provider) = self.route(options.provider.as_deref())?;
         let keys = keys.into().validated()?;
         let lease = check_lease("expire", options.expire.unwrap_or(DEFAULT_EXECUTE_LEASE))?;
-        let default_wait = Wait::Until(Instant::now() + provider.default_wait_timeout());
+        // A provider's default may be "forever" in effect (Duration::MAX).
+        let default_wait = Instant::now()
+            .checked_add(provider.default_wait_timeout())
+            .map_or(Wait::Forever, Wait::Until);
         let wait = wait_of(options.patience, default_wait)?;
         let owner = execute_owner();
         let request = AcquireRequest {

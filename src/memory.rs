@@ -88,6 +88,10 @@ impl InMemoryProvider {
         }
     }
 
+}
+
+/// Diagnostics: for operators, tests and the bench.
+impl InMemoryProvider {
     /// The number of locks currently held (expired ones excluded).
     pub fn held(&self) -> usize {
         let now = Instant::now();
@@ -98,6 +102,14 @@ impl InMemoryProvider {
             .count()
     }
 
+    /// The number of keys someone waits for right now (each has one entry
+    /// in the waiter registry, removed when its last waiter leaves).
+    pub fn waiting_keys(&self) -> usize {
+        self.state().waiters.len()
+    }
+}
+
+impl InMemoryProvider {
     fn state(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock cannot leave the map inconsistent
         // (every critical section is a few infallible map operations).
@@ -139,6 +151,9 @@ impl InMemoryProvider {
                     && let Some(h) = state.locks.get_mut(key)
                 {
                     h.expires_at = Some(at);
+                    // Its waiters sleep until the lease they saw: a shorter
+                    // one must wake them.
+                    wake(state, key);
                 }
             } else {
                 state.locks.insert(
@@ -159,7 +174,7 @@ impl InMemoryProvider {
     async fn acquire_inner(&self, request: &AcquireRequest) -> Result<Acquired, LockError> {
         loop {
             self.check_open()?;
-            let (key, notify, expires_at) = {
+            let (registered, expires_at) = {
                 let mut state = self.state();
                 match self.attempt(&mut state, request) {
                     Attempt::Acquired(a) => return Ok(a),
@@ -169,53 +184,17 @@ impl InMemoryProvider {
                             return Err(request.wait.give_up(key));
                         }
                         let notify = Arc::clone(state.waiters.entry(key.clone()).or_default());
-                        (key, notify, expires_at)
+                        let registered = Registered {
+                            provider: self,
+                            key,
+                            notify: Some(notify),
+                        };
+                        (registered, expires_at)
                     }
                 }
             };
-            {
-                // Register interest before anything else can run: a release
-                // between here and the await below is not lost, because
-                // `notify_waiters` wakes every `Notified` created before it.
-                let notified = notify.notified();
-                tokio::pin!(notified);
-                notified.as_mut().enable();
-                // ...but the release may also have happened between the attempt
-                // and `enable`. Re-checking under the lock closes that gap.
-                let still_held = {
-                    let state = self.state();
-                    state
-                        .locks
-                        .get(key)
-                        .is_some_and(|h| h.is_live(Instant::now()))
-                };
-                if still_held {
-                    let deadline = match request.wait {
-                        Wait::Until(at) => Some(at),
-                        _ => None,
-                    };
-                    let wake_at = match (deadline, expires_at) {
-                        (Some(d), Some(e)) => Some(d.min(e)),
-                        (d, e) => d.or(e),
-                    };
-                    let span =
-                        tracing::trace_span!("lockstep.wait", provider = "in-memory", key = %key);
-                    async {
-                        match wake_at {
-                            Some(at) => {
-                                tokio::select! {
-                                    _ = &mut notified => {}
-                                    _ = sleep_until(at) => {}
-                                }
-                            }
-                            None => notified.await,
-                        }
-                    }
-                    .instrument(span)
-                    .await;
-                }
-            }
-            self.forget_waiter(key, notify);
+            registered.wait(request.wait, expires_at).await;
+            drop(registered);
             if let Wait::Until(at) = request.wait
                 && Instant::now() >= at
             {
@@ -229,15 +208,73 @@ impl InMemoryProvider {
             }
         }
     }
+}
 
-    /// Drops the waiter entry of `key` when this was its last waiter.
-    fn forget_waiter(&self, key: &str, notify: Arc<Notify>) {
-        let mut state = self.state();
-        drop(notify);
-        if let Some(n) = state.waiters.get(key)
+/// One waiter's interest in a held key. Its entry in the waiter registry
+/// goes when the key's last waiter leaves, however the wait ends: a return,
+/// or a dropped future.
+struct Registered<'a> {
+    provider: &'a InMemoryProvider,
+    key: &'a str,
+    notify: Option<Arc<Notify>>,
+}
+
+impl Registered<'_> {
+    /// Sleeps until the key's holder changes (a release, a new lease, a
+    /// shutdown), its lease as last seen runs out, or the deadline.
+    async fn wait(&self, wait: Wait, expires_at: Option<Instant>) {
+        let Some(notify) = &self.notify else { return };
+        // Register interest before anything else can run: a release between
+        // here and the await below is not lost, because `notify_waiters`
+        // wakes every `Notified` created before it.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        // ...but the release may also have happened between the attempt and
+        // `enable`. Re-checking under the lock closes that gap.
+        let still_held = {
+            let state = self.provider.state();
+            state
+                .locks
+                .get(self.key)
+                .is_some_and(|h| h.is_live(Instant::now()))
+        };
+        if !still_held {
+            return;
+        }
+        let deadline = match wait {
+            Wait::Until(at) => Some(at),
+            _ => None,
+        };
+        let wake_at = match (deadline, expires_at) {
+            (Some(d), Some(e)) => Some(d.min(e)),
+            (d, e) => d.or(e),
+        };
+        let span = tracing::trace_span!("lockstep.wait", provider = "in-memory", key = %self.key);
+        async {
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        _ = &mut notified => {}
+                        _ = sleep_until(at) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+        .instrument(span)
+        .await;
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut state = self.provider.state();
+        drop(self.notify.take());
+        if let Some(n) = state.waiters.get(self.key)
             && Arc::strong_count(n) == 1
         {
-            state.waiters.remove(key);
+            state.waiters.remove(self.key);
         }
     }
 }
@@ -329,6 +366,9 @@ impl LockingProvider for InMemoryProvider {
                 if let Some(h) = state.locks.get_mut(key) {
                     h.expires_at = Some(now + lease);
                 }
+                // Its waiters sleep until the lease they saw: a shorter one
+                // must wake them.
+                wake(&state, key);
             }
             Ok(())
         })
