@@ -32,7 +32,7 @@ const RETRY: (Duration, Duration) = (Duration::from_millis(10), Duration::from_m
 /// until its deadline. Releases go to every master. The contract is the provider contract, as
 /// long as a majority answers.
 ///
-/// What it does not give (see the README):
+/// What it does not give (see `docs/failover.md` in the repository):
 /// - Safety rests on timing: a holder paused past its lease, or a master
 ///   whose clock jumps, can make two holders. Restarting a master without
 ///   persistence forgets its locks; restart it only after the longest lease

@@ -1,5 +1,5 @@
 //! Credentials never leak; owner tokens are unguessable; hostile input is
-//! handled (the README's table lists each case and what lockstep does).
+//! handled (docs/failover.md's hostile-input table lists each case and what lockstep does).
 
 mod support;
 
@@ -137,7 +137,7 @@ async fn execute_owners_are_random_and_distinct() {
     let _: () = redis::cmd("PING").query_async(&mut c).await.unwrap();
 }
 
-/// The README's hostile-input table, case by case.
+/// The hostile-input table of docs/failover.md, case by case.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_table() {
     let m = module_with(redis_provider().await);

@@ -7,7 +7,7 @@
 //!   different systems). The lock server persists with `appendfsync always`,
 //!   so an acknowledged lock survives a `kill -9`: without persistence a
 //!   restart forgets every lock, and two holders at once follow by design
-//!   (see the README).
+//!   (see docs/failover.md, "Torture").
 //! - Workers (`torture-worker` processes) loop over `execute` on a few hot
 //!   keys. Inside each job: `begin` (the store records the holder, its token
 //!   and when its first lease ends, and counts an overlap if another holder's
