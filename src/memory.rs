@@ -87,7 +87,6 @@ impl InMemoryProvider {
             }),
         }
     }
-
 }
 
 /// Diagnostics: for operators, tests and the bench.

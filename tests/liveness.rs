@@ -111,7 +111,11 @@ async fn in_memory_dropped_waiters_leave_no_entries() {
         // Polled once (it registers and waits), then dropped.
         assert!(waiting.now_or_never().is_none());
     }
-    assert_eq!(provider.waiting_keys(), 0, "entries left by dropped waiters");
+    assert_eq!(
+        provider.waiting_keys(),
+        0,
+        "entries left by dropped waiters"
+    );
 }
 
 /// Finding 9 (third of 11): `execute` on a provider whose default wait is
@@ -129,4 +133,237 @@ async fn execute_with_an_endless_default_wait_does_not_panic() {
         .await
         .unwrap();
     assert!(got > 0);
+}
+
+// ---------------------------------------------------------------------
+// Redis.
+
+use lockstep::{RedisConfig, RedisProvider, ReleaseOptions};
+use redis::AsyncCommands;
+
+async fn redis_with(ns: &str, configure: impl FnOnce(RedisConfig) -> RedisConfig) -> RedisProvider {
+    let config = configure(RedisConfig::from_url(support::shared_url()).namespace(ns));
+    RedisProvider::connect(config).await.unwrap()
+}
+
+/// Waits until `n` processes are queued for lock `key` in Redis.
+async fn queued(p: &RedisProvider, key: &str, n: usize) {
+    let mut c = support::raw_connection(&support::shared_url()).await;
+    let queue = format!("{}:q", p.lock_key(key));
+    support::eventually(Duration::from_secs(5), "a queued process", || {
+        let (mut c, queue) = (c.clone(), queue.clone());
+        async move { c.llen::<_, usize>(&queue).await.unwrap_or(0) >= n }
+    })
+    .await;
+    let _: () = redis::cmd("PING").query_async(&mut c).await.unwrap();
+}
+
+/// Finding 1: a release dropped while it hands the lock to a local waiter
+/// leaves no waiter stuck: the waiter (and the one behind it) still ends
+/// within its deadline, and the lock is never left held under a waiter's
+/// nonce that the waiter does not know about. The release is dropped after
+/// each of its first polls: unsent, sent, answered.
+#[tokio::test]
+async fn a_dropped_release_does_not_strand_its_successor() {
+    let ns = support::unique_namespace();
+    let p = redis_with(&ns, |c| c).await;
+    let m = support::module_with(p.clone());
+    let mut conn = support::raw_connection(&support::shared_url()).await;
+    for polls in 1..=4 {
+        let key = format!("k{polls}");
+        m.acquire(key.as_str(), AcquireOptions::new().owner_id("a"))
+            .await
+            .unwrap();
+        let spawn_waiter = |owner: &'static str| {
+            let (m, key) = (m.clone(), key.clone());
+            tokio::spawn(async move {
+                m.acquire(
+                    key.as_str(),
+                    AcquireOptions::new()
+                        .owner_id(owner)
+                        .timeout(Duration::from_secs(1)),
+                )
+                .await
+            })
+        };
+        let b = spawn_waiter("b");
+        queued(&p, &key, 1).await;
+        let c = spawn_waiter("c");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let release = m.release(key.as_str(), ReleaseOptions::new().owner_id("a"));
+        let released = support::poll_then_drop(release, polls).await;
+        let mut holders = Vec::new();
+        for (name, waiter) in [("b", b), ("c", c)] {
+            match timeout(Duration::from_secs(3), waiter)
+                .await
+                .unwrap_or_else(|_| panic!("{name} ends within its deadline ({polls} polls)"))
+                .unwrap()
+            {
+                Ok(lease) => {
+                    holders.push(name);
+                    assert!(lease.release().await.unwrap());
+                }
+                Err(e) => assert!(e.is_contended(), "{e}"),
+            }
+        }
+        // Nobody holds the lock now, or "a" still does (its release never
+        // went out): never a waiter that gave up.
+        support::eventually(Duration::from_secs(2), "the key settles", || {
+            let (mut conn, lock) = (conn.clone(), p.lock_key(&key));
+            async move {
+                let v: Option<String> = conn.get(&lock).await.unwrap();
+                v.is_none_or(|v| v.starts_with('a') && v.len() == 13)
+            }
+        })
+        .await;
+        eprintln!("{polls} polls: release {released:?}, acquired by {holders:?}");
+        let _ = m
+            .release(key.as_str(), ReleaseOptions::new().owner_id("a"))
+            .await;
+    }
+    let _: () = redis::cmd("PING").query_async(&mut conn).await.unwrap();
+}
+
+/// Finding 4: a waiter that gives up withdraws its process's queue entry
+/// in the background; a new waiter of the same process that starts at once
+/// must not lose its place to that withdraw (it would sleep unqueued and
+/// hear nothing until its fallback).
+#[tokio::test]
+async fn a_waiter_giving_up_does_not_unqueue_the_next_one() {
+    let ns = support::unique_namespace();
+    let slow_fallback = |c: RedisConfig| c.wait_fallback(Duration::from_secs(10));
+    let p1 = support::module_with(redis_with(&ns, slow_fallback).await);
+    let p2 = support::module_with(redis_with(&ns, slow_fallback).await);
+    let held = p2
+        .acquire(
+            "k",
+            AcquireOptions::new()
+                .owner_id("holder")
+                .expire(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let gave_up = p1
+        .acquire(
+            "k",
+            AcquireOptions::new()
+                .owner_id("b")
+                .timeout(Duration::from_millis(200)),
+        )
+        .await;
+    assert!(gave_up.unwrap_err().is_contended());
+    // At once, in the same task (polled first by `join!`): its first
+    // attempt goes out before the background withdraw of b's entry.
+    let c = async {
+        let lease = p1
+            .acquire(
+                "k",
+                AcquireOptions::new()
+                    .owner_id("c")
+                    .timeout(Duration::from_secs(5)),
+            )
+            .await;
+        (lease, Instant::now())
+    };
+    let release = async {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let at = Instant::now();
+        assert!(held.release().await.unwrap());
+        at
+    };
+    let ((lease, got), released) = tokio::join!(c, release);
+    assert!(lease.is_ok(), "{lease:?}");
+    assert!(
+        got - released < Duration::from_millis(300),
+        "c got the lock {:?} after the release: it was not queued",
+        got - released
+    );
+}
+
+/// Finding 5: a multi-key waiter that gives up must not pass on a
+/// reservation made for a single-key waiter of its process. Here the
+/// process hears of the reservation late (its subscription goes through a
+/// slow proxy), the multi-key waiter times out meanwhile, and the
+/// single-key waiter must still be served before another process's waiter
+/// queued after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_key_waiter_giving_up_keeps_the_single_key_waiters_turn() {
+    let server = support::RedisServer::start(&[]);
+    let proxy = support::Proxy::start(server.port);
+    let ns = support::unique_namespace();
+    let config = || {
+        RedisConfig::from_url(server.url())
+            .namespace(&ns)
+            .wait_fallback(Duration::from_secs(10))
+    };
+    // P: commands straight to Redis, notifications through the proxy.
+    let direct = RedisProvider::connect(config()).await.unwrap();
+    let pool = direct.pool().unwrap();
+    let mut through_proxy = config();
+    through_proxy.url = Some(proxy.url());
+    let p = support::module_with(
+        RedisProvider::from_pool(pool, &through_proxy)
+            .await
+            .unwrap(),
+    );
+    let q = support::module_with(RedisProvider::connect(config()).await.unwrap());
+    let h = support::module_with(RedisProvider::connect(config()).await.unwrap());
+    let holder = |o: &str| AcquireOptions::new().owner_id(o);
+    h.acquire("k", holder("h")).await.unwrap();
+    h.acquire("j", holder("h")).await.unwrap();
+    let wait = |o: &str, secs| {
+        AcquireOptions::new()
+            .owner_id(o)
+            .timeout(Duration::from_secs(secs))
+    };
+    let b = tokio::spawn({
+        let p = p.clone();
+        async move {
+            let lease = p.acquire("k", wait("b", 10)).await?;
+            let at = Instant::now();
+            lease.release().await.map(|_| at)
+        }
+    });
+    support::eventually(Duration::from_secs(2), "b queued", || async {
+        let mut c = support::raw_connection(&server.url()).await;
+        c.llen::<_, usize>(format!("{ns}{{k}}:q")).await.unwrap() == 1
+    })
+    .await;
+    let m = tokio::spawn({
+        let p = p.clone();
+        async move {
+            p.acquire(
+                ["k", "j"],
+                AcquireOptions::new()
+                    .owner_id("m")
+                    .timeout(Duration::from_millis(700)),
+            )
+            .await
+        }
+    });
+    let d = tokio::spawn({
+        let q = q.clone();
+        async move {
+            let lease = q.acquire("k", wait("d", 10)).await?;
+            let at = Instant::now();
+            lease.release().await.map(|_| at)
+        }
+    });
+    support::eventually(Duration::from_secs(2), "m and d queued", || async {
+        let mut c = support::raw_connection(&server.url()).await;
+        c.llen::<_, usize>(format!("{ns}{{k}}:q")).await.unwrap() == 3
+    })
+    .await;
+    // P hears of the reservation only after m has given up.
+    proxy.set_latency(Duration::from_millis(1500));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        h.release("k", ReleaseOptions::new().owner_id("h"))
+            .await
+            .unwrap()
+    );
+    assert!(m.await.unwrap().unwrap_err().is_contended());
+    let (b, d) = (b.await.unwrap(), d.await.unwrap());
+    let (b, d) = (b.expect("b gets k"), d.expect("d gets k"));
+    assert!(b < d, "b (queued first) was served after d");
 }

@@ -12,7 +12,7 @@ use super::connection::Connections;
 use super::error::{RawError, is_auth_error};
 use super::layout::Layout;
 use super::topology::{Source, Topology};
-use super::waiting::{self, Waiting};
+use super::waiting::{self, Entry, Waiting, Withdrawal};
 use super::wire::redact_url;
 use super::{Inner, RedisProvider};
 use crate::error::ConfigError;
@@ -202,12 +202,13 @@ impl RedisProvider {
 
 /// What a subscription does with a lock reserved for this process that
 /// nobody here wants any more: passes it on, in a task of its own.
-pub(crate) fn withdraw_callback(provider: &RedisProvider) -> impl Fn(String) + Send + 'static {
+pub(crate) fn withdraw_callback(
+    provider: &RedisProvider,
+) -> impl Fn(String, Arc<Withdrawal>) + Send + 'static {
     let weak = Arc::downgrade(&provider.inner);
-    move |key| {
+    move |key, ticket| {
         if let Some(inner) = weak.upgrade() {
-            let provider = RedisProvider { inner };
-            tokio::spawn(async move { provider.withdraw(&key, false).await });
+            RedisProvider { inner }.withdraw_later(key, Entry::Handoff, ticket);
         }
     }
 }

@@ -239,6 +239,13 @@ impl RedisProvider {
         self.inner.conns.sent()
     }
 
+    /// How many locks this process's waiter registry tracks: locks some
+    /// local call waits for, or whose queue entry is being withdrawn. Zero
+    /// once every wait has ended and Redis answered the withdraws.
+    pub fn waiting_locks(&self) -> usize {
+        self.inner.waiting.as_ref().map_or(0, |w| w.tracked())
+    }
+
     /// Whether release notifications are currently being received.
     pub fn is_notified(&self) -> bool {
         self.inner

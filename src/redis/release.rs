@@ -11,6 +11,7 @@ use super::RedisProvider;
 use super::scripts::release::{ReleaseArgs, Successor};
 use super::scripts::withdraw::WithdrawArgs;
 use super::scripts::{RELEASE, WITHDRAW};
+use super::waiting::{Entry, Handoff, Waiter, Waiting, Withdrawal};
 use crate::backoff::Backoff;
 use crate::error::LockError;
 
@@ -28,46 +29,36 @@ impl RedisProvider {
         self.inner.conns.check_open()?;
         let lock_keys = self.lock_keys(keys);
         let owner = owner.unwrap_or("");
-        let successor = match &self.inner.waiting {
+        let mut handing = match &self.inner.waiting {
             // A direct handoff writes the successor's lock in the releaser's
             // script, where no WAIT can follow it: with replica
             // acknowledgement the next waiter claims its reservation through
             // an acquisition instead.
             Some(w) if lock_keys.len() == 1 && self.inner.replicas.0 == 0 => {
-                w.successor(&lock_keys[0]).map(|s| (Arc::clone(w), s))
+                w.successor(&lock_keys[0]).map(|(waiter, more)| Handing {
+                    provider: self,
+                    waiting: w,
+                    key: &lock_keys[0],
+                    waiter,
+                    more,
+                    outcome: Handoff::Unknown,
+                })
             }
             _ => None,
         };
         let sent_at = Instant::now();
-        let result = self
-            .run_release(
-                &lock_keys,
-                owner,
-                "",
-                successor.as_ref().map(|(_, (w, more))| Successor {
-                    owner: &w.owner,
-                    nonce: &w.nonce,
-                    ttl_ms: w.ttl_ms,
-                    index: w.index.as_deref(),
-                    more: *more,
-                }),
-            )
-            .await;
-        if let Some((waiting, (w, _))) = &successor {
-            let grant = match &result {
-                Ok((_, token)) if *token > 0 => Some((*token, sent_at)),
-                _ => None,
+        let successor = handing.as_ref().map(Handing::successor);
+        let result = self.run_release(&lock_keys, owner, "", successor).await;
+        if let Some(h) = &mut handing {
+            h.outcome = match &result {
+                Ok((_, token)) if *token > 0 => Handoff::Granted(*token, sent_at),
+                Ok(_) => Handoff::Refused,
+                // The script may have run: the waiter's next attempt (same
+                // nonce) finds out.
+                Err(_) => Handoff::Unknown,
             };
-            if waiting.handed(&lock_keys[0], w, grant) {
-                // Its call ended meanwhile: nobody holds this grant.
-                self.undo_later(
-                    vec![lock_keys[0].clone()],
-                    w.owner.clone(),
-                    w.nonce.clone(),
-                    None,
-                );
-            }
         }
+        drop(handing);
         result.map(|(released, _)| released)
     }
 
@@ -124,30 +115,46 @@ impl RedisProvider {
         });
     }
 
-    /// [`withdraw`](Self::withdraw) in the background (from a `Drop`).
-    pub(super) fn withdraw_later(&self, lock_key: String, wake_entry: bool) {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let provider = self.clone();
-            runtime.spawn(async move { provider.withdraw(&lock_key, wake_entry).await });
-        }
-    }
-
-    /// Takes this process's entry out of the queue of `lock_key`, passing
-    /// on a reservation made for it.
-    pub(super) async fn withdraw(&self, lock_key: &str, wake_entry: bool) {
-        let Some(waiting) = &self.inner.waiting else {
+    /// Takes this process's `entry` out of the queue of `lock_key` in a
+    /// task of its own (it is called from `Drop`s), passing on a
+    /// reservation for this process that nobody here wants. Called off if
+    /// a local waiter joins before it is sent; waited for by those that
+    /// join after (see [`Withdrawal`]).
+    pub(super) fn withdraw_later(&self, lock_key: String, entry: Entry, ticket: Arc<Withdrawal>) {
+        let (Some(waiting), Ok(runtime)) = (
+            self.inner.waiting.clone(),
+            tokio::runtime::Handle::try_current(),
+        ) else {
             return;
         };
-        let entry = if wake_entry {
-            format!("~{}", waiting.pid)
-        } else {
-            waiting.pid.clone()
+        let provider = self.clone();
+        runtime.spawn(async move {
+            if let Some(pass_reservation) = waiting.begin_withdraw(&lock_key, &ticket, entry) {
+                provider
+                    .withdraw(&waiting, &lock_key, entry, pass_reservation)
+                    .await;
+            }
+            waiting.end_withdraw(&lock_key, &ticket);
+        });
+    }
+
+    /// `withdraw.lua` for this process's `entry` in the queue of `lock_key`.
+    async fn withdraw(
+        &self,
+        waiting: &Waiting,
+        lock_key: &str,
+        entry: Entry,
+        pass_reservation: bool,
+    ) {
+        let entry = match entry {
+            Entry::Handoff => waiting.pid.clone(),
+            Entry::Wake => format!("~{}", waiting.pid),
         };
         let prefix = self.channel_prefix_for(lock_key);
         let args = WithdrawArgs {
             lock_key,
             entry: &entry,
-            pid: &waiting.pid,
+            pid: if pass_reservation { &waiting.pid } else { "" },
             claim_ms: self.inner.claim_ms,
             channel_prefix: &prefix,
         };
@@ -159,6 +166,47 @@ impl RedisProvider {
             .await
         {
             tracing::debug!("withdrawing from the queue of {lock_key} failed: {e}");
+        }
+    }
+}
+
+/// A release handing its lock to a local waiter (the first single-key
+/// waiter of the key): however the release ends, including a dropped
+/// future, the waiter learns the outcome, and a lock handed to a waiter
+/// whose call has ended is undone by its nonce.
+struct Handing<'a> {
+    provider: &'a RedisProvider,
+    waiting: &'a Arc<Waiting>,
+    key: &'a str,
+    waiter: Arc<Waiter>,
+    /// More local waiters follow it.
+    more: bool,
+    /// Until the release answers: unknown (the script may have run).
+    outcome: Handoff,
+}
+
+impl Handing<'_> {
+    fn successor(&self) -> Successor<'_> {
+        Successor {
+            owner: &self.waiter.owner,
+            nonce: &self.waiter.nonce,
+            ttl_ms: self.waiter.ttl_ms,
+            index: self.waiter.index.as_deref(),
+            more: self.more,
+        }
+    }
+}
+
+impl Drop for Handing<'_> {
+    fn drop(&mut self) {
+        if self.waiting.handed(self.key, &self.waiter, self.outcome) {
+            // Its call ended meanwhile: nobody holds this grant.
+            self.provider.undo_later(
+                vec![self.key.to_owned()],
+                self.waiter.owner.clone(),
+                self.waiter.nonce.clone(),
+                None,
+            );
         }
     }
 }

@@ -65,6 +65,11 @@ struct State {
     /// Its own acquire script is in flight: no release may hand it the
     /// lock meanwhile (it could end up granted twice).
     attempting: bool,
+    /// A release that was handing it the lock ended without an answer (it
+    /// failed, or its future was dropped): the lock may be held under this
+    /// waiter's nonce. Its next attempt (same nonce) finds out; a call
+    /// that ends without the lock undoes by nonce.
+    unsure: bool,
 }
 
 impl Waiter {
@@ -111,6 +116,18 @@ impl Waiter {
         self.state().handing
     }
 
+    /// Whether a handoff to this waiter ended without an answer.
+    #[cfg(test)]
+    pub(crate) fn is_unsure(&self) -> bool {
+        self.state().unsure
+    }
+
+    /// Marks the waiter as possibly holding the lock (it gave up while a
+    /// release was handing it over).
+    pub(crate) fn set_unsure(&self) {
+        self.state().unsure = true;
+    }
+
     /// Starts an attempt of its own, unless a release is handing it the
     /// lock or already did. Returns whether it may attempt.
     pub(crate) fn begin_attempt(&self) -> bool {
@@ -136,16 +153,93 @@ struct KeyWaiters {
     singles: VecDeque<Arc<Waiter>>,
     /// Multi-key (or barging) waiters that found this lock held.
     others: Vec<Arc<Waiter>>,
+    /// A withdraw of this process's queue entry, from when the last local
+    /// waiter left until Redis answered, and whether it was sent.
+    withdrawal: Option<(Arc<Withdrawal>, bool)>,
 }
 
-/// What leaving the local queue of a lock requires.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Left {
-    /// Other local waiters remain; the process stays queued in Redis.
-    OthersRemain,
-    /// This was the last local waiter of its kind: the process's queue
-    /// entry should be withdrawn.
-    Last,
+impl KeyWaiters {
+    fn is_idle(&self) -> bool {
+        self.singles.is_empty() && self.others.is_empty() && self.withdrawal.is_none()
+    }
+
+    /// A waiter joins: a withdraw not sent yet is called off (the entry it
+    /// would remove serves the newcomer); one already sent must be waited
+    /// for, or it could remove the entry the newcomer's attempt relies on.
+    fn joined(&mut self) -> Option<Arc<Withdrawal>> {
+        match self.withdrawal.take() {
+            Some((w, true)) => {
+                self.withdrawal = Some((Arc::clone(&w), true));
+                Some(w)
+            }
+            Some((w, false)) => {
+                w.finish();
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The last waiter of a kind left: a withdraw is to be made (unless one
+    /// is under way already).
+    fn withdraw(&mut self) -> Option<Arc<Withdrawal>> {
+        if self.withdrawal.is_some() {
+            return None;
+        }
+        let w = Arc::new(Withdrawal::default());
+        self.withdrawal = Some((Arc::clone(&w), false));
+        Some(w)
+    }
+}
+
+/// A withdraw of this process's entry from one lock's Redis queue, between
+/// the moment its last local waiter left and Redis's answer. Waiters that
+/// join meanwhile wait for it ([`Withdrawal::wait`]) or call it off.
+#[derive(Debug, Default)]
+pub(crate) struct Withdrawal {
+    finished: AtomicBool,
+    done: Notify,
+}
+
+impl Withdrawal {
+    /// Until the withdraw is answered or called off.
+    pub(crate) async fn wait(&self) {
+        loop {
+            let done = self.done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            if self.finished.load(Ordering::Acquire) {
+                return;
+            }
+            done.await;
+        }
+    }
+
+    fn finish(&self) {
+        self.finished.store(true, Ordering::Release);
+        self.done.notify_waiters();
+    }
+}
+
+/// Which of this process's queue entries a withdraw removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Entry {
+    /// `<pid>`: the single-key waiters' (a handoff is reserved for them).
+    Handoff,
+    /// `~<pid>`: the woken waiters'.
+    Wake,
+}
+
+/// How a release's handoff to a local waiter ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Handoff {
+    /// The waiter now holds the lock: its token, and when the release was
+    /// sent.
+    Granted(u64, Instant),
+    /// The release answered and the lock went elsewhere (or stayed).
+    Refused,
+    /// No answer: the release failed or its future was dropped.
+    Unknown,
 }
 
 /// The registry of local waiters, and the notification channel's state.
@@ -193,13 +287,19 @@ impl Waiting {
         self.subscribed.load(Ordering::Acquire)
     }
 
-    /// Queues a single-key waiter. Returns true when it is the only one, so
-    /// it should make an attempt at once; otherwise it waits its turn.
-    pub(crate) fn join_single(&self, key: &str, w: &Arc<Waiter>) -> bool {
+    /// Queues a single-key waiter. Returns whether it is the only one (so
+    /// it should make an attempt at once; otherwise it waits its turn), and
+    /// a withdraw of this process's queue entry that it must wait for
+    /// before its first attempt.
+    pub(crate) fn join_single(
+        &self,
+        key: &str,
+        w: &Arc<Waiter>,
+    ) -> (bool, Option<Arc<Withdrawal>>) {
         let mut local = self.local();
         let k = local.entry(key.to_owned()).or_default();
         k.singles.push_back(Arc::clone(w));
-        k.singles.len() == 1
+        (k.singles.len() == 1, k.joined())
     }
 
     /// Whether `w` is the first local single-key waiter of `key`.
@@ -218,55 +318,97 @@ impl Waiting {
     }
 
     /// Removes a single-key waiter. If it was first and others remain, the
-    /// next one is woken to make an attempt.
-    pub(crate) fn leave_single(&self, key: &str, w: &Arc<Waiter>) -> Left {
+    /// next one is woken to make an attempt. If it was the last, returns
+    /// the withdraw of the process's queue entry to make.
+    pub(crate) fn leave_single(&self, key: &str, w: &Arc<Waiter>) -> Option<Arc<Withdrawal>> {
         let mut local = self.local();
-        let Some(k) = local.get_mut(key) else {
-            return Left::Last;
-        };
+        let k = local.get_mut(key)?;
         let was_first = k.singles.front().is_some_and(|f| Arc::ptr_eq(f, w));
         k.singles.retain(|o| !Arc::ptr_eq(o, w));
-        let left = if k.singles.is_empty() {
-            Left::Last
-        } else {
+        if let Some(next) = k.singles.front() {
             if was_first && w.granted().is_none() {
                 // It gave up: the next one takes over the attempts.
-                k.singles[0].wake();
+                next.wake();
             }
-            Left::OthersRemain
-        };
-        if k.singles.is_empty() && k.others.is_empty() {
+            return None;
+        }
+        let withdrawal = k.withdraw();
+        if k.is_idle() {
             local.remove(key);
         }
-        left
+        withdrawal
     }
 
     /// Registers a waiter that waits to be woken (multi-key, or barging) as
-    /// waiting for `key`.
-    pub(crate) fn join_woken(&self, key: &str, w: &Arc<Waiter>) {
+    /// waiting for `key`; returns a withdraw it must wait for before its
+    /// first attempt.
+    pub(crate) fn join_woken(&self, key: &str, w: &Arc<Waiter>) -> Option<Arc<Withdrawal>> {
         let mut local = self.local();
         let k = local.entry(key.to_owned()).or_default();
         if !k.others.iter().any(|o| Arc::ptr_eq(o, w)) {
             k.others.push(Arc::clone(w));
         }
+        k.joined()
     }
 
-    /// Removes a multi-key (or barging) waiter from `key`.
-    pub(crate) fn leave_woken(&self, key: &str, w: &Arc<Waiter>) -> Left {
+    /// Removes a waiter that waits to be woken from `key`. If it was the
+    /// last and `enqueued` (its `~<pid>` entry is in the queue), returns
+    /// the withdraw to make.
+    pub(crate) fn leave_woken(
+        &self,
+        key: &str,
+        w: &Arc<Waiter>,
+        enqueued: bool,
+    ) -> Option<Arc<Withdrawal>> {
         let mut local = self.local();
-        let Some(k) = local.get_mut(key) else {
-            return Left::Last;
-        };
+        let k = local.get_mut(key)?;
         k.others.retain(|o| !Arc::ptr_eq(o, w));
-        let left = if k.others.is_empty() {
-            Left::Last
-        } else {
-            Left::OthersRemain
-        };
-        if k.singles.is_empty() && k.others.is_empty() {
+        let withdrawal = (k.others.is_empty() && enqueued)
+            .then(|| k.withdraw())
+            .flatten();
+        if k.is_idle() {
             local.remove(key);
         }
-        left
+        withdrawal
+    }
+
+    /// A withdraw of `entry` from `key`'s queue is about to be sent:
+    /// `None` if it was called off (a waiter joined), else whether it may
+    /// pass a reservation for this process on. Only the single-key waiters
+    /// claim reservations, so a `~<pid>` withdraw passes one on only when
+    /// no single-key waiter of this process wants the lock.
+    pub(crate) fn begin_withdraw(
+        &self,
+        key: &str,
+        w: &Arc<Withdrawal>,
+        entry: Entry,
+    ) -> Option<bool> {
+        let mut local = self.local();
+        let k = local.get_mut(key)?;
+        match &mut k.withdrawal {
+            Some((current, sent)) if Arc::ptr_eq(current, w) => {
+                *sent = true;
+                Some(entry == Entry::Handoff || k.singles.is_empty())
+            }
+            _ => None,
+        }
+    }
+
+    /// A withdraw was answered (or failed): waiters that joined meanwhile
+    /// may attempt.
+    pub(crate) fn end_withdraw(&self, key: &str, w: &Arc<Withdrawal>) {
+        let mut local = self.local();
+        if let Some(k) = local.get_mut(key)
+            && k.withdrawal
+                .as_ref()
+                .is_some_and(|(c, _)| Arc::ptr_eq(c, w))
+        {
+            k.withdrawal = None;
+            if k.is_idle() {
+                local.remove(key);
+            }
+        }
+        w.finish();
     }
 
     /// Picks the first local single-key waiter of `key` as the successor of
@@ -285,60 +427,68 @@ impl Waiting {
         Some((Arc::clone(first), k.singles.len() > 1))
     }
 
-    /// Ends a handing: with `Some(token)` the successor now holds the lock.
-    /// Returns true when the successor's call had already ended, so the
-    /// grant must be undone.
-    pub(crate) fn handed(&self, key: &str, w: &Arc<Waiter>, grant: Option<(u64, Instant)>) -> bool {
+    /// Ends a handing. Returns true when the successor's call had already
+    /// ended and the lock is (or may be) held under its nonce: the caller
+    /// must undo by that nonce.
+    pub(crate) fn handed(&self, key: &str, w: &Arc<Waiter>, outcome: Handoff) -> bool {
         let mut local = self.local();
         let mut st = w.state();
         st.handing = false;
-        let abandoned = grant.is_some() && st.gone;
-        if let Some(g) = grant {
-            st.granted = Some(g);
-            drop(st);
-            if let Some(k) = local.get_mut(key) {
-                k.singles.retain(|o| !Arc::ptr_eq(o, w));
-                if k.singles.is_empty() && k.others.is_empty() {
-                    local.remove(key);
+        let abandoned = st.gone && outcome != Handoff::Refused;
+        match outcome {
+            Handoff::Granted(token, sent_at) => {
+                st.granted = Some((token, sent_at));
+                drop(st);
+                if let Some(k) = local.get_mut(key) {
+                    k.singles.retain(|o| !Arc::ptr_eq(o, w));
+                    if k.is_idle() {
+                        local.remove(key);
+                    }
                 }
             }
-        } else {
-            drop(st);
+            Handoff::Unknown => {
+                // Its next attempt, with the same nonce, finds out.
+                st.unsure = true;
+                st.woken = true;
+            }
+            Handoff::Refused => {}
         }
         w.notify.notify_one();
         abandoned
     }
 
-    /// Marks a waiter's call as ended. Returns its grant if it had one
-    /// (which the caller must then undo).
-    pub(crate) fn mark_gone(&self, w: &Arc<Waiter>) -> Option<(u64, Instant)> {
+    /// Marks a waiter's call as ended. Returns whether the lock is (or may
+    /// be) held under its nonce, which the caller must then undo.
+    pub(crate) fn mark_gone(&self, w: &Arc<Waiter>) -> bool {
         let mut st = w.state();
         st.gone = true;
-        st.granted
+        st.granted.is_some() || st.unsure
     }
 
     /// Handles a message: wakes the first single-key waiter of the lock (for
-    /// a reservation) and every other waiter of it. Returns the lock key if
-    /// the lock was reserved for this process but nobody here wants it any
-    /// more, so that the reservation can be passed on.
-    pub(crate) fn dispatch(&self, message: &str) -> Option<String> {
+    /// a reservation) and every other waiter of it. Returns the lock key
+    /// and a withdraw to make if the lock was reserved for this process but
+    /// nobody here wants it any more, so that the reservation is passed on.
+    pub(crate) fn dispatch(&self, message: &str) -> Option<(String, Arc<Withdrawal>)> {
         let (kind, key) = message.split_at_checked(1)?;
-        let local = self.local();
-        match local.get(key) {
-            Some(k) => {
-                if let Some(first) = k.singles.front() {
-                    first.wake();
-                } else if kind == "r" {
-                    return Some(key.to_owned());
-                }
-                for o in &k.others {
-                    o.wake();
-                }
-                None
-            }
-            None if kind == "r" => Some(key.to_owned()),
-            None => None,
+        let mut local = self.local();
+        let k = match local.get_mut(key) {
+            Some(k) => k,
+            None if kind == "r" => local.entry(key.to_owned()).or_default(),
+            None => return None,
+        };
+        for o in &k.others {
+            o.wake();
         }
+        if let Some(first) = k.singles.front() {
+            first.wake();
+            return None;
+        }
+        if kind != "r" {
+            return None;
+        }
+        let withdrawal = k.withdraw()?;
+        Some((key.to_owned(), withdrawal))
     }
 
     /// Wakes every waiter that makes attempts: after a reconnect, messages
@@ -362,6 +512,12 @@ impl Waiting {
             .map(|k| k.singles.len() + k.others.len())
             .sum()
     }
+
+    /// How many locks the registry tracks (each has local waiters, or a
+    /// withdraw under way).
+    pub(crate) fn tracked(&self) -> usize {
+        self.local().len()
+    }
 }
 
 /// Keeps the process subscribed to its channel and dispatches messages,
@@ -374,7 +530,7 @@ pub(crate) async fn subscribe(
     waiting: Arc<Waiting>,
     connect_timeout: Duration,
     ready: tokio::sync::oneshot::Sender<Result<(), redis::RedisError>>,
-    withdraw: impl Fn(String) + Send + 'static,
+    withdraw: impl Fn(String, Arc<Withdrawal>) + Send + 'static,
 ) {
     let mut ready = Some(ready);
     let mut pause = Duration::from_millis(20);
@@ -431,8 +587,8 @@ pub(crate) async fn subscribe(
                 message = stream.next() => match message {
                     Some(m) => {
                         if let Ok(text) = std::str::from_utf8(m.get_payload_bytes())
-                            && let Some(key) = waiting.dispatch(text) {
-                                withdraw(key);
+                            && let Some((key, ticket)) = waiting.dispatch(text) {
+                                withdraw(key, ticket);
                             }
                     }
                     None => break,
@@ -468,21 +624,27 @@ mod tests {
     fn local_waiters_queue_in_order_and_hand_over() {
         let w = Waiting::new("ns:", false);
         let (a, b, c) = (waiter("a"), waiter("b"), waiter("c"));
-        assert!(w.join_single("k", &a));
-        assert!(!w.join_single("k", &b));
-        assert!(!w.join_single("k", &c));
+        assert!(w.join_single("k", &a).0);
+        assert!(!w.join_single("k", &b).0);
+        assert!(!w.join_single("k", &c).0);
         assert!(w.is_first("k", &a) && w.others_waiting("k", &a));
         let (s, more) = w.successor("k").unwrap();
         assert!(Arc::ptr_eq(&s, &a) && more);
         assert!(w.successor("k").is_none(), "already being handed");
-        assert!(!w.handed("k", &a, Some((7, Instant::now()))));
+        assert!(!w.handed("k", &a, Handoff::Granted(7, Instant::now())));
         assert_eq!(a.granted().map(|g| g.0), Some(7));
         assert!(w.is_first("k", &b));
         // b gives up: c becomes first and is woken to attempt.
-        assert_eq!(w.leave_single("k", &b), Left::OthersRemain);
+        assert!(w.leave_single("k", &b).is_none());
         assert!(c.take_woken());
-        assert_eq!(w.leave_single("k", &c), Left::Last);
+        let withdrawal = w.leave_single("k", &c).expect("the last one withdraws");
         assert_eq!(w.len(), 0);
+        assert_eq!(
+            w.begin_withdraw("k", &withdrawal, Entry::Handoff),
+            Some(true)
+        );
+        w.end_withdraw("k", &withdrawal);
+        assert_eq!(w.tracked(), 0);
     }
 
     #[test]
@@ -492,11 +654,53 @@ mod tests {
         w.join_single("k", &a);
         w.join_single("k", &b);
         w.join_woken("k", &m);
-        assert_eq!(w.dispatch("rk"), None);
+        assert!(w.dispatch("rk").is_none());
         assert!(a.take_woken() && !b.take_woken() && m.take_woken());
-        assert_eq!(w.dispatch("rother"), Some("other".to_owned()));
-        assert_eq!(w.dispatch("wother"), None);
-        assert_eq!(w.dispatch(""), None);
+        assert_eq!(
+            w.dispatch("rother").map(|(k, _)| k),
+            Some("other".to_owned())
+        );
+        assert!(w.dispatch("rother").is_none(), "one withdraw at a time");
+        assert!(w.dispatch("wother").is_none());
+        assert!(w.dispatch("").is_none());
+    }
+
+    #[test]
+    fn a_withdraw_is_called_off_or_waited_for_by_a_newcomer() {
+        let w = Waiting::new("ns:", false);
+        let (a, b) = (waiter("a"), waiter("b"));
+        w.join_single("k", &a);
+        let first = w.leave_single("k", &a).unwrap();
+        // Joining before it is sent calls it off.
+        assert!(w.join_single("k", &b).1.is_none());
+        assert_eq!(w.begin_withdraw("k", &first, Entry::Handoff), None);
+        let second = w.leave_single("k", &b).unwrap();
+        assert_eq!(w.begin_withdraw("k", &second, Entry::Handoff), Some(true));
+        // Joining after it was sent waits for its answer.
+        let wait_for = w
+            .join_single("k", &a)
+            .1
+            .expect("a sent withdraw to wait for");
+        assert!(Arc::ptr_eq(&wait_for, &second));
+        w.end_withdraw("k", &second);
+        assert!(wait_for.finished.load(Ordering::Acquire));
+        // A multi-key waiter's withdraw leaves a reservation to the
+        // single-key waiters while there are some.
+        let m = waiter("m");
+        w.join_woken("k", &m);
+        let woken = w.leave_woken("k", &m, true).unwrap();
+        assert_eq!(w.begin_withdraw("k", &woken, Entry::Wake), Some(false));
+    }
+
+    #[test]
+    fn an_unanswered_handoff_leaves_the_waiter_unsure() {
+        let w = Waiting::new("ns:", false);
+        let a = waiter("a");
+        w.join_single("k", &a);
+        let (s, _) = w.successor("k").unwrap();
+        assert!(!w.handed("k", &s, Handoff::Unknown));
+        assert!(s.is_unsure() && s.take_woken() && !s.is_being_handed());
+        assert!(w.mark_gone(&s), "a call ending now must undo by its nonce");
     }
 
     #[test]
@@ -505,9 +709,9 @@ mod tests {
         let a = waiter("a");
         w.join_single("k", &a);
         let (s, _) = w.successor("k").unwrap();
-        assert!(w.mark_gone(&s).is_none());
+        assert!(!w.mark_gone(&s));
         assert!(
-            w.handed("k", &s, Some((1, Instant::now()))),
+            w.handed("k", &s, Handoff::Granted(1, Instant::now())),
             "must be undone"
         );
     }

@@ -58,3 +58,22 @@ pub fn module_with(provider: RedisProvider) -> LockingModule {
         .build()
         .expect("valid module")
 }
+
+/// Polls `fut` at most `polls` times, letting the runtime run in between
+/// (each poll happens when the future's own waker fires), then drops it:
+/// `Some(output)` if it completed first. `polls = 0` drops it unpolled.
+///
+/// This is how the cancel-safety tests drop a future at every one of its
+/// await points: k = 0, 1, 2, ... until it completes undisturbed.
+pub async fn poll_then_drop<F: std::future::Future>(fut: F, polls: usize) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut left = polls;
+    std::future::poll_fn(move |cx| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        left -= 1;
+        fut.as_mut().poll(cx).map(Some)
+    })
+    .await
+}

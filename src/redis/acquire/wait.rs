@@ -16,7 +16,7 @@ use crate::provider::{AcquireRequest, Acquired, Wait};
 use crate::redis::RedisProvider;
 use crate::redis::keyset::Keyset;
 use crate::redis::scripts::acquire::AcquireReply;
-use crate::redis::waiting::{Left, Waiter, Waiting};
+use crate::redis::waiting::{Entry, Waiter, Waiting, Withdrawal};
 use crate::redis::wire::millis_ceil;
 
 /// The first and the longest pause before retrying a contended lock when
@@ -32,8 +32,9 @@ fn retry_backoff() -> Backoff {
 
 /// Keeps a single-key waiter's local registration honest however its call
 /// ends: on drop (return, error, or a dropped future) it leaves the local
-/// queue, and withdraws the process's Redis queue entry when it was the
-/// last local waiter.
+/// queue, withdraws the process's Redis queue entry when it was the last
+/// local waiter, and undoes by nonce a lock that was (or may have been)
+/// handed to it after it gave up.
 struct LocalGuard<'a> {
     provider: &'a RedisProvider,
     waiting: &'a Arc<Waiting>,
@@ -42,44 +43,33 @@ struct LocalGuard<'a> {
 }
 
 impl LocalGuard<'_> {
-    /// Leaves the local queue now. `acquired`: the call holds the lock, so
-    /// the process's queue entry was already dealt with by the script.
-    fn finish(&mut self, acquired: bool) {
-        if acquired {
-            if let Some(key) = self.key.take() {
-                self.waiting.leave_single(&key, self.waiter);
-            }
-        } else {
-            self.leave();
-        }
-    }
-
-    /// Leaves the local queue, withdrawing from Redis if it was the last
-    /// local waiter.
-    fn leave(&mut self) {
-        let Some(key) = self.key.take() else {
-            return;
-        };
-        if self.waiting.leave_single(&key, self.waiter) == Left::Last {
-            self.provider.withdraw_later(key, false);
+    /// The call holds the lock: it leaves the local queue, and the
+    /// process's queue entry was already dealt with by the script.
+    fn acquired(&mut self) {
+        self.waiting.mark_gone(self.waiter);
+        if let Some(key) = self.key.take() {
+            let _ = self.waiting.leave_single(&key, self.waiter);
         }
     }
 }
 
 impl Drop for LocalGuard<'_> {
     fn drop(&mut self) {
-        if let Some(key) = &self.key {
-            if self.waiting.mark_gone(self.waiter).is_some() {
-                // Handed the lock after the call had decided to give up:
-                // nobody will use it.
-                self.provider.undo_later(
-                    vec![key.clone()],
-                    self.waiter.owner.clone(),
-                    self.waiter.nonce.clone(),
-                    None,
-                );
-            }
-            self.leave();
+        let Some(key) = self.key.take() else {
+            return;
+        };
+        if self.waiting.mark_gone(self.waiter) {
+            // Handed the lock (or maybe) after the call had decided to give
+            // up: nobody will use it.
+            self.provider.undo_later(
+                vec![key.clone()],
+                self.waiter.owner.clone(),
+                self.waiter.nonce.clone(),
+                None,
+            );
+        }
+        if let Some(ticket) = self.waiting.leave_single(&key, self.waiter) {
+            self.provider.withdraw_later(key, Entry::Handoff, ticket);
         }
     }
 }
@@ -98,11 +88,25 @@ struct WokenGuard<'a> {
 impl Drop for WokenGuard<'_> {
     fn drop(&mut self) {
         for (i, key) in self.keys.iter().enumerate() {
-            let last = self.waiting.leave_woken(key, self.waiter) == Left::Last;
-            if last && self.enqueued.contains(&i) {
-                self.provider.withdraw_later(key.clone(), true);
+            let enqueued = self.enqueued.contains(&i);
+            if let Some(ticket) = self.waiting.leave_woken(key, self.waiter, enqueued) {
+                self.provider
+                    .withdraw_later(key.clone(), Entry::Wake, ticket);
             }
         }
+    }
+}
+
+/// Waits for a withdraw of this process's queue entry that was sent
+/// before the waiter joined (see [`Withdrawal`]), so that its first attempt
+/// is not undone by it; bounded by the response timeout and the deadline.
+async fn after_withdrawals(withdrawals: Vec<Arc<Withdrawal>>, limit: Duration, wait: Wait) {
+    let mut until = Instant::now() + limit;
+    if let Wait::Until(deadline) = wait {
+        until = until.min(deadline);
+    }
+    for w in withdrawals {
+        let _ = tokio::time::timeout_at(until, w.wait()).await;
     }
 }
 
@@ -159,6 +163,7 @@ impl RedisProvider {
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl_ms = request.expire.map_or(0, millis_ceil);
         let waiter = Waiter::new(owner, nonce, ttl_ms, keys.owner_index.clone());
+        let (mut attempt_now, withdrawal) = waiting.join_single(key, &waiter);
         let mut guard = LocalGuard {
             provider: self,
             waiting,
@@ -166,13 +171,15 @@ impl RedisProvider {
             key: Some(key.clone()),
         };
         let span = wait_span(&request.keys[0]);
-        let mut attempt_now = waiting.join_single(key, &waiter);
+        let limit = 2 * self.inner.response_timeout;
+        after_withdrawals(withdrawal.into_iter().collect(), limit, request.wait).await;
         let mut holder_expiry = None::<Instant>;
         let mut backoff = retry_backoff();
         let mut last_error = None::<LockError>;
+        let mut handoff_deadline = None::<Instant>;
         loop {
             if let Some((token, sent_at)) = waiter.granted() {
-                guard.finish(waiting.mark_gone(&waiter).is_some());
+                guard.acquired();
                 return Ok(Acquired::new(vec![token], vec![false], sent_at));
             }
             if attempt_now && waiter.begin_attempt() {
@@ -187,8 +194,7 @@ impl RedisProvider {
                 waiter.end_attempt();
                 match reply {
                     Ok(AcquireReply::Acquired { tokens, reentered }) => {
-                        waiting.mark_gone(&waiter);
-                        guard.finish(true);
+                        guard.acquired();
                         return Ok(Acquired::new(tokens, reentered, sent_at));
                     }
                     Ok(AcquireReply::Foreign { index }) => return Err(foreign(request, index)),
@@ -205,32 +211,30 @@ impl RedisProvider {
                 }
             }
             let now = Instant::now();
+            let mut until = now + self.quiet_period(waiting, &mut backoff);
             if let Wait::Until(deadline) = request.wait
                 && now >= deadline
             {
-                if waiter.is_being_handed() {
-                    // A release is handing us the lock: take its answer.
-                    waiter
-                        .sleep_until(now + 2 * self.inner.response_timeout)
-                        .await;
-                    attempt_now = false;
-                    continue;
+                // A release handing us the lock right now gets a short
+                // grace to answer; past it, the lock may be ours without
+                // our knowing, and the guard undoes it by nonce.
+                let grace = *handoff_deadline.get_or_insert(now + limit);
+                if !waiter.is_being_handed() || now >= grace {
+                    if waiter.is_being_handed() {
+                        waiter.set_unsure();
+                    }
+                    return Err(last_error
+                        .take()
+                        .unwrap_or_else(|| request.wait.give_up(&request.keys[0])));
                 }
-                if waiter.granted().is_some() {
-                    continue;
+                until = grace;
+            } else {
+                if let Some(at) = holder_expiry.filter(|_| waiting.is_first(key, &waiter)) {
+                    until = until.min(at);
                 }
-                // Out of time while Redis was away: say so.
-                return Err(last_error
-                    .take()
-                    .unwrap_or_else(|| request.wait.give_up(&request.keys[0])));
-            }
-            let fallback = self.quiet_period(waiting, &mut backoff);
-            let mut until = now + fallback;
-            if let Some(at) = holder_expiry.filter(|_| waiting.is_first(key, &waiter)) {
-                until = until.min(at);
-            }
-            if let Wait::Until(deadline) = request.wait {
-                until = until.min(deadline);
+                if let Wait::Until(deadline) = request.wait {
+                    until = until.min(deadline);
+                }
             }
             waiter.sleep_until(until).instrument(span.clone()).await;
             waiter.take_woken();
@@ -256,9 +260,11 @@ impl RedisProvider {
         // Registered for every key before the first attempt: a release can
         // be published before the reply that says which key was held
         // reaches us, and must not find nobody to wake.
-        for key in keys.locks() {
-            waiting.join_woken(key, &waiter);
-        }
+        let withdrawals: Vec<Arc<Withdrawal>> = keys
+            .locks()
+            .iter()
+            .filter_map(|key| waiting.join_woken(key, &waiter))
+            .collect();
         let mut guard = WokenGuard {
             provider: self,
             waiting,
@@ -266,6 +272,8 @@ impl RedisProvider {
             keys: keys.locks(),
             enqueued: Vec::new(),
         };
+        let limit = 2 * self.inner.response_timeout;
+        after_withdrawals(withdrawals, limit, request.wait).await;
         let entry = format!("~{}", waiting.pid);
         let mut span = None::<tracing::Span>;
         let mut backoff = retry_backoff();

@@ -215,13 +215,14 @@ impl RedisProvider {
             };
             return result;
         }
-        if several && args.ttl_ms > 0 && reentered.contains(&true) {
-            if let Some(refused) = self
+        if several
+            && args.ttl_ms > 0
+            && reentered.contains(&true)
+            && let Some(refused) = self
                 .renew_reentered(keys, &groups, args, &reentered)
                 .await?
-            {
-                return Ok(refused);
-            }
+        {
+            return Ok(refused);
         }
         Ok(AcquireReply::Acquired { tokens, reentered })
     }

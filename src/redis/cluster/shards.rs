@@ -39,7 +39,7 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::time::{Instant, timeout};
 
 use crate::redis::layout::{Layout, key_slot, slot_tags};
-use crate::redis::waiting::Waiting;
+use crate::redis::waiting::{Waiting, Withdrawal};
 
 /// How long a slot stays subscribed with nobody waiting in it.
 const IDLE: Duration = Duration::from_secs(10);
@@ -350,7 +350,7 @@ pub(crate) async fn run(
     shards: Weak<Shards>,
     waiting: Arc<Waiting>,
     mut pushes: UnboundedReceiver<PushInfo>,
-    withdraw: impl Fn(String) + Send + 'static,
+    withdraw: impl Fn(String, Arc<Withdrawal>) + Send + 'static,
 ) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     loop {
@@ -369,9 +369,9 @@ pub(crate) async fn run(
             PushKind::SMessage => {
                 if let Some(Value::BulkString(payload)) = push.data.get(1)
                     && let Ok(text) = std::str::from_utf8(payload)
-                    && let Some(key) = waiting.dispatch(text)
+                    && let Some((key, ticket)) = waiting.dispatch(text)
                 {
-                    withdraw(key);
+                    withdraw(key, ticket);
                 }
             }
             PushKind::SUnsubscribe => {
