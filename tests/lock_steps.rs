@@ -424,3 +424,58 @@ async fn empty_keys_are_a_no_op(h: Harness) {
     });
     assert!(wf.run(&h.container(), ()).await.unwrap().output);
 }
+
+/// Finding 4 (the step): a waiting acquire step keeps its place in line for
+/// its whole timeout. It used to start a new wait every `retry_interval`
+/// (0.3 s), going to the back of the Redis queue each time, so a caller
+/// that came later was served first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_step_keeps_its_place_in_line() {
+    let ns = support::unique_namespace();
+    let provider = || async { support::module_with(support::redis_provider_in(&ns).await) };
+    let (p1, p2, p3) = (provider().await, provider().await, provider().await);
+    p1.acquire("k", AcquireOptions::new().owner_id("holder"))
+        .await
+        .unwrap();
+    // The step's workflow takes k, notes when, and releases it.
+    let step_and_release = create_workflow("lock-and-release", |run, key: String| async move {
+        run.step(
+            &acquire_lock_step(),
+            AcquireLockInput::new(key.as_str())
+                .timeout(Duration::from_secs(5))
+                .retry_interval(Duration::from_millis(300)),
+        )
+        .await?;
+        let at = Instant::now();
+        run.step(&release_lock_step(), ReleaseLockInput::new(key.as_str()))
+            .await?;
+        Ok(at)
+    });
+    let step_done = tokio::spawn(async move {
+        step_and_release
+            .run(&Container::with_locking(p2), "k".into())
+            .await
+            .map(|done| done.output)
+    });
+    sleep(Duration::from_millis(500)).await;
+    let later_done = tokio::spawn(async move {
+        let lease = p3
+            .acquire(
+                "k",
+                AcquireOptions::new()
+                    .owner_id("later")
+                    .timeout(Duration::from_secs(5)),
+            )
+            .await?;
+        let at = Instant::now();
+        lease.release().await.map(|_| at)
+    });
+    sleep(Duration::from_millis(500)).await;
+    assert!(p1
+        .release("k", lockstep::ReleaseOptions::new().owner_id("holder"))
+        .await
+        .unwrap());
+    let step = step_done.await.unwrap().expect("the step gets k");
+    let later = later_done.await.unwrap().expect("the later caller gets k");
+    assert!(step < later, "a caller that came later was served first");
+}

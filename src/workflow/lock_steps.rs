@@ -53,9 +53,9 @@ impl AcquireLockInput {
         self
     }
 
-    /// The longest wait between two attempts (default 0.3 s). lockstep waits
-    /// on the provider, so a release ends the wait at once; the interval
-    /// only bounds each wait. Zero means one wait for the whole timeout.
+    /// Medusa's pause between two attempts (default 0.3 s). Accepted for
+    /// compatibility and not used: lockstep waits on the provider for the
+    /// whole timeout, woken by the release, and keeps its place in line.
     pub fn retry_interval(mut self, interval: Duration) -> Self {
         self.retry_interval = interval;
         self
@@ -250,8 +250,8 @@ pub struct AcquireLockStep;
 ///   re-locking a key the parent holds is re-entrant (and its compensation
 ///   leaves the parent's hold alone) while other keys are really locked.
 ///   `execute_on_sub_workflow(true)` makes it lock as its own run instead;
-/// - waiting is done by the provider (woken by the release), not by
-///   sleeping a fixed interval;
+/// - waiting is done by the provider (woken by the release, served in
+///   arrival order), not by sleeping `retry_interval` between attempts;
 /// - backend failures that pass ([`LockError::is_transient`]: Redis
 ///   restarting or failing over) are retried until the timeout, like a held
 ///   lock; with timeout zero they fail the step at once.
@@ -284,34 +284,25 @@ impl Step for AcquireLockStep {
             .unwrap_or_else(|| default_owner(ctx.run(), input.execute_on_sub_workflow));
         let deadline = Instant::now() + input.timeout;
         let lease = loop {
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            let wait = if input.retry_interval.is_zero() {
-                remaining
-            } else {
-                input.retry_interval.min(remaining)
-            };
+            // One wait for the whole timeout: the provider is woken by the
+            // release and keeps this run's place in line (a wait per
+            // `retry_interval` would go to the back of the queue each time).
             let mut options = AcquireOptions::new()
                 .owner_id(&owner)
-                .timeout(wait)
+                .timeout(deadline.saturating_duration_since(Instant::now()))
                 .provider(&provider);
             if let Some(ttl) = input.ttl {
                 options = options.expire(ttl);
             }
             match locking.acquire(input.keys.clone(), options).await {
                 Ok(lease) => break lease,
-                // Held, or Redis briefly away (a restart, a failover): try
-                // again until the step's own deadline.
-                Err(e) if (e.is_contended() || e.is_transient()) && Instant::now() < deadline => {
-                    if e.is_transient() {
-                        // The provider waited out its share of the timeout
-                        // already unless the error was immediate: pause a
-                        // little, not the whole retry interval.
-                        tokio::time::sleep(
-                            TRANSIENT_PAUSE.min(deadline.saturating_duration_since(Instant::now())),
-                        )
-                        .await;
-                    }
-                    continue;
+                // Redis briefly away (a restart, a failover) and the
+                // provider gave up early: try again until the deadline.
+                Err(e) if e.is_transient() && Instant::now() < deadline => {
+                    tokio::time::sleep(
+                        TRANSIENT_PAUSE.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
                 // The provider's single-attempt error, as Medusa rethrows it.
                 Err(LockError::TimedOut { key }) => {
