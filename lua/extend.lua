@@ -1,7 +1,10 @@
 -- extend.lua: owner-checked lease extension, all locks or none.
+-- (Loaded after prelude.lua.)
 --
 -- KEYS[1..n]  the lock keys
--- KEYS[n+1]   optional: the owner's index (see acquire.lua)
+-- KEYS[n+1]   optional: the owner's index (see acquire.lua); only the
+--             entries it already has are updated, so an owner that was not
+--             indexed when it acquired (execute's) gets no index
 -- ARGV[1]  n, the number of lock keys
 -- ARGV[2]  owner id; "" means anonymous
 -- ARGV[3]  new lease in milliseconds, > 0, counted from now
@@ -10,15 +13,13 @@
 -- ms; otherwise i, the first KEYS[i] not held by the owner, and nothing was
 -- changed.
 
-local NONCE_LEN = 12
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
 local ttl = tonumber(ARGV[3])
 local index = KEYS[n + 1]
 
 for i = 1, n do
-  local v = redis.pcall('GET', KEYS[i])
-  if type(v) ~= 'string' or #v ~= #owner + NONCE_LEN or string.sub(v, 1, #owner) ~= owner then
+  if not held_by(redis.pcall('GET', KEYS[i]), owner) then
     return i
   end
 end
@@ -30,16 +31,10 @@ end
 for i = 1, n do
   redis.call('PEXPIRE', KEYS[i], ttl)
   if index then
-    redis.call('ZADD', index, expiry, KEYS[i])
+    redis.call('ZADD', index, 'XX', expiry, KEYS[i])
   end
 end
 if index then
-  -- The index lives as long as its longest lock (see acquire.lua).
-  local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
-  if top[2] == 'inf' then
-    redis.call('PERSIST', index)
-  else
-    redis.call('PEXPIREAT', index, top[2])
-  end
+  index_refresh(index)
 end
 return 0

@@ -1,7 +1,6 @@
 -- prelude.lua: helpers shared by the scripts. lockstep prepends this file to
--- acquire.lua, release.lua and withdraw.lua before loading them (the Rust
--- side builds each script as prelude .. script), so it defines functions
--- only and touches no key.
+-- every other script before loading it (the Rust side builds each script as
+-- prelude .. script), so it defines functions only and touches no key.
 --
 -- Values: a lock holds <owner><12-byte nonce>; an anonymous lock holds the
 -- nonce alone. A lock *reserved* for a waiting process holds "\0" .. <pid>
@@ -86,13 +85,26 @@ local function enqueue(q, e, ttl_ms, absent)
   end
 end
 
+-- Keeps owner index `index` alive as long as its longest lock: for good
+-- while it records a lock without expiry (score inf), else until the latest
+-- expiry it records. An empty index is gone already.
+local function index_refresh(index)
+  local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
+  if not top[2] then
+    return
+  end
+  if top[2] == 'inf' then
+    redis.call('PERSIST', index)
+  else
+    redis.call('PEXPIREAT', index, top[2])
+  end
+end
+
 -- Records in owner index `index` that `key` (taken at now_ms) expires in
--- ttl ms (0: never), and keeps the index alive at least as long as its
--- longest lock (never shortening it). Entries of locks expired since are dropped once the index
--- holds more than 32, so it stays small without a sweep on every call.
+-- ttl ms (0: never), and keeps the index alive as long as its longest lock.
+-- Entries of locks expired since are dropped once the index holds more than
+-- 32, so it stays small without a sweep on every call.
 local function index_add(index, key, now_ms, ttl)
-  -- -2: no index yet; -1: kept for good (a lock without expiry is in it).
-  local left = redis.call('PTTL', index)
   local score = 'inf'
   if ttl > 0 then
     score = string.format('%.0f', now_ms + ttl)
@@ -101,11 +113,5 @@ local function index_add(index, key, now_ms, ttl)
   if redis.call('ZCARD', index) > 32 then
     redis.call('ZREMRANGEBYSCORE', index, '-inf', string.format('%.0f', now_ms))
   end
-  if ttl == 0 then
-    if left >= 0 then
-      redis.call('PERSIST', index)
-    end
-  elseif left == -2 or (left >= 0 and left < ttl) then
-    redis.call('PEXPIRE', index, ttl)
-  end
+  index_refresh(index)
 end

@@ -58,6 +58,8 @@ for i = 1, n do
     redis.call('DEL', lock)
     if index then
       redis.call('ZREM', index, lock)
+      -- A lock without expiry kept the index for good: it may not now.
+      index_refresh(index)
     end
     result[i] = 1
     local qtype = redis.call('TYPE', queue)['ok']

@@ -367,3 +367,51 @@ async fn a_multi_key_waiter_giving_up_keeps_the_single_key_waiters_turn() {
     let (b, d) = (b.expect("b gets k"), d.expect("d gets k"));
     assert!(b < d, "b (queued first) was served after d");
 }
+
+/// Finding 6: an owner's index that once recorded a lock without expiry
+/// does not stay for good: once that lock is released and the others
+/// expired, the index expires too.
+#[tokio::test]
+async fn an_owner_index_expires_once_its_permanent_lock_is_released() {
+    let ns = support::unique_namespace();
+    let p = redis_with(&ns, |c| c).await;
+    let m = support::module_with(p.clone());
+    let run = AcquireOptions::new().owner_id("run-1");
+    m.acquire("k1", run.clone()).await.unwrap();
+    m.acquire("k2", run.expire(Duration::from_millis(300)))
+        .await
+        .unwrap();
+    assert!(
+        m.release("k1", ReleaseOptions::new().owner_id("run-1"))
+            .await
+            .unwrap()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut c = support::raw_connection(&support::shared_url()).await;
+    let index = format!("{ns}{{run-1}}:o");
+    let pttl: i64 = c.pttl(&index).await.unwrap();
+    assert_ne!(pttl, -1, "{index} is kept for good, with nothing live in it");
+}
+
+/// Finding 9 (second of 11): renewing `execute`'s lease does not create an
+/// owner index for its owner (execute's owners are never indexed).
+#[tokio::test]
+async fn execute_renewals_do_not_index_their_owner() {
+    let ns = support::unique_namespace();
+    let m = support::module_with(redis_with(&ns, |c| c).await);
+    let url = support::shared_url();
+    let indexes = m
+        .execute(
+            "k",
+            ExecuteOptions::new().expire(Duration::from_millis(300)),
+            |_held| async move {
+                // Past the first renewal (every 100 ms), before the release.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let mut c = support::raw_connection(&url).await;
+                c.keys::<_, Vec<String>>(format!("{ns}*:o")).await.unwrap()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(indexes.is_empty(), "{indexes:?}");
+}

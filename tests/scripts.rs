@@ -38,7 +38,7 @@ fn withdraw() -> &'static Script {
 }
 
 fn extend() -> &'static Script {
-    static S: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("../lua/extend.lua")));
+    static S: LazyLock<Script> = LazyLock::new(|| Script::new(with_prelude!("../lua/extend.lua")));
     &S
 }
 fn release_all() -> &'static Script {
@@ -450,6 +450,38 @@ async fn release_of_a_key_of_another_type_reports_zero() {
     assert_eq!(free(&mut c, &ns, &["l"], "", "").await, [0]);
     let len: i64 = c.llen(format!("{ns}{{l}}")).await.unwrap();
     assert_eq!(len, 1);
+}
+
+/// release.lua: once the owner's last lock without expiry is released, the
+/// index lives only as long as its other locks (it was kept for good).
+#[tokio::test]
+async fn releasing_the_permanent_lock_lets_the_index_expire() {
+    let (mut c, ns) = setup().await;
+    granted(&take(&mut c, &ns, &["forever"], "run-1", NONCE, 0).await);
+    granted(&take(&mut c, &ns, &["brief"], "run-1", NONCE2, 5_000).await);
+    let index = format!("{ns}{{run-1}}:o");
+    assert_eq!(c.pttl::<_, i64>(&index).await.unwrap(), -1);
+    assert_eq!(free(&mut c, &ns, &["forever"], "run-1", "").await, [1]);
+    let pttl: i64 = c.pttl(&index).await.unwrap();
+    assert!((4_000..=5_000).contains(&pttl), "{pttl}");
+}
+
+/// extend.lua updates an owner index's entries but never creates one: an
+/// owner the acquisition did not index stays unindexed.
+#[tokio::test]
+async fn extend_does_not_index_an_unindexed_owner() {
+    let (mut c, ns) = setup().await;
+    // Taken without the index key (an execute owner).
+    let mut inv = acquire().prepare_invoke();
+    request_keys(&mut inv, &ns, &["k"], "");
+    inv.arg(1).arg("execute:x").arg(NONCE).arg(1_000);
+    inv.arg("").arg("").arg("1").arg(10_000).arg(CLAIM_MS).arg(format!("{ns}c:"));
+    inv.arg("0").arg("0");
+    granted(&inv.invoke_async::<Value>(&mut c).await.unwrap());
+    assert_eq!(prolong(&mut c, &ns, &["k"], "execute:x", 5_000).await, 0);
+    let index: bool = c.exists(format!("{ns}{{execute:x}}:o")).await.unwrap();
+    assert!(!index, "extend created an index");
+    assert!(lease_ms(&mut c, &ns, "k").await > 4_000);
 }
 
 #[tokio::test]

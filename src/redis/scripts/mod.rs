@@ -43,7 +43,7 @@ pub(crate) static RELEASE: LazyLock<Script> =
 
 /// `lua/extend.lua`: owner-checked lease extension, all or nothing.
 pub(crate) static EXTEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(include_str!("../../../lua/extend.lua")));
+    LazyLock::new(|| Script::new(with_prelude!("extend.lua")));
 
 /// The source of `lua/release_all.lua`, prelude included (a Redis Cluster
 /// sends it with a flag line in front).
