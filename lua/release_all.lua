@@ -97,8 +97,12 @@ repeat
       if close then
         local suffix = string.sub(key, close + 1)
         if suffix == '' then
+          -- A reservation ("\0" .. pid) is cleared but was nobody's lock.
+          local v = redis.pcall('GET', key)
+          if type(v) ~= 'string' or string.sub(v, 1, 1) ~= '\0' then
+            released = released + 1
+          end
           redis.call('DEL', key)
-          released = released + 1
         elseif suffix == ':o' or string.sub(suffix, 1, 3) == ':o:' then
           redis.call('DEL', key)
         elseif suffix == ':q' then

@@ -390,7 +390,10 @@ async fn an_owner_index_expires_once_its_permanent_lock_is_released() {
     let mut c = support::raw_connection(&support::shared_url()).await;
     let index = format!("{ns}{{run-1}}:o");
     let pttl: i64 = c.pttl(&index).await.unwrap();
-    assert_ne!(pttl, -1, "{index} is kept for good, with nothing live in it");
+    assert_ne!(
+        pttl, -1,
+        "{index} is kept for good, with nothing live in it"
+    );
 }
 
 /// Finding 9 (second of 11): renewing `execute`'s lease does not create an
@@ -414,4 +417,75 @@ async fn execute_renewals_do_not_index_their_owner() {
         .await
         .unwrap();
     assert!(indexes.is_empty(), "{indexes:?}");
+}
+
+/// Finding 10: an idle provider keeps its notification subscription: the
+/// keep-alive PING on the subscribed connection is answered as a
+/// subscribed connection answers (an array), which used to count as a
+/// failure and reconnect every 2 s. A waiter with a long fallback is then
+/// woken by the release, not by reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscription_stays_connected() {
+    let server = support::RedisServer::start(&[]);
+    let ns = support::unique_namespace();
+    let config = || {
+        RedisConfig::from_url(server.url())
+            .namespace(&ns)
+            .wait_fallback(Duration::from_secs(60))
+    };
+    let waiter_provider = RedisProvider::connect(config()).await.unwrap();
+    let waiters = support::module_with(waiter_provider.clone());
+    let holder = support::module_with(RedisProvider::connect(config()).await.unwrap());
+    let held = holder
+        .acquire("k", AcquireOptions::new().owner_id("h"))
+        .await
+        .unwrap();
+    let mut admin = support::raw_connection(&server.url()).await;
+    let connections = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    };
+    let before = connections(
+        redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut admin)
+            .await
+            .unwrap(),
+    );
+    let trips_before = waiter_provider.round_trips();
+    let waiter = tokio::spawn(async move {
+        waiters
+            .acquire(
+                "k",
+                AcquireOptions::new()
+                    .owner_id("w")
+                    .timeout(Duration::from_secs(30)),
+            )
+            .await
+    });
+    // Three keep-alive periods and more.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let after = connections(
+        redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut admin)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(after, before, "connections were made while idle");
+    assert_eq!(
+        waiter_provider.round_trips() - trips_before,
+        1,
+        "the waiter was woken without news"
+    );
+    let released = Instant::now();
+    assert!(held.release().await.unwrap());
+    timeout(Duration::from_secs(2), waiter)
+        .await
+        .expect("woken by the release")
+        .unwrap()
+        .unwrap();
+    assert!(released.elapsed() < Duration::from_secs(1));
 }

@@ -471,10 +471,11 @@ async fn a_waiting_step_keeps_its_place_in_line() {
         lease.release().await.map(|_| at)
     });
     sleep(Duration::from_millis(500)).await;
-    assert!(p1
-        .release("k", lockstep::ReleaseOptions::new().owner_id("holder"))
-        .await
-        .unwrap());
+    assert!(
+        p1.release("k", lockstep::ReleaseOptions::new().owner_id("holder"))
+            .await
+            .unwrap()
+    );
     let step = step_done.await.unwrap().expect("the step gets k");
     let later = later_done.await.unwrap().expect("the later caller gets k");
     assert!(step < later, "a caller that came later was served first");

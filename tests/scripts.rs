@@ -475,7 +475,12 @@ async fn extend_does_not_index_an_unindexed_owner() {
     let mut inv = acquire().prepare_invoke();
     request_keys(&mut inv, &ns, &["k"], "");
     inv.arg(1).arg("execute:x").arg(NONCE).arg(1_000);
-    inv.arg("").arg("").arg("1").arg(10_000).arg(CLAIM_MS).arg(format!("{ns}c:"));
+    inv.arg("")
+        .arg("")
+        .arg("1")
+        .arg(10_000)
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"));
     inv.arg("0").arg("0");
     granted(&inv.invoke_async::<Value>(&mut c).await.unwrap());
     assert_eq!(prolong(&mut c, &ns, &["k"], "execute:x", 5_000).await, 0);
@@ -540,6 +545,28 @@ async fn release_all_with_an_owner_visits_only_its_index() {
     assert_eq!(left, 0);
     let c_val: String = c.get(format!("{ns}{{c}}")).await.unwrap();
     assert_eq!(c_val, format!("u2{NONCE}"));
+}
+
+/// release_all.lua, namespace mode: a lock only reserved for a waiting
+/// process (`"\0<pid>"`) is cleared but not counted as a released lock.
+#[tokio::test]
+async fn release_all_does_not_count_reservations() {
+    let (mut c, ns) = setup().await;
+    let _: () = c
+        .set(format!("{ns}{{k}}"), "\0somepid0000000000")
+        .await
+        .unwrap();
+    granted(&take(&mut c, &ns, &["held"], "u1", NONCE, 0).await);
+    let n: i64 = release_all()
+        .arg("namespace")
+        .arg(&ns)
+        .arg(format!("{ns}*"))
+        .arg("")
+        .invoke_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "the reservation counted as a lock");
+    assert!(!c.exists::<_, bool>(format!("{ns}{{k}}")).await.unwrap());
 }
 
 #[tokio::test]

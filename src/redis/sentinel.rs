@@ -199,7 +199,10 @@ async fn follow(
                         );
                         inner.conns.retarget(pool);
                         *inner.client.write().unwrap_or_else(|e| e.into_inner()) = Some(client);
-                        inner.moved.notify_waiters();
+                        // A permit, not a broadcast: the subscription task
+                        // may be busy with a message or its PING right now,
+                        // and must still follow once it looks again.
+                        inner.moved.notify_one();
                         if let Some(w) = &inner.waiting {
                             // Whatever was queued on the old master is gone.
                             w.wake_all();

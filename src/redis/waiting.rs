@@ -594,7 +594,9 @@ pub(crate) async fn subscribe(
                     None => break,
                 },
                 _ = ping.tick() => {
-                    if !matches!(timeout(connect_timeout, sink.ping::<String>()).await, Ok(Ok(_))) {
+                    // A subscribed connection answers PING with an array ("pong",
+                    // ""), not a status: accept any reply.
+                    if !matches!(timeout(connect_timeout, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
                         break;
                     }
                 }

@@ -12,10 +12,11 @@ pub(crate) const NONCE_LEN: usize = 12;
 /// compact string encoding.
 pub(crate) fn nonce() -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    // The low 72 bits of a v4 UUID, 6 bits per character. Two of them are
-    // the UUID's fixed variant bits (62-63 from the least significant), so
-    // a nonce carries 70 random bits.
-    let mut bits = Uuid::new_v4().as_u128();
+    // 72 random bits of a v4 UUID, 6 bits per character: bits 0-61 and
+    // 64-73 (counting from the least significant), around the fixed
+    // variant bits 62-63; the version nibble is bits 76-79.
+    let uuid = Uuid::new_v4().as_u128();
+    let mut bits = (uuid & ((1 << 62) - 1)) | ((uuid >> 64) & ((1 << 10) - 1)) << 62;
     (0..NONCE_LEN)
         .map(|_| {
             let c = ALPHABET[(bits & 63) as usize] as char;
@@ -61,6 +62,23 @@ mod tests {
     fn nonces_have_their_length_and_differ() {
         assert_eq!(nonce().len(), NONCE_LEN);
         assert_ne!(nonce(), nonce());
+    }
+
+    /// Every character of a nonce is random: over 4,000 nonces each
+    /// position takes (nearly) all 64 symbols. A position fed by the UUID's
+    /// fixed bits would take 16 or fewer.
+    #[test]
+    fn every_nonce_character_is_random() {
+        let nonces: Vec<Vec<u8>> = (0..4000).map(|_| nonce().into_bytes()).collect();
+        for position in 0..NONCE_LEN {
+            let distinct: std::collections::HashSet<u8> =
+                nonces.iter().map(|n| n[position]).collect();
+            assert!(
+                distinct.len() > 60,
+                "position {position}: {} symbols",
+                distinct.len()
+            );
+        }
     }
 
     #[test]
