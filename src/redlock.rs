@@ -194,63 +194,29 @@ impl RedlockProvider {
         let mut backoff = Backoff::new(RETRY.0, RETRY.1);
         loop {
             let nonce = nonce();
+            // Whatever this round takes is given back unless it ends with an
+            // answer, also when the future is dropped mid-round.
+            let round = Round {
+                set: self,
+                keys: &request.keys,
+                owner: request.owner.as_deref(),
+                nonce: &nonce,
+                armed: true,
+            };
             let started = Instant::now();
-            // Out early once a majority said yes; on a failure every answer
-            // is awaited, so that the release by nonce below comes after
-            // every acquisition of this round.
-            let tally = self
-                .fan_out(
-                    |m| {
-                        let (once, nonce) = (once.clone(), nonce.clone());
-                        Box::pin(async move {
-                            let owner = once.owner.as_deref().filter(|_| once.indexed);
-                            let keys = m.keyset(&once.keys, owner);
-                            m.try_once(&once, &keys, &nonce).await.map(Attempt)
-                        })
-                    },
-                    |t| t.ok.len() >= self.quorum,
-                )
-                .await;
+            let tally = self.attempt_everywhere(&once, &nonce).await;
             let elapsed = started.elapsed();
             let valid = request
                 .expire
                 .is_none_or(|lease| elapsed + drift(lease) < lease);
             if tally.ok.len() >= self.quorum && valid {
-                let grants: Vec<Acquired> = tally.ok.into_iter().filter_map(|a| a.0.ok()).collect();
-                let n = request.keys.len();
-                let tokens = (0..n)
-                    .map(|i| grants.iter().map(|g| g.tokens[i]).max().unwrap_or(0))
-                    .collect();
-                // Re-entered if any granting master says so: an earlier hold
-                // by this owner was on a majority, and any two majorities
-                // meet, while a master the earlier call had not reached yet
-                // (it returned on its majority) sees the key as new.
-                let reentered = (0..n)
-                    .map(|i| grants.iter().any(|g| g.reentered[i]))
-                    .collect();
-                // The lease runs from no later than the start, less the drift
-                // allowance: `Lease::valid_until` stays on the safe side.
-                let sent_at = started - request.expire.map_or(Duration::ZERO, drift);
-                return Ok(Acquired::new(tokens, reentered, sent_at));
+                round.disarm();
+                return Ok(combine(request, tally, started));
             }
             // Not held: give back whatever this round took, everywhere.
-            self.fan_out(
-                |m| {
-                    let (keys, owner, nonce) =
-                        (request.keys.clone(), request.owner.clone(), nonce.clone());
-                    Box::pin(async move {
-                        m.release_by_nonce(
-                            &m.lock_keys(&keys),
-                            owner.as_deref().unwrap_or(""),
-                            &nonce,
-                        )
-                        .await
-                        .map(Released)
-                    })
-                },
-                |_| false,
-            )
-            .await;
+            self.give_back(&request.keys, request.owner.as_deref(), &nonce)
+                .await;
+            round.disarm();
             let backend = tally.errors.len() > self.masters.len() - self.quorum;
             // The key most masters found held names the conflict.
             let held = most_common(
@@ -274,6 +240,103 @@ impl RedlockProvider {
             }
             sleep(nap).await;
         }
+    }
+
+    /// One attempt with `nonce` on every master at once; out early once a
+    /// majority said yes. On a failure every answer is awaited, so that the
+    /// give-back by nonce comes after every acquisition of the round.
+    async fn attempt_everywhere(&self, once: &AcquireRequest, nonce: &str) -> Tally<Attempt> {
+        self.fan_out(
+            |m| {
+                let (once, nonce) = (once.clone(), nonce.to_owned());
+                Box::pin(async move {
+                    let owner = once.owner.as_deref().filter(|_| once.indexed);
+                    let keys = m.keyset(&once.keys, owner);
+                    m.try_once(&once, &keys, &nonce).await.map(Attempt)
+                })
+            },
+            |t| t.ok.len() >= self.quorum,
+        )
+        .await
+    }
+
+    /// Releases what the acquisition `nonce` took among `keys`, on every
+    /// master (a master that seemed to refuse may hold it anyway).
+    async fn give_back(&self, keys: &[String], owner: Option<&str>, nonce: &str) {
+        self.fan_out(
+            |m| {
+                let (keys, owner, nonce) = (
+                    keys.to_vec(),
+                    owner.unwrap_or("").to_owned(),
+                    nonce.to_owned(),
+                );
+                Box::pin(async move {
+                    m.release_by_nonce(&m.lock_keys(&keys), &owner, &nonce)
+                        .await
+                        .map(Released)
+                })
+            },
+            |_| false,
+        )
+        .await;
+    }
+}
+
+/// The locks a majority granted: per key the highest token, re-entered if
+/// any granting master says so (an earlier hold by this owner was on a
+/// majority, and any two majorities meet, while a master the earlier call
+/// had not reached yet, since it returned on its majority, sees the key as
+/// new). The lease runs from no later than the start, less the drift
+/// allowance, so `Lease::valid_until` stays on the safe side.
+fn combine(request: &AcquireRequest, tally: Tally<Attempt>, started: Instant) -> Acquired {
+    let grants: Vec<Acquired> = tally.ok.into_iter().filter_map(|a| a.0.ok()).collect();
+    let n = request.keys.len();
+    let tokens = (0..n)
+        .map(|i| grants.iter().map(|g| g.tokens[i]).max().unwrap_or(0))
+        .collect();
+    let reentered = (0..n)
+        .map(|i| grants.iter().any(|g| g.reentered[i]))
+        .collect();
+    let sent_at = started - request.expire.map_or(Duration::ZERO, drift);
+    Acquired::new(tokens, reentered, sent_at)
+}
+
+/// One round of an acquisition, from its fan-out until it holds the locks
+/// or has given back what it took. Dropped armed (the caller's future was
+/// dropped mid-round), it gives back by nonce on every master in a
+/// background task: the scripts already sent still run.
+struct Round<'a> {
+    set: &'a RedlockProvider,
+    keys: &'a [String],
+    owner: Option<&'a str>,
+    nonce: &'a str,
+    armed: bool,
+}
+
+impl Round<'_> {
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                "Redlock acquisition abandoned outside a Tokio runtime; its locks expire with their lease"
+            );
+            return;
+        };
+        let set = self.set.clone();
+        let (keys, owner, nonce) = (
+            self.keys.to_vec(),
+            self.owner.map(str::to_owned),
+            self.nonce.to_owned(),
+        );
+        runtime.spawn(async move { set.give_back(&keys, owner.as_deref(), &nonce).await });
     }
 }
 

@@ -489,3 +489,64 @@ async fn an_idle_subscription_stays_connected() {
         .unwrap();
     assert!(released.elapsed() < Duration::from_secs(1));
 }
+
+/// Finding 8: the undo of an unanswered acquisition goes out on a new
+/// connection and could reach Redis before the acquisition itself, still on
+/// its way on the old one (delayed packets), which then took the lock for
+/// good. The undo first closes the old connection on the server (CLIENT
+/// KILL), so what it still carries never runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_is_not_overtaken_by_its_delayed_acquisition() {
+    let server = support::RedisServer::start(&[]);
+    let proxy = support::Proxy::start(server.port);
+    let ns = support::unique_namespace();
+    let config = RedisConfig::from_url(proxy.url())
+        .namespace(&ns)
+        .notifications(false)
+        .response_timeout(Duration::from_millis(300));
+    let p = RedisProvider::connect(config).await.unwrap();
+    let m = support::module_with(p.clone());
+    m.acquire("warm", AcquireOptions::new()).await.unwrap();
+    m.release("warm", ReleaseOptions::new()).await.unwrap();
+    let mut admin = support::raw_connection(&server.url()).await;
+    let scripts_run = |info: String| -> u64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let info = |mut c: redis::aio::MultiplexedConnection| async move {
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async::<String>(&mut c)
+            .await
+            .unwrap()
+    };
+    let before = scripts_run(info(admin.clone()).await);
+    proxy.stall_open_connections();
+    let e = m
+        .acquire("k", AcquireOptions::new().owner_id("a"))
+        .await
+        .unwrap_err();
+    assert!(e.is_outcome_unknown(), "{e}");
+    // The undo runs in the background, on a new connection: its release
+    // script has run once the server counts one more script call.
+    support::eventually(Duration::from_secs(3), "the undo ran", || {
+        let admin = admin.clone();
+        async move { scripts_run(info(admin).await) > before }
+    })
+    .await;
+    proxy.unstall();
+    support::eventually(
+        Duration::from_secs(3),
+        "the delayed bytes are gone",
+        || async { proxy.stalled_bytes() == 0 },
+    )
+    .await;
+    // Whatever reached the server has run by the time this answers.
+    let held: Option<String> = admin.get(format!("{ns}{{k}}")).await.unwrap();
+    assert_eq!(
+        held, None,
+        "the delayed acquisition took the lock after its undo"
+    );
+}

@@ -155,3 +155,52 @@ async fn fewer_than_three_masters_is_a_setting_error() {
         "{e:?}"
     );
 }
+
+/// Finding 2: an acquisition dropped during its fan-out (the masters paused,
+/// so the scripts are sent but wait) leaves no lock on any master once they
+/// resume: the set gives back by nonce everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_acquisition_leaves_nothing_on_the_masters() {
+    let servers: Vec<RedisServer> = (0..3).map(|_| RedisServer::start(&[])).collect();
+    let urls = urls(&servers);
+    let ns = support::unique_namespace();
+    let m = module(redlock(&urls, &ns).await);
+    // Warm up: connections and scripts.
+    m.acquire("warm", AcquireOptions::new()).await.unwrap();
+    m.release("warm", ReleaseOptions::new()).await.unwrap();
+    for s in &servers {
+        let mut c = raw_connection(&s.url()).await;
+        let _: () = redis::cmd("CLIENT")
+            .arg(&["PAUSE", "300", "WRITE"])
+            .query_async(&mut c)
+            .await
+            .unwrap();
+    }
+    let attempt = tokio::time::timeout(
+        Duration::from_millis(50),
+        m.acquire("k", AcquireOptions::new().owner_id("a")),
+    )
+    .await;
+    assert!(attempt.is_err(), "dropped while the masters were paused");
+    // The pause ends; the scripts sent meanwhile run.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let key = format!("{ns}{{k}}");
+    support::eventually(Duration::from_secs(3), "k free on every master", || {
+        let (servers, key) = (&servers, key.clone());
+        async move {
+            for s in servers {
+                let mut c = raw_connection(&s.url()).await;
+                if c.exists::<_, bool>(&key).await.unwrap() {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+    let lease = m
+        .acquire("k", AcquireOptions::new().owner_id("b"))
+        .await
+        .unwrap();
+    assert!(lease.release().await.unwrap());
+}

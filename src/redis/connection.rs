@@ -20,7 +20,7 @@ use deadpool_redis::{Pool, PoolError};
 use redis::{RedisError, Script, Value};
 use tokio::time::{Instant, timeout};
 
-use super::error::{RawError, breaks_connection, no_reply};
+use super::error::{RawError, breaks_connection, is_auth_error, no_reply};
 use super::topology::{Link, Source};
 use crate::error::LockError;
 
@@ -32,8 +32,12 @@ const RECONNECT_BACKOFF: Duration = Duration::from_millis(50);
 /// provider's open/closed state.
 pub(crate) struct Connections {
     pub(super) source: Source,
-    /// The shared connection and its generation number.
-    pub(super) current: Mutex<Option<(u64, Link)>>,
+    /// The shared connection, its generation number, and the server's id
+    /// for it (`CLIENT ID`; none on a cluster).
+    pub(super) current: Mutex<Option<(u64, Link, Option<i64>)>>,
+    /// The server's ids of connections given up on while a request may
+    /// still have been on its way (see [`fence`](Self::fence)).
+    stale: Mutex<Vec<i64>>,
     /// Serialises reconnects, so that a broken connection is replaced once.
     reconnect: tokio::sync::Mutex<Option<(Instant, String)>>,
     generation: AtomicU64,
@@ -53,6 +57,7 @@ impl Connections {
         Connections {
             source,
             current: Mutex::new(None),
+            stale: Mutex::new(Vec::new()),
             reconnect: tokio::sync::Mutex::new(None),
             generation: AtomicU64::new(0),
             connect_timeout,
@@ -88,7 +93,8 @@ impl Connections {
         self.current
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .as_ref()
+            .map(|(g, link, _)| (*g, link.clone()))
     }
 
     /// The shared connection, connecting if there is none.
@@ -110,11 +116,12 @@ impl Connections {
             return Err(RawError::Closed);
         }
         match self.source.connect(self.connect_timeout).await {
-            Ok(conn) => {
+            Ok(mut conn) => {
                 *last_failure = None;
+                let id = client_id(&mut conn, self.connect_timeout).await;
                 let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
                 *self.current.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((generation, conn.clone()));
+                    Some((generation, conn.clone(), id));
                 Ok((generation, conn))
             }
             Err(e) => {
@@ -132,12 +139,67 @@ impl Connections {
         checkout(pool, self.connect_timeout).await
     }
 
-    /// Forgets the shared connection if it is still generation `generation`.
+    /// Forgets the shared connection if it is still generation
+    /// `generation`. Requests sent on it may still be on their way: its id
+    /// is kept for [`fence`](Self::fence).
     pub(crate) fn invalidate(&self, generation: u64) {
         let mut current = self.current.lock().unwrap_or_else(|e| e.into_inner());
-        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
-            *current = None;
+        if current.as_ref().is_some_and(|(g, _, _)| *g == generation)
+            && let Some((_, _, Some(id))) = current.take()
+        {
+            self.stale
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(id);
         }
+    }
+
+    /// Closes, on the server, the connections given up on since the last
+    /// fence, so that a request still on its way on one of them (delayed
+    /// packets, a stalled proxy) can never run after what follows on the
+    /// shared connection: an undo by nonce sent after the fence cannot be
+    /// overtaken by the acquisition it undoes. Returns whether every such
+    /// connection could be closed (not with an ACL user lacking `CLIENT
+    /// KILL`; the caller then repeats its undo later).
+    ///
+    /// # Errors
+    ///
+    /// A failure to reach Redis; the ids are kept for the next fence.
+    pub(crate) async fn fence(&self) -> Result<bool, LockError> {
+        let ids = std::mem::take(&mut *self.stale.lock().unwrap_or_else(|e| e.into_inner()));
+        if ids.is_empty() {
+            return Ok(true);
+        }
+        let killed = self
+            .run("fence", |mut conn| {
+                let ids = ids.clone();
+                async move {
+                    let mut all = true;
+                    for id in ids {
+                        let reply = redis::cmd("CLIENT")
+                            .arg("KILL")
+                            .arg("ID")
+                            .arg(id)
+                            .query_async::<i64>(&mut conn)
+                            .await;
+                        match reply {
+                            // 0: closed already.
+                            Ok(_) => {}
+                            Err(e) if is_auth_error(&e) => all = false,
+                            Err(e) => return Err(e),
+                        }
+                    }
+                    Ok(all)
+                }
+            })
+            .await;
+        if killed.is_err() {
+            self.stale
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(ids);
+        }
+        killed
     }
 
     /// Runs `f` on the shared connection within the response timeout.
@@ -245,6 +307,21 @@ impl Connections {
             pool.close();
         }
     }
+}
+
+/// The server's id for a connection to one server (`CLIENT ID`), if it
+/// answers within `limit`.
+async fn client_id(link: &mut Link, limit: Duration) -> Option<i64> {
+    if !link.is_single() {
+        return None;
+    }
+    timeout(
+        limit,
+        redis::cmd("CLIENT").arg("ID").query_async::<i64>(link),
+    )
+    .await
+    .ok()?
+    .ok()
 }
 
 /// A connection of `pool`'s within `limit`.

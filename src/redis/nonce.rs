@@ -42,6 +42,12 @@ impl RedisProvider {
     /// before that acquisition (re-entered) keeps its holder. Per key,
     /// whether it was released.
     ///
+    /// The connections given up on before are closed on the server first
+    /// ([`Connections::fence`](super::connection::Connections::fence)), so
+    /// the acquisition cannot arrive after this release and take the locks
+    /// for good. Where that cannot be done (an ACL user without `CLIENT
+    /// KILL`), the release is repeated once, [`REPEAT_UNFENCED`] later.
+    ///
     /// # Errors
     ///
     /// Backend failures; the release can be repeated.
@@ -51,6 +57,25 @@ impl RedisProvider {
         owner: &str,
         nonce: &str,
     ) -> Result<Vec<bool>, LockError> {
-        Ok(self.run_release(lock_keys, owner, nonce, None).await?.0)
+        let fenced = self.inner.conns.fence().await?;
+        let released = self.run_release(lock_keys, owner, nonce, None).await?.0;
+        if !fenced && let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (provider, keys, owner, nonce) = (
+                self.clone(),
+                lock_keys.to_vec(),
+                owner.to_owned(),
+                nonce.to_owned(),
+            );
+            runtime.spawn(async move {
+                tokio::time::sleep(REPEAT_UNFENCED).await;
+                let _ = provider.run_release(&keys, &owner, &nonce, None).await;
+            });
+        }
+        Ok(released)
     }
 }
+
+/// When an unanswered acquisition's old connection could not be closed on
+/// the server, how much later its undo is repeated (best effort: a request
+/// delayed longer than this in the network could still run after it).
+const REPEAT_UNFENCED: std::time::Duration = std::time::Duration::from_secs(2);

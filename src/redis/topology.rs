@@ -199,6 +199,15 @@ impl redis::aio::ConnectionLike for Link {
 }
 
 impl Link {
+    /// Whether it is a connection to one server (not a cluster's).
+    pub(crate) fn is_single(&self) -> bool {
+        match self {
+            Link::Single(_) => true,
+            #[cfg(feature = "cluster")]
+            Link::Cluster(_) => false,
+        }
+    }
+
     /// Loads every script, so that the first calls need no `NOSCRIPT` round.
     pub(crate) async fn load_scripts(&mut self) -> redis::RedisResult<()> {
         match self {

@@ -23,6 +23,13 @@ struct ProxyState {
     drop_replies: bool,
     /// Bumped by `cut()`: connections of an older generation close.
     generation: u64,
+    /// Connections accepted so far (each connection's number).
+    accepted: u64,
+    /// Connections numbered below this hold what their client sends
+    /// (`stall_open_connections`), even after the client hung up.
+    stall_below: u64,
+    /// Bytes held by stalled connections right now.
+    stalled_bytes: usize,
 }
 
 impl Proxy {
@@ -48,11 +55,21 @@ impl Proxy {
                         else {
                             return;
                         };
-                        let generation = state.lock().unwrap().generation;
+                        let (generation, number) = {
+                            let mut s = state.lock().unwrap();
+                            s.accepted += 1;
+                            (s.generation, s.accepted - 1)
+                        };
                         let (cr, cw) = client.into_split();
                         let (sr, sw) = server.into_split();
-                        let up = pump(cr, sw, std::sync::Arc::clone(&state), generation, true);
-                        let down = pump(sr, cw, state, generation, false);
+                        let up = pump(
+                            cr,
+                            sw,
+                            std::sync::Arc::clone(&state),
+                            generation,
+                            Some(number),
+                        );
+                        let down = pump(sr, cw, state, generation, None);
                         tokio::select! { _ = up => {}, _ = down => {} }
                     });
                 }
@@ -87,37 +104,90 @@ impl Proxy {
     pub fn cut(&self) {
         self.state.lock().unwrap().generation += 1;
     }
+
+    /// The connections open now hold what their clients send, as a network
+    /// that delays packets would, and deliver it at [`unstall`](Self::unstall),
+    /// even if the client has hung up meanwhile. Later connections pass.
+    pub fn stall_open_connections(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.stall_below = s.accepted;
+    }
+
+    /// Lets the held bytes through.
+    pub fn unstall(&self) {
+        self.state.lock().unwrap().stall_below = 0;
+    }
+
+    /// How many bytes stalled connections hold now (0 once delivered, or
+    /// refused by a server that closed the connection).
+    pub fn stalled_bytes(&self) -> usize {
+        self.state.lock().unwrap().stalled_bytes
+    }
 }
 
+/// Copies `from` to `to` until either closes or the proxy cuts the
+/// connection. `upstream`: the client's side, with its connection number
+/// (stalled connections hold its bytes).
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     state: std::sync::Arc<std::sync::Mutex<ProxyState>>,
     generation: u64,
-    upstream: bool,
+    upstream: Option<u64>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buf = vec![0u8; 64 * 1024];
+    let mut held = Held {
+        bytes: Vec::new(),
+        state: std::sync::Arc::clone(&state),
+    };
+    let mut client_gone = false;
     loop {
-        let read = tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf)).await;
-        let (latency, dropped, current) = {
+        let read = if client_gone {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Err(())
+        } else {
+            tokio::time::timeout(Duration::from_millis(20), from.read(&mut buf))
+                .await
+                .map_err(|_| ())
+        };
+        let (latency, dropped, current, stalled) = {
             let s = state.lock().unwrap();
-            let dropped = if upstream {
+            let dropped = if upstream.is_some() {
                 s.drop_requests
             } else {
                 s.drop_replies
             };
-            (s.latency, dropped, s.generation)
+            let stalled = upstream.is_some_and(|n| n < s.stall_below);
+            (s.latency, dropped, s.generation, stalled)
         };
         if current != generation {
             return; // cut
         }
+        if !stalled && !held.bytes.is_empty() {
+            let delivered = to.write_all(&held.bytes).await.is_ok();
+            held.clear();
+            if !delivered {
+                return;
+            }
+        }
         let n = match read {
-            Err(_) => continue, // no data yet: look at the controls again
-            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Err(()) if client_gone && held.bytes.is_empty() => return,
+            Err(()) => continue, // no data yet: look at the controls again
+            Ok(Ok(0)) | Ok(Err(_)) if held.bytes.is_empty() => return,
+            // The client hung up; what it sent is still on its way.
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                client_gone = true;
+                continue;
+            }
             Ok(Ok(n)) => n,
         };
         if dropped {
+            continue;
+        }
+        if stalled {
+            held.bytes.extend_from_slice(&buf[..n]);
+            state.lock().unwrap().stalled_bytes += n;
             continue;
         }
         if !latency.is_zero() {
@@ -126,5 +196,25 @@ async fn pump(
         if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
+    }
+}
+
+/// Bytes a stalled connection holds; counted in `stalled_bytes` until they
+/// are delivered or the connection ends.
+struct Held {
+    bytes: Vec<u8>,
+    state: std::sync::Arc<std::sync::Mutex<ProxyState>>,
+}
+
+impl Held {
+    fn clear(&mut self) {
+        self.state.lock().unwrap().stalled_bytes -= self.bytes.len();
+        self.bytes.clear();
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
