@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::LockError;
 use crate::keys::Keys;
+use crate::lease::Lease;
 use crate::module::{LockingModule, acquire_traced, extend_traced, wait_of};
 use crate::options::{DEFAULT_EXECUTE_LEASE, ExecuteOptions, check_lease};
 use crate::provider::{AcquireRequest, LockingProvider, Wait};
@@ -116,8 +117,10 @@ impl LockingModule {
     ///
     /// If the future is dropped while acquiring, nothing stays held (see
     /// [`acquire`](LockingModule::acquire)). If it is dropped while the job
-    /// runs, the job is dropped with it and the locks stay held until their
-    /// lease runs out (renewal stops with the future).
+    /// runs, or while releasing, the job is dropped with it, renewal stops,
+    /// and the locks are released in the background (a round trip later;
+    /// retried through transient failures for 10 s, after which they expire
+    /// with their lease).
     ///
     /// # Examples
     ///
@@ -167,6 +170,19 @@ impl LockingModule {
         };
         let acquired = acquire_traced(id, provider, &request).await?;
         let (keys, owner) = (&request.keys, request.owner.as_deref());
+        // Released however this call ends: after the job, and in the
+        // background if the future is dropped (the job with it).
+        let guard = Lease {
+            keys: keys.clone(),
+            tokens: acquired.tokens.clone(),
+            reentered: acquired.reentered.clone(),
+            owner: request.owner.clone(),
+            expire: Some(lease),
+            sent_at: acquired.sent_at,
+            provider_id: id.to_owned(),
+            provider: Arc::clone(provider),
+        }
+        .guard();
 
         let lost = CancellationToken::new();
         let held = Held {
@@ -194,7 +210,7 @@ impl LockingModule {
         // Released also after a loss: if renewals failed only because the
         // backend was unreachable, the lock may still be ours. The owner is
         // unique to this call, so this can never free anyone else's lock.
-        if let Err(error) = provider.release(keys, owner).await {
+        if let Err(error) = guard.release().await {
             tracing::warn!(
                 provider = id,
                 keys = ?keys,

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use crate::error::LockError;
 use crate::options::check_lease;
 use crate::provider::LockingProvider;
+use crate::retry::ride_out;
 
 /// Locks held after a successful [`acquire`](crate::LockingModule::acquire).
 ///
@@ -20,7 +22,9 @@ use crate::provider::LockingProvider;
 ///
 /// Dropping a lease does not release it: `Drop` cannot wait for Redis. Call
 /// [`release`](Lease::release) (or the module's `release` with the same
-/// owner); a lease that is never released is freed when it expires.
+/// owner); a lease that is never released is freed when it expires. Where
+/// early returns (`?`) can skip the release, make it a [`LeaseGuard`] with
+/// [`guard`](Lease::guard): dropped, it is released in the background.
 pub struct Lease {
     pub(crate) keys: Vec<String>,
     pub(crate) tokens: Vec<u64>,
@@ -109,8 +113,22 @@ impl Lease {
     ///
     /// # Cancel safety
     ///
-    /// If the future is dropped, the release may or may not have happened.
+    /// If the future is dropped, the release may or may not have happened,
+    /// and the lease is gone: what was not released expires with its lease.
+    /// A local waiter the release was handing the lock to is told and takes
+    /// it, or the hand-off is undone. Use [`LeaseGuard::release`] to have a
+    /// dropped release finished in the background.
     pub async fn release(self) -> Result<bool, LockError> {
+        self.release_now().await
+    }
+
+    /// Makes this lease a guard that releases it when dropped (an early
+    /// return, a panic, a dropped future), in the background.
+    pub fn guard(self) -> LeaseGuard {
+        LeaseGuard { lease: Some(self) }
+    }
+
+    async fn release_now(&self) -> Result<bool, LockError> {
         let released = self
             .provider
             .release(&self.keys, self.owner.as_deref())
@@ -154,6 +172,101 @@ impl fmt::Debug for Lease {
             .field("expire", &self.expire)
             .field("provider_id", &self.provider_id)
             .finish_non_exhaustive()
+    }
+}
+
+/// A [`Lease`] released when dropped.
+///
+/// `let lease = locking.acquire(..).await?.guard();` then `step()?` leaks
+/// nothing when `step` fails: the guard's `Drop` hands the release to a
+/// background task of the runtime, which rides out transient backend
+/// failures for up to 10 s and logs a `warn` event if it still fails (the
+/// lock then expires with its lease). Outside a Tokio runtime it can only
+/// log. [`release`](LeaseGuard::release) is the explicit path, with the
+/// result; it derefs to the lease for its tokens and [`Lease::extend`].
+#[must_use = "dropping a guard releases its locks at once"]
+#[derive(Debug)]
+pub struct LeaseGuard {
+    /// `None` once released (or handed back by `into_lease`).
+    lease: Option<Lease>,
+}
+
+impl LeaseGuard {
+    /// Releases the locks now; see [`Lease::release`].
+    ///
+    /// # Errors
+    ///
+    /// As [`Lease::release`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe in effect: if the future is dropped before the release
+    /// answered, the guard's `Drop` releases in the background.
+    pub async fn release(mut self) -> Result<bool, LockError> {
+        let result = self
+            .lease
+            .as_ref()
+            .expect("a guard holds its lease until released")
+            .release_now()
+            .await;
+        // Answered: nothing left for `Drop` (a backend failure is the
+        // caller's to handle, as with `Lease::release`).
+        self.lease = None;
+        result
+    }
+
+    /// The lease, no longer released on drop.
+    pub fn into_lease(mut self) -> Lease {
+        self.lease
+            .take()
+            .expect("a guard holds its lease until released")
+    }
+}
+
+impl std::ops::Deref for LeaseGuard {
+    type Target = Lease;
+
+    fn deref(&self) -> &Lease {
+        self.lease
+            .as_ref()
+            .expect("a guard holds its lease until released")
+    }
+}
+
+impl std::ops::DerefMut for LeaseGuard {
+    fn deref_mut(&mut self) -> &mut Lease {
+        self.lease
+            .as_mut()
+            .expect("a guard holds its lease until released")
+    }
+}
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(
+                provider = %lease.provider_id,
+                keys = ?lease.keys,
+                "lease guard dropped outside a Tokio runtime; its locks expire with their lease"
+            );
+            return;
+        };
+        let span = tracing::debug_span!("lockstep.guard_release", provider = %lease.provider_id);
+        runtime.spawn(
+            async move {
+                match ride_out(|| lease.release_now()).await {
+                    Ok(_) => tracing::debug!(keys = ?lease.keys, "released by a dropped guard"),
+                    Err(e) => tracing::warn!(
+                        keys = ?lease.keys,
+                        "a dropped lease guard could not release; the locks expire with their lease: {e}"
+                    ),
+                }
+            }
+            .instrument(span),
+        );
     }
 }
 

@@ -10,7 +10,7 @@
 //!   `acquire`, `release`, `release_all` and `extend`, routed to a provider
 //!   by id; `execute`'s job gets a [`Held`] (fencing tokens, loss signal).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
-//!   tokens.
+//!   tokens; [`LeaseGuard`], a lease released when dropped.
 //! - [`Keys`] (`keys.rs`) and the options (`options.rs`): call inputs.
 //! - [`LockError`], [`ConfigError`] (`error.rs`).
 //! - [`provider`] (`provider.rs`): the trait a backend implements, and its
@@ -24,7 +24,8 @@
 //! - [`workflow`] (`workflow/`): a small workflow engine with compensation,
 //!   and Medusa's `acquire_lock_step` / `release_lock_step`.
 //! - `backoff.rs`: the one jittered backoff every retry loop uses;
-//!   `token.rs`: random owners and run ids.
+//!   `retry.rs`: riding out transient failures for releases; `token.rs`:
+//!   random owners and run ids.
 //!
 //! Names: a *lease* is how long a lock lives unless extended; Medusa calls
 //! it `expire` in the module's options and `ttl` in the lock steps, and
@@ -87,13 +88,14 @@ pub mod provider;
 mod redis;
 #[cfg(feature = "redlock")]
 mod redlock;
+mod retry;
 mod token;
 pub mod workflow;
 
 pub use error::{BackendError, BackendErrorKind, ConfigError, InvalidInput, LockError};
 pub use execute::Held;
 pub use keys::{Keys, MAX_KEY_LEN, MAX_KEYS, MAX_OWNER_LEN};
-pub use lease::Lease;
+pub use lease::{Lease, LeaseGuard};
 pub use memory::InMemoryProvider;
 pub use module::{IN_MEMORY_PROVIDER_ID, LockingModule, LockingModuleBuilder};
 pub use options::{

@@ -14,7 +14,7 @@ use crate::error::LockError;
 use crate::workflow::StepError;
 use crate::workflow::container::Container;
 use crate::workflow::run::{
-    CompensationErrors, CompensationFailure, Pending, Run, compensate_stack,
+    CompensationErrors, CompensationFailure, Pending, Run, Unfinished, compensate_stack,
 };
 use crate::workflow::step::{Step, StepContext};
 
@@ -112,9 +112,9 @@ impl<I: Send + 'static, O: Send + 'static> Workflow<I, O> {
     ///
     /// # Cancel safety
     ///
-    /// Not cancel safe: if the future is dropped, the steps completed so far
-    /// are not compensated (locks taken by lock steps then expire with their
-    /// `ttl`).
+    /// If the future is dropped, the steps completed so far are not
+    /// compensated, with one exception: the locks the run's lock steps took
+    /// are released in the background (see [`Extension::abandon`](crate::workflow::Extension::abandon)).
     pub async fn run(
         &self,
         container: &Container,
@@ -138,17 +138,22 @@ impl<I: Send + 'static, O: Send + 'static> Workflow<I, O> {
         let run = Run::root(&self.name, container.clone(), run_id.into());
         let span =
             tracing::debug_span!("lockstep.workflow", workflow = %self.name, run_id = %run.id());
+        let unfinished = Unfinished::new(&run);
         let outcome = AssertUnwindSafe((self.body)(run.clone(), input))
             .catch_unwind()
             .instrument(span.clone())
             .await;
         match outcome {
-            Ok(Ok(output)) => Ok(RunOutput {
-                run_id: run.id().to_owned(),
-                output,
-            }),
+            Ok(Ok(output)) => {
+                unfinished.finished();
+                Ok(RunOutput {
+                    run_id: run.id().to_owned(),
+                    output,
+                })
+            }
             Ok(Err(source)) => {
                 let (compensated, mut failures) = run.compensate().instrument(span).await;
+                unfinished.finished();
                 failures.append(&mut run.take_sub_failures());
                 Err(WorkflowError {
                     workflow: self.name.to_string(),
@@ -161,6 +166,7 @@ impl<I: Send + 'static, O: Send + 'static> Workflow<I, O> {
             }
             Err(panic) => {
                 let _ = run.compensate().instrument(span).await;
+                unfinished.finished();
                 std::panic::resume_unwind(panic)
             }
         }
@@ -225,10 +231,13 @@ impl Run {
     {
         let child = self.child(&workflow.name);
         let span = tracing::debug_span!("lockstep.workflow", workflow = %workflow.name, run_id = %child.id(), parent = %self.id());
-        match (workflow.body)(child.clone(), input)
+        let unfinished = Unfinished::new(&child);
+        let outcome = (workflow.body)(child.clone(), input)
             .instrument(span.clone())
-            .await
-        {
+            .await;
+        // Dropped during the compensation below, the child's states are
+        // let go of too; the parent's, when the parent is dropped.
+        match outcome {
             Ok(output) => {
                 let pending = child.take_pending();
                 if !pending.is_empty() {
@@ -250,10 +259,12 @@ impl Run {
                 // What the sub-workflow's steps keep per run (the locks it
                 // took, say) is now this run's.
                 self.adopt_extensions(&child);
+                unfinished.finished();
                 Ok(output)
             }
             Err(e) => {
                 let (_, mut failures) = child.compensate().instrument(span).await;
+                unfinished.finished();
                 failures.append(&mut child.take_sub_failures());
                 self.add_sub_failures(&mut failures);
                 let failed = child.failed_step().unwrap_or_else(|| "(body)".to_owned());

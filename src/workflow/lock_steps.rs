@@ -10,6 +10,7 @@ use crate::error::LockError;
 use crate::keys::Keys;
 use crate::module::LockingModule;
 use crate::options::{AcquireOptions, ReleaseOptions};
+use crate::retry::ride_out;
 use crate::workflow::StepError;
 use crate::workflow::run::{Extension, Run};
 use crate::workflow::step::{Step, StepContext, StepResponse};
@@ -172,24 +173,29 @@ struct HeldLock {
 /// The locks a run's acquire steps took and its release steps did not
 /// release yet, kept in the run ([`Run::extension`]): a release step in a
 /// sub-workflow leaves alone what an enclosing run took. A sub-workflow
-/// that succeeds hands its locks to its parent.
+/// that succeeds hands its locks to its parent; a run dropped before it
+/// finished releases them in the background.
 #[derive(Debug, Default)]
-struct HeldLocks(Mutex<Vec<HeldLock>>);
+struct HeldLocks(Mutex<(Vec<HeldLock>, Option<LockingModule>)>);
 
 impl HeldLocks {
-    fn locked(&self) -> std::sync::MutexGuard<'_, Vec<HeldLock>> {
+    fn locked(&self) -> std::sync::MutexGuard<'_, (Vec<HeldLock>, Option<LockingModule>)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records locks newly taken by a lock step of `run`.
-    fn record(run: &Run, locks: impl IntoIterator<Item = HeldLock>) {
-        run.extension::<HeldLocks>().locked().extend(locks);
+    /// Records locks newly taken in `locking` by a lock step of `run`.
+    fn record(run: &Run, locking: &LockingModule, locks: impl IntoIterator<Item = HeldLock>) {
+        let state = run.extension::<HeldLocks>();
+        let mut held = state.locked();
+        held.0.extend(locks);
+        held.1.get_or_insert_with(|| locking.clone());
     }
 
     /// Forgets locks released by a lock step of `run`.
     fn forget(run: &Run, provider: &str, keys: &[String]) {
         run.extension::<HeldLocks>()
             .locked()
+            .0
             .retain(|h| !(h.provider == provider && keys.contains(&h.key)));
     }
 
@@ -200,6 +206,7 @@ impl HeldLocks {
         while let Some(r) = next {
             if r.extension::<HeldLocks>()
                 .locked()
+                .0
                 .iter()
                 .any(|h| h.provider == provider && h.key == key && h.owner == owner)
             {
@@ -213,8 +220,36 @@ impl HeldLocks {
 
 impl Extension for HeldLocks {
     fn adopt(&self, child: &Self) {
-        let taken = std::mem::take(&mut *child.locked());
-        self.locked().extend(taken);
+        let (taken, locking) = std::mem::take(&mut *child.locked());
+        let mut held = self.locked();
+        held.0.extend(taken);
+        if held.1.is_none() {
+            held.1 = locking;
+        }
+    }
+
+    fn abandon(&self) {
+        let (held, locking) = std::mem::take(&mut *self.locked());
+        let (Some(locking), false) = (locking, held.is_empty()) else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("a run dropped outside a Tokio runtime keeps its locks until their ttl");
+            return;
+        };
+        runtime.spawn(async move {
+            // Owner-checked: a lock that moved on (its ttl ran out and
+            // another run took it) is left alone.
+            for h in held {
+                let options = ReleaseOptions::new()
+                    .owner_id(&h.owner)
+                    .provider(&h.provider);
+                let keys = [h.key.clone()];
+                if let Err(e) = release_riding_out_failovers(&locking, &keys, options).await {
+                    tracing::warn!(key = %h.key, "releasing a dropped run's lock failed; it expires with its ttl: {e}");
+                }
+            }
+        });
     }
 }
 
@@ -314,6 +349,7 @@ impl Step for AcquireLockStep {
         let taken: Vec<String> = lease.newly_acquired().map(str::to_owned).collect();
         HeldLocks::record(
             ctx.run(),
+            &locking,
             taken.iter().map(|key| HeldLock {
                 provider: provider.clone(),
                 key: key.clone(),
@@ -361,28 +397,16 @@ impl Step for AcquireLockStep {
     }
 }
 
-/// How long a release (the release step's, or a compensation's) retries
-/// transient backend failures before it reports them.
-const RELEASE_RETRY_FOR: Duration = Duration::from_secs(10);
-
 /// A release that retries transient backend failures ([`LockError::is_transient`]:
-/// Redis restarting or failing over) for up to [`RELEASE_RETRY_FOR`]: an
-/// owner-checked release can be repeated safely, and a lock left held
-/// would make every other run wait for its lease to end.
+/// Redis restarting or failing over) for up to 10 s: an owner-checked
+/// release can be repeated safely, and a lock left held would make every
+/// other run wait for its lease to end.
 async fn release_riding_out_failovers(
     locking: &LockingModule,
     keys: &[String],
     options: ReleaseOptions,
 ) -> Result<bool, LockError> {
-    let give_up_at = Instant::now() + RELEASE_RETRY_FOR;
-    loop {
-        match locking.release(keys.to_vec(), options.clone()).await {
-            Err(e) if e.is_transient() && Instant::now() < give_up_at => {
-                tokio::time::sleep(TRANSIENT_PAUSE).await;
-            }
-            result => return result,
-        }
-    }
+    ride_out(|| locking.release(keys.to_vec(), options.clone())).await
 }
 
 /// The release step; see [`release_lock_step`].

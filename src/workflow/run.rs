@@ -20,22 +20,37 @@ use crate::workflow::container::Container;
 /// state: [`adopt`](Extension::adopt) is called on the parent's state with
 /// the child's. The lock steps use it so that locks a finished
 /// sub-workflow took count as its parent's.
+///
+/// When a run's future is dropped before the run finished (a `timeout`
+/// around it, an aborted task), no compensation runs, but each state is
+/// told with [`abandon`](Extension::abandon): the lock steps release the
+/// locks the run took, in the background.
 pub trait Extension: Any + Default + Send + Sync {
     /// Takes over the state of a child run that succeeded. The default
     /// keeps nothing.
     fn adopt(&self, child: &Self) {
         let _ = child;
     }
+
+    /// The run was dropped before it finished: let go of what the state
+    /// holds. Called once, from a `Drop` (no `.await`: spawn work). The
+    /// default does nothing.
+    fn abandon(&self) {}
 }
 
 /// [`Extension`] with the type erased, for the run's map.
 trait AnyExtension: Any + Send + Sync {
     fn adopt_into(&self, parent: &Run);
+    fn abandon(&self);
 }
 
 impl<T: Extension> AnyExtension for T {
     fn adopt_into(&self, parent: &Run) {
         parent.extension::<T>().adopt(self);
+    }
+
+    fn abandon(&self) {
+        Extension::abandon(self);
     }
 }
 
@@ -208,6 +223,16 @@ impl Run {
         }
     }
 
+    /// The run's future was dropped before it finished: every state is
+    /// told (see [`Extension::abandon`]).
+    pub(crate) fn abandon_extensions(&self) {
+        let states: Vec<Arc<dyn AnyExtension>> =
+            locked(&self.inner.extensions).values().cloned().collect();
+        for state in states {
+            state.abandon();
+        }
+    }
+
     /// Runs the pending compensations in reverse order; returns the names
     /// compensated and the failures.
     pub(crate) async fn compensate(&self) -> (Vec<String>, Vec<CompensationFailure>) {
@@ -242,5 +267,30 @@ impl fmt::Debug for Run {
             .field("root_id", &self.inner.root_id)
             .field("nested", &self.is_nested())
             .finish_non_exhaustive()
+    }
+}
+
+/// Tells a run's states it was abandoned if dropped before
+/// [`finished`](Unfinished::finished): held by the future that runs a
+/// workflow's body.
+pub(crate) struct Unfinished(Option<Run>);
+
+impl Unfinished {
+    pub(crate) fn new(run: &Run) -> Self {
+        Unfinished(Some(run.clone()))
+    }
+
+    /// The run ended (successfully, with an error, or with a panic).
+    pub(crate) fn finished(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if let Some(run) = self.0.take() {
+            tracing::debug!(run_id = %run.id(), workflow = %run.workflow(), "run dropped before it finished");
+            run.abandon_extensions();
+        }
     }
 }
