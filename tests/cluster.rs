@@ -36,11 +36,19 @@ async fn fixture() -> Fixture {
     let namespace = support::unique_namespace();
     let urls = shared().urls();
     let p = provider(&urls, &namespace).await;
-    let peer = support::module_with(provider(&urls, &namespace).await);
+    let peer_provider = provider(&urls, &namespace).await;
+    let masters: Vec<String> = shared().masters.iter().map(|m| m.url()).collect();
+    let residue = support::redis_residue(
+        vec![p.clone(), peer_provider.clone()],
+        masters,
+        namespace.clone(),
+    );
     Fixture {
         module: support::module_with(p.clone()),
-        peer,
+        peer: support::module_with(peer_provider),
         provider: Arc::new(p),
+        residue,
+        fifo: true,
     }
 }
 

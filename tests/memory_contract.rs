@@ -1,10 +1,11 @@
 //! The provider contract (`tests/contract/mod.rs`) on the in-memory provider.
 
 mod contract;
+mod support;
 
 use std::sync::Arc;
 
-use contract::{Fixture, contract_suite};
+use contract::{Fixture, Residue, contract_suite};
 use lockstep::{InMemoryProvider, LockingModule};
 
 async fn fixture() -> Fixture {
@@ -17,10 +18,24 @@ async fn fixture() -> Fixture {
         .in_memory(provider.clone())
         .build()
         .unwrap();
+    let (waiting, held) = (provider.clone(), provider.clone());
     Fixture {
         module,
         peer,
         provider: Arc::new(provider),
+        residue: Residue {
+            local: Arc::new(move || waiting.waiting_keys()),
+            stored: Arc::new(move || {
+                let n = held.held();
+                Box::pin(async move {
+                    (n > 0)
+                        .then(|| format!("{n} held locks"))
+                        .into_iter()
+                        .collect()
+                })
+            }),
+        },
+        fifo: false,
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use contract::{Fixture, contract_suite};
 use lockstep::{RedisConfig, RedisProvider};
 
-async fn fixture_with(configure: fn(RedisConfig) -> RedisConfig) -> Fixture {
+async fn fixture_with(configure: fn(RedisConfig) -> RedisConfig, fifo: bool) -> Fixture {
     let namespace = support::unique_namespace();
     let connect = || async {
         let config = configure(RedisConfig::from_url(support::shared_url()).namespace(&namespace));
@@ -20,16 +20,23 @@ async fn fixture_with(configure: fn(RedisConfig) -> RedisConfig) -> Fixture {
     };
     let provider = connect().await;
     // The peer has its own connection, as another process would.
-    let peer = support::module_with(connect().await);
+    let peer_provider = connect().await;
+    let residue = support::redis_residue(
+        vec![provider.clone(), peer_provider.clone()],
+        vec![support::shared_url()],
+        namespace.clone(),
+    );
     Fixture {
         module: support::module_with(provider.clone()),
-        peer,
+        peer: support::module_with(peer_provider),
         provider: Arc::new(provider),
+        residue,
+        fifo,
     }
 }
 
 async fn fixture() -> Fixture {
-    fixture_with(|c| c).await
+    fixture_with(|c| c, true).await
 }
 
 contract_suite!(fixture);
@@ -38,7 +45,7 @@ mod barging {
     use super::*;
 
     async fn fixture() -> Fixture {
-        fixture_with(|c| c.fair(false)).await
+        fixture_with(|c| c.fair(false), false).await
     }
 
     contract_suite!(fixture);
@@ -48,7 +55,7 @@ mod polling {
     use super::*;
 
     async fn fixture() -> Fixture {
-        fixture_with(|c| c.notifications(false)).await
+        fixture_with(|c| c.notifications(false), false).await
     }
 
     contract_suite!(fixture);

@@ -46,10 +46,14 @@ async fn fixture() -> Fixture {
     let urls = urls(masters());
     let provider = redlock(&urls, &namespace).await;
     let peer = module(redlock(&urls, &namespace).await);
+    // Redlock's waiters poll: no registry.
+    let residue = support::redis_residue(Vec::new(), urls.clone(), namespace.clone());
     Fixture {
         module: module(provider.clone()),
         peer,
         provider: Arc::new(provider),
+        residue,
+        fifo: false,
     }
 }
 

@@ -318,21 +318,28 @@ impl Waiting {
     }
 
     /// Removes a single-key waiter. If it was first and others remain, the
-    /// next one is woken to make an attempt. If it was the last, returns
-    /// the withdraw of the process's queue entry to make.
-    pub(crate) fn leave_single(&self, key: &str, w: &Arc<Waiter>) -> Option<Arc<Withdrawal>> {
+    /// next one is woken to make an attempt. If it gave up (`acquired` is
+    /// false) and was the last, returns the withdraw of the process's queue
+    /// entry to make; a waiter that got the lock leaves the entry to the
+    /// script that gave it (popped, or kept for the waiters behind).
+    pub(crate) fn leave_single(
+        &self,
+        key: &str,
+        w: &Arc<Waiter>,
+        acquired: bool,
+    ) -> Option<Arc<Withdrawal>> {
         let mut local = self.local();
         let k = local.get_mut(key)?;
         let was_first = k.singles.front().is_some_and(|f| Arc::ptr_eq(f, w));
         k.singles.retain(|o| !Arc::ptr_eq(o, w));
         if let Some(next) = k.singles.front() {
-            if was_first && w.granted().is_none() {
+            if was_first && !acquired {
                 // It gave up: the next one takes over the attempts.
                 next.wake();
             }
             return None;
         }
-        let withdrawal = k.withdraw();
+        let withdrawal = if acquired { None } else { k.withdraw() };
         if k.is_idle() {
             local.remove(key);
         }
@@ -637,9 +644,11 @@ mod tests {
         assert_eq!(a.granted().map(|g| g.0), Some(7));
         assert!(w.is_first("k", &b));
         // b gives up: c becomes first and is woken to attempt.
-        assert!(w.leave_single("k", &b).is_none());
+        assert!(w.leave_single("k", &b, false).is_none());
         assert!(c.take_woken());
-        let withdrawal = w.leave_single("k", &c).expect("the last one withdraws");
+        let withdrawal = w
+            .leave_single("k", &c, false)
+            .expect("the last one withdraws");
         assert_eq!(w.len(), 0);
         assert_eq!(
             w.begin_withdraw("k", &withdrawal, Entry::Handoff),
@@ -672,11 +681,11 @@ mod tests {
         let w = Waiting::new("ns:", false);
         let (a, b) = (waiter("a"), waiter("b"));
         w.join_single("k", &a);
-        let first = w.leave_single("k", &a).unwrap();
+        let first = w.leave_single("k", &a, false).unwrap();
         // Joining before it is sent calls it off.
         assert!(w.join_single("k", &b).1.is_none());
         assert_eq!(w.begin_withdraw("k", &first, Entry::Handoff), None);
-        let second = w.leave_single("k", &b).unwrap();
+        let second = w.leave_single("k", &b, false).unwrap();
         assert_eq!(w.begin_withdraw("k", &second, Entry::Handoff), Some(true));
         // Joining after it was sent waits for its answer.
         let wait_for = w

@@ -2,11 +2,18 @@
 //!
 //! Each case is an `async fn(&Fixture)`. `contract_suite!(make_fixture)`
 //! turns every case into a `#[tokio::test]` of the including test binary, so
-//! `tests/memory_contract.rs` and `tests/redis_contract.rs` run the very same
-//! cases. Names start with Medusa's conformance ids (S1-S6, C1-C12 of the
-//! reference, section 11) or `d_` for a documented difference from Medusa
-//! (section 13), which every provider must show the same way.
+//! `tests/memory_contract.rs`, `tests/redis_contract.rs` (three waiting
+//! modes), `tests/cluster.rs` and `tests/redlock.rs` run the very same
+//! cases, including the drop-at-every-poll cases of `drops.rs`.
+//!
+//! Names start with Medusa's conformance ids (S1-S6: the scenarios of
+//! Medusa's docs; C1-C12: Medusa's own test cases of its locking module),
+//! `d_` for a documented difference from Medusa (the README's "Where
+//! lockstep differs" table), which every provider must show the same way,
+//! or `drop_` for a future dropped at every one of its polls.
 #![allow(dead_code)]
+
+pub mod drops;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -29,7 +36,14 @@ pub struct Fixture {
     pub peer: LockingModule,
     /// The provider under test, to register it in modules of a case's own.
     pub provider: Arc<dyn LockingProvider>,
+    /// What the provider keeps, for the drop cases' leak checks.
+    pub residue: Residue,
+    /// Whether waiters are served in arrival order (fair Redis, not
+    /// barging, polling, in-memory or Redlock).
+    pub fifo: bool,
 }
+
+pub use crate::support::Residue;
 
 /// Generates one `#[tokio::test]` per contract case.
 macro_rules! contract_suite {
@@ -72,6 +86,15 @@ macro_rules! contract_suite {
             d_execute_releases_when_the_job_panics,
             d_bad_input_is_a_typed_error_and_holds_nothing,
             d_lease_release_and_newly_acquired_keys,
+            drop_acquire_of_a_free_key,
+            drop_acquire_while_waiting,
+            drop_release_with_waiters,
+            drop_extend,
+            drop_release_all,
+            drop_execute,
+            drop_lease_release_and_extend,
+            drop_guard_release,
+            drop_workflow_run,
         );
     };
     (@cases $make:path; $($case:ident),* $(,)?) => {
@@ -86,6 +109,12 @@ macro_rules! contract_suite {
     };
 }
 pub(crate) use contract_suite;
+
+pub use drops::{
+    drop_acquire_of_a_free_key, drop_acquire_while_waiting, drop_execute, drop_extend,
+    drop_guard_release, drop_lease_release_and_extend, drop_release_all, drop_release_with_waiters,
+    drop_workflow_run,
+};
 
 fn owner(o: &str) -> AcquireOptions {
     AcquireOptions::new().owner_id(o)

@@ -77,3 +77,53 @@ pub async fn poll_then_drop<F: std::future::Future>(fut: F, polls: usize) -> Opt
     })
     .await
 }
+
+/// The keys of namespace `ns` on the servers at `urls`, but its fencing
+/// counters (`<ns>{T}:f`, kept on purpose), sorted: what a namespace holds
+/// besides the counters, for leak checks.
+pub async fn namespace_keys(urls: &[String], ns: &str) -> Vec<String> {
+    use redis::AsyncCommands;
+    let mut keys = Vec::new();
+    for url in urls {
+        let mut c = raw_connection(url).await;
+        let mut iter: redis::AsyncIter<String> = c.scan_match(format!("{ns}*")).await.unwrap();
+        while let Some(key) = iter.next_item().await {
+            let key = key.unwrap();
+            if !key.ends_with(":f") {
+                keys.push(key);
+            }
+        }
+    }
+    keys.sort();
+    keys
+}
+
+/// The future of [`Residue::stored`].
+pub type StoredKeys =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Vec<String>> + Send + 'static>>;
+
+/// How to see what a provider (both modules of a contract fixture) keeps
+/// besides the locks callers hold, for leak checks.
+#[derive(Clone)]
+pub struct Residue {
+    /// Entries of its in-process registries (keys with waiters, withdraws
+    /// under way).
+    pub local: std::sync::Arc<dyn Fn() -> usize + Send + Sync>,
+    /// What the backend stores besides fencing counters: keys of the
+    /// namespace (Redis), held locks (in-memory).
+    pub stored: std::sync::Arc<dyn Fn() -> StoredKeys + Send + Sync>,
+}
+
+/// The residue of Redis `providers` whose namespace `ns` is on the servers
+/// at `urls`.
+pub fn redis_residue(providers: Vec<RedisProvider>, urls: Vec<String>, ns: String) -> Residue {
+    Residue {
+        local: std::sync::Arc::new(move || {
+            providers.iter().map(RedisProvider::waiting_locks).sum()
+        }),
+        stored: std::sync::Arc::new(move || {
+            let (urls, ns) = (urls.clone(), ns.clone());
+            Box::pin(async move { namespace_keys(&urls, &ns).await })
+        }),
+    }
+}

@@ -48,7 +48,11 @@ impl LocalGuard<'_> {
     fn acquired(&mut self) {
         self.waiting.mark_gone(self.waiter);
         if let Some(key) = self.key.take() {
-            let _ = self.waiting.leave_single(&key, self.waiter);
+            let withdrawal = self.waiting.leave_single(&key, self.waiter, true);
+            debug_assert!(
+                withdrawal.is_none(),
+                "a waiter that got the lock withdraws nothing"
+            );
         }
     }
 }
@@ -68,7 +72,7 @@ impl Drop for LocalGuard<'_> {
                 None,
             );
         }
-        if let Some(ticket) = self.waiting.leave_single(&key, self.waiter) {
+        if let Some(ticket) = self.waiting.leave_single(&key, self.waiter, false) {
             self.provider.withdraw_later(key, Entry::Handoff, ticket);
         }
     }

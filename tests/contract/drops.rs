@@ -1,0 +1,435 @@
+//! Dropping every public future at every await: for each operation, the
+//! future is polled k times (each poll when its own waker fires, so real
+//! I/O happens in between) and dropped, for k = 0, 1, 2, ... until it
+//! completes undisturbed. After every drop:
+//!
+//! - the keys can be taken by another owner within the lease plus a small
+//!   bound (a dropped acquisition is undone, a dropped release can be
+//!   repeated, a dropped `execute` or workflow releases in the background);
+//! - the other waiters still get the lock, before their deadlines, and in
+//!   arrival order where the provider promises it;
+//! - the provider's in-process registries are back to their size before,
+//!   and the backend keeps nothing but fencing counters (named in the
+//!   failure message otherwise).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lockstep::workflow::{
+    AcquireLockInput, Container, ReleaseLockInput, StepError, acquire_lock_step, create_step,
+    create_workflow, release_lock_step,
+};
+use lockstep::{AcquireOptions, ExecuteOptions, ExtendOptions, LockingModule, ReleaseOptions};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+
+use super::{Fixture, is_free};
+
+/// The most polls any operation here may take undisturbed.
+const MAX_POLLS: usize = 400;
+
+/// How long a drop may leave something behind before it is a leak: a
+/// background undo or release takes a round trip, retried after a backoff.
+const SETTLE: Duration = Duration::from_secs(3);
+
+/// How long a waiter of these cases waits at most.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn owner(o: &str) -> AcquireOptions {
+    AcquireOptions::new().owner_id(o)
+}
+
+fn by(o: &str) -> ReleaseOptions {
+    ReleaseOptions::new().owner_id(o)
+}
+
+/// Polls `fut` at most `polls` times, letting the runtime run in between
+/// (each poll when the future's own waker fires), then drops it: `Some` if
+/// it completed first. Bounded, so a future that stops being woken fails
+/// the case instead of hanging it.
+async fn poll_then_drop<F: Future>(fut: F, polls: usize) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut left = polls;
+    let driven = std::future::poll_fn(move |cx| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        left -= 1;
+        fut.as_mut().poll(cx).map(Some)
+    });
+    timeout(Duration::from_secs(20), driven)
+        .await
+        .expect("a future under test stopped making progress")
+}
+
+/// What the fixture keeps before a case: the registries must come back to
+/// it, and the backend to nothing but counters.
+async fn baseline(f: &Fixture) -> (usize, Vec<String>) {
+    ((f.residue.local)(), (f.residue.stored)().await)
+}
+
+/// Waits until the fixture keeps no more than `base` did.
+async fn settled(f: &Fixture, base: &(usize, Vec<String>), what: &str) {
+    let end = Instant::now() + SETTLE;
+    loop {
+        let local = (f.residue.local)();
+        let stored = (f.residue.stored)().await;
+        if local <= base.0 && stored == base.1 {
+            return;
+        }
+        if Instant::now() >= end {
+            panic!(
+                "{what}: left behind after {SETTLE:?}: {local} registry entries (was {}), \
+                 stored {stored:?} (was {:?})",
+                base.0, base.1
+            );
+        }
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Waits until `key` can be taken by a fresh owner.
+async fn becomes_free(m: &LockingModule, key: &str, within: Duration, what: &str) {
+    let end = Instant::now() + within;
+    while !is_free(m, key).await {
+        assert!(
+            Instant::now() < end,
+            "{what}: {key} still held after {within:?}"
+        );
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A waiter on `key`, timed: when it got the lock (it releases at once).
+fn waiter(m: &LockingModule, key: &str, who: &str) -> JoinHandle<Instant> {
+    let (m, key, who) = (m.clone(), key.to_owned(), who.to_owned());
+    tokio::spawn(async move {
+        let lease = m
+            .acquire(key.as_str(), owner(&who).timeout(WAIT))
+            .await
+            .unwrap_or_else(|e| panic!("waiter {who} on {key}: {e}"));
+        let at = Instant::now();
+        lease.release().await.expect("the waiter's release");
+        at
+    })
+}
+
+/// Releases `lease` (any lease type's release future) after `after`, in a
+/// task of its own: the waits of these cases end on their own.
+fn release_later<F>(after: Duration, release: F) -> JoinHandle<()>
+where
+    F: Future + Send + 'static,
+{
+    tokio::spawn(async move {
+        sleep(after).await;
+        release.await;
+    })
+}
+
+/// Waits until a waiter is registered (a local one) or has had time to
+/// queue (a peer's, as another process's would).
+async fn queued(f: &Fixture, before: usize) {
+    let end = Instant::now() + Duration::from_millis(50);
+    while (f.residue.local)() <= before && Instant::now() < end {
+        sleep(Duration::from_millis(2)).await;
+    }
+    sleep(Duration::from_millis(20)).await;
+}
+
+/// Drives the loop of one case: `step(k)` drops its future after `k`
+/// polls and says whether it completed; stops at the first that did.
+async fn every_poll<F, Fut>(name: &str, mut step: F) -> usize
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for k in 0..MAX_POLLS {
+        if step(k).await {
+            eprintln!("{name}: dropped at {k} points, then completed");
+            return k;
+        }
+    }
+    panic!("{name}: still not done after {MAX_POLLS} polls");
+}
+
+/// `acquire` of a free key (a lease and no expiry: the worst case),
+/// dropped at every poll: nothing stays held, or it is undone.
+pub async fn drop_acquire_of_a_free_key(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("acquire, free key", |k| async move {
+        let key = format!("free-{k}");
+        let acquire = f.module.acquire(key.as_str(), owner("victim"));
+        let done = poll_then_drop(acquire, k).await;
+        let completed = done.is_some();
+        if let Some(lease) = done {
+            assert!(lease.unwrap().release().await.unwrap());
+        }
+        becomes_free(&f.peer, &key, SETTLE, &format!("acquire dropped at {k}")).await;
+        settled(f, base, &format!("acquire dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// A waiting `acquire` dropped at every poll, with a holder (another
+/// process) that lets go soon, and two waiters behind it (one local, one
+/// in the other process): they get the lock before their deadlines, in
+/// order where the provider is fair, and nothing is left behind.
+pub async fn drop_acquire_while_waiting(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("acquire, waiting", |k| async move {
+        let key = format!("wait-{k}");
+        let lease = f.peer.acquire(key.as_str(), owner("holder")).await.unwrap();
+        let release = release_later(Duration::from_millis(30), async move {
+            lease.release().await.unwrap();
+        });
+        let acquire = f
+            .module
+            .acquire(key.as_str(), owner("victim").timeout(WAIT));
+        let before = (f.residue.local)();
+        let (done, (local, remote)) = tokio::join!(poll_then_drop(acquire, k), async {
+            queued(f, before).await;
+            let local = waiter(&f.module, &key, "local");
+            queued(f, before).await;
+            (local, waiter(&f.peer, &key, "remote"))
+        });
+        let completed = done.is_some();
+        if let Some(lease) = done {
+            assert!(lease.unwrap().release().await.unwrap());
+        }
+        release.await.unwrap();
+        let (local, remote) = (local.await.unwrap(), remote.await.unwrap());
+        if f.fifo {
+            assert!(
+                local <= remote,
+                "dropped at {k}: the later waiter was served first"
+            );
+        }
+        becomes_free(
+            &f.peer,
+            &key,
+            SETTLE,
+            &format!("waiting acquire dropped at {k}"),
+        )
+        .await;
+        settled(f, base, &format!("waiting acquire dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `release` dropped at every poll while two waiters (local and remote)
+/// wait: whether or not it went out, it can be repeated, and the waiters
+/// get the lock before their deadlines.
+pub async fn drop_release_with_waiters(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("release", |k| async move {
+        let key = format!("release-{k}");
+        f.module
+            .acquire(key.as_str(), owner("holder"))
+            .await
+            .unwrap();
+        let before = (f.residue.local)();
+        let local = waiter(&f.module, &key, "local");
+        queued(f, before).await;
+        let remote = waiter(&f.peer, &key, "remote");
+        queued(f, before).await;
+        let release = f.module.release(key.as_str(), by("holder"));
+        let completed = poll_then_drop(release, k).await.is_some();
+        // Repeatable: if the dropped one never went out, this one does.
+        let _ = f.module.release(key.as_str(), by("holder")).await.unwrap();
+        local.await.unwrap();
+        remote.await.unwrap();
+        becomes_free(&f.peer, &key, SETTLE, &format!("release dropped at {k}")).await;
+        settled(f, base, &format!("release dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `extend` dropped at every poll: the lock is still the owner's, with the
+/// old lease or the new, and is released normally.
+pub async fn drop_extend(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("extend", |k| async move {
+        let key = format!("extend-{k}");
+        let lease = f
+            .module
+            .acquire(key.as_str(), owner("holder").expire(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let extend = f.module.extend(
+            key.as_str(),
+            ExtendOptions::new(Duration::from_secs(10)).owner_id("holder"),
+        );
+        let completed = poll_then_drop(extend, k).await.is_some();
+        assert!(
+            !is_free(&f.peer, &key).await,
+            "dropped at {k}: the lock was lost"
+        );
+        assert!(lease.release().await.unwrap());
+        becomes_free(&f.peer, &key, SETTLE, &format!("extend dropped at {k}")).await;
+        settled(f, base, &format!("extend dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `release_all` of an owner dropped at every poll: repeated, it frees
+/// what the dropped one did not.
+pub async fn drop_release_all(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("release_all", |k| async move {
+        let keys: Vec<String> = (0..3).map(|i| format!("all-{k}-{i}")).collect();
+        let who = format!("bulk-{k}");
+        f.module.acquire(keys.clone(), owner(&who)).await.unwrap();
+        let completed = poll_then_drop(f.module.release_all(by(&who)), k)
+            .await
+            .is_some();
+        f.module.release_all(by(&who)).await.unwrap();
+        for key in &keys {
+            becomes_free(&f.peer, key, SETTLE, &format!("release_all dropped at {k}")).await;
+        }
+        settled(f, base, &format!("release_all dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `execute` dropped at every poll (while acquiring, while its job runs,
+/// while releasing): the locks are free soon after, not at the end of
+/// the 60 s lease.
+pub async fn drop_execute(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("execute", |k| async move {
+        let key = format!("execute-{k}");
+        let execute = f
+            .module
+            .execute(key.as_str(), ExecuteOptions::new(), |held| async move {
+                sleep(Duration::from_millis(5)).await;
+                held.fencing_token()
+            });
+        let completed = poll_then_drop(execute, k).await.is_some();
+        becomes_free(&f.peer, &key, SETTLE, &format!("execute dropped at {k}")).await;
+        settled(f, base, &format!("execute dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `Lease::extend` then `Lease::release`, each dropped at every poll: a
+/// dropped extend leaves the lease usable, a dropped release can be
+/// repeated by the owner.
+pub async fn drop_lease_release_and_extend(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("Lease::extend", |k| async move {
+        let key = format!("lease-extend-{k}");
+        let mut lease = f
+            .module
+            .acquire(key.as_str(), owner("holder").expire(Duration::from_secs(5)))
+            .await
+            .unwrap();
+        let completed = poll_then_drop(lease.extend(Duration::from_secs(10)), k)
+            .await
+            .is_some();
+        assert!(
+            lease.release().await.unwrap(),
+            "dropped at {k}: the lease was lost"
+        );
+        settled(f, base, &format!("Lease::extend dropped at {k}")).await;
+        completed
+    })
+    .await;
+    every_poll("Lease::release", |k| async move {
+        let key = format!("lease-release-{k}");
+        let lease = f
+            .module
+            .acquire(key.as_str(), owner("holder"))
+            .await
+            .unwrap();
+        let completed = poll_then_drop(lease.release(), k).await.is_some();
+        let _ = f.module.release(key.as_str(), by("holder")).await.unwrap();
+        becomes_free(
+            &f.peer,
+            &key,
+            SETTLE,
+            &format!("Lease::release dropped at {k}"),
+        )
+        .await;
+        settled(f, base, &format!("Lease::release dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `LeaseGuard::release` dropped at every poll, and the guard dropped
+/// unreleased: the lock is released in the background either way.
+pub async fn drop_guard_release(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("LeaseGuard::release", |k| async move {
+        let key = format!("guard-{k}");
+        let guard = f
+            .module
+            .acquire(key.as_str(), owner("holder"))
+            .await
+            .unwrap()
+            .guard();
+        assert!(guard.fencing_token() > 0);
+        let completed = poll_then_drop(guard.release(), k).await.is_some();
+        becomes_free(
+            &f.peer,
+            &key,
+            SETTLE,
+            &format!("guard release dropped at {k}"),
+        )
+        .await;
+        settled(f, base, &format!("guard release dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// A whole workflow run (an acquire step that waits for a holder, a step,
+/// the release step) dropped at every poll: the lock steps' locks are
+/// released, by the release step or in the background.
+pub async fn drop_workflow_run(f: &Fixture) {
+    let base = &baseline(f).await;
+    let work = create_step("work", |_ctx, ()| async move {
+        sleep(Duration::from_millis(2)).await;
+        Ok::<_, StepError>(())
+    });
+    let workflow = create_workflow("locked", move |run, key: String| {
+        let work = work.clone();
+        async move {
+            run.step(
+                &acquire_lock_step(),
+                AcquireLockInput::new(key.as_str()).timeout(WAIT),
+            )
+            .await?;
+            run.step(&work, ()).await?;
+            run.step(&release_lock_step(), ReleaseLockInput::new(key.as_str()))
+                .await?;
+            Ok(())
+        }
+    });
+    let container = Container::with_locking(f.module.clone());
+    let (workflow, container) = (Arc::new(workflow), Arc::new(container));
+    every_poll("workflow run", |k| {
+        let (workflow, container) = (Arc::clone(&workflow), Arc::clone(&container));
+        async move {
+            let key = format!("workflow-{k}");
+            let lease = f.peer.acquire(key.as_str(), owner("holder")).await.unwrap();
+            let release = release_later(Duration::from_millis(20), async move {
+                lease.release().await.unwrap();
+            });
+            let run = workflow.run(&container, key.clone());
+            let completed = poll_then_drop(run, k).await.is_some();
+            release.await.unwrap();
+            becomes_free(&f.peer, &key, SETTLE, &format!("workflow dropped at {k}")).await;
+            settled(f, base, &format!("workflow dropped at {k}")).await;
+            completed
+        }
+    })
+    .await;
+}
