@@ -130,10 +130,14 @@ impl LockingModule {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe in effect: if the future is dropped, nothing stays held.
-    /// The in-memory provider takes all keys in one synchronous step; the
-    /// Redis provider undoes, in a background task, an acquisition whose
-    /// script may have run.
+    /// Cancel safe in effect: if the future is dropped, nothing stays held
+    /// and nothing is left queued. The in-memory provider takes all keys in
+    /// one synchronous step, and a dropped wait leaves its registry. The
+    /// Redis provider undoes an acquisition whose script may have run, by
+    /// its nonce, in a background task (a round trip later; retried until
+    /// it succeeds or the lease would have ended), and withdraws a wait's
+    /// queue entry the same way; a Redlock set gives back on every master.
+    /// A dropped wait loses its place in line.
     pub async fn acquire(
         &self,
         keys: impl Into<Keys>,
@@ -180,7 +184,8 @@ impl LockingModule {
     /// # Cancel safety
     ///
     /// If the future is dropped, the release may or may not have happened;
-    /// it can be repeated.
+    /// it can be repeated. A local waiter it was handing a lock to learns
+    /// the outcome either way: it takes the lock, or the hand-off is undone.
     pub async fn release(
         &self,
         keys: impl Into<Keys>,
@@ -217,7 +222,10 @@ impl LockingModule {
     ///
     /// # Cancel safety
     ///
-    /// If the future is dropped, the release may or may not have happened.
+    /// If the future is dropped, the release may or may not have happened
+    /// (each Redis script is atomic: an owner's locks, or a namespace's on
+    /// a server, are released all together or not at all); it can be
+    /// repeated.
     pub async fn release_all(&self, options: ReleaseOptions) -> Result<u64, LockError> {
         let (id, provider) = self.route(options.provider.as_deref())?;
         validate_owner(options.owner_id.as_deref())?;
@@ -241,7 +249,9 @@ impl LockingModule {
     ///
     /// # Cancel safety
     ///
-    /// If the future is dropped, the extension may or may not have happened.
+    /// If the future is dropped, the extension may or may not have happened
+    /// (on one server, for every key or for none); the locks stay held
+    /// either way, and it can be repeated.
     pub async fn extend(
         &self,
         keys: impl Into<Keys>,

@@ -137,6 +137,12 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// [`LockError::ForeignValue`], or a backend failure. A provider whose
     /// request may have taken effect without a reply must undo it before
     /// returning the error.
+    ///
+    /// # Cancel safety
+    ///
+    /// The future may be dropped at any await: the provider must then leave
+    /// nothing held and nothing registered (undoing in the background what
+    /// may have taken effect). The contract suite's `drop_` cases check it.
     fn acquire<'a>(
         &'a self,
         request: &'a AcquireRequest,

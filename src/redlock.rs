@@ -72,6 +72,11 @@ impl RedlockProvider {
     /// [`RedisProvider::connect`] for a bad URL or setting, and
     /// [`ConfigError::Unreachable`] when no majority answers within the
     /// connect timeout.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: connecting takes no lock; a dropped future leaves only
+    /// the PINGs under way, which end by themselves.
     pub async fn connect(urls: &[&str], config: RedisConfig) -> Result<Self, ConfigError> {
         if urls.len() < 3 {
             return Err(ConfigError::InvalidSetting {

@@ -129,6 +129,14 @@ impl<I: Send + 'static, O: Send + 'static> Workflow<I, O> {
     /// # Errors
     ///
     /// As [`Workflow::run`].
+    ///
+    /// # Panics
+    ///
+    /// As [`Workflow::run`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Workflow::run`].
     pub async fn run_with_id(
         &self,
         container: &Container,
@@ -182,6 +190,13 @@ impl Run {
     /// # Errors
     ///
     /// The step's own error.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the step's invoke is dropped with it and
+    /// nothing is pushed on the stack: whatever the invoke did is not
+    /// compensated. The lock steps are safe to drop: a dropped acquire step
+    /// holds nothing, a dropped release step may or may not have released.
     pub async fn step<S: Step>(&self, step: &S, input: S::Input) -> Result<S::Output, StepError> {
         let ctx = StepContext::new(self.clone(), step.name());
         let span = tracing::debug_span!("lockstep.step", workflow = %self.workflow(), run_id = %self.id(), step = %step.name());
@@ -224,6 +239,12 @@ impl Run {
     /// # Errors
     ///
     /// The sub-workflow's own error.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the sub-workflow's completed steps are not
+    /// compensated, but the locks its lock steps took are released in the
+    /// background (see [`Extension::abandon`](crate::workflow::Extension::abandon)).
     pub async fn run_sub<I, O>(&self, workflow: &Workflow<I, O>, input: I) -> Result<O, StepError>
     where
         I: Send + 'static,
