@@ -5,34 +5,41 @@
 -- KEYS[n+1..2n]   the fencing counter of each lock's hash slot (KEYS[n+i] belongs
 --                 to KEYS[i]; locks of one slot share a counter, so repeats are fine)
 -- KEYS[2n+1..3n]  the wait queue of each lock (<lock key>:q)
--- KEYS[3n+1]      optional: the owner's index (a sorted set of lock key -> expiry
---                 in ms), passed only for named owners
+-- KEYS[3n+1..3n+2] optional: the owner's index, its expiring and its permanent
+--                 part (named owners whose locks release_all must find)
 -- ARGV[1]   n, the number of lock keys
 -- ARGV[2]   owner id; "" means anonymous (named owners are never empty)
--- ARGV[3]   nonce: exactly 12 bytes, unique to this acquisition
+-- ARGV[3]   nonce: exactly 12 bytes, unique to this acquisition; it starts
+--           with '.' exactly when ARGV[4] is "0" (see prelude.lua)
 -- ARGV[4]   lease in milliseconds; "0" means the lock does not expire
--- ARGV[5]   pid of the calling process, or "" if it takes no notifications
+-- ARGV[5]   pid of the calling process, or "": a lock reserved for that
+--           process is free for this call (it claims the reservation)
 -- ARGV[6]   queue entry to add to the first held lock's queue on conflict:
 --           "<pid>" (wait for a handoff), "~<pid>" (wait to be woken), or ""
--- ARGV[7]   "1": fair: a free lock with processes queued for a handoff is
---           reserved for the first of them instead of taken; "0": barge
--- ARGV[8]   how long (ms) a queue touched by this call must live at least
--- ARGV[9]   how long (ms) a reservation lasts before it lapses unclaimed
--- ARGV[10]  channel prefix: process pid is told on <prefix><pid>
--- ARGV[11]  "1": the caller has more waiters for these locks: keep its
+-- ARGV[7]   how long (ms) a queue touched by this call must live at least
+-- ARGV[8]   "1": the caller has more waiters for these locks: keep its
 --           handoff entry queued after taking them
--- ARGV[12]  optional, "1": leave the lease of re-entered locks as it is (a
---           Redis Cluster request over several slots: another slot may still
+-- ARGV[9]   "1": leave the lease of re-entered locks as it is (a Redis
+--           Cluster request over several slots: another slot may still
 --           refuse, and the give-back by nonce does not touch re-entered
 --           locks; the caller extends them once every slot said yes)
+-- ARGV[10]  floor of the fencing tokens in microseconds, or "0" (a Redlock
+--           set passes its clock, so that its masters' tokens agree)
 --
 -- Returns one of:
 --   {1, {token_1..token_n}, {reentered_1..reentered_n}}   all locks taken
 --   {0, i, pttl}   KEYS[i] is held (or reserved for another process); pttl is
 --                  its remaining lease in ms (-1: no expiry). No lock was
---                  taken; the caller's queue entry (ARGV[6]) was added.
+--                  taken; the caller's queue entry (ARGV[6]) was added and
+--                  the lock flagged as contended.
 --   {2, i}         KEYS[i] (or, for i > n, another key of the request) holds a
 --                  value of another type. Nothing was written.
+--
+-- The fast path, every lock free, is one SET NX per lock (EXISTS first for
+-- several), one INCR per lock, and for a named owner its index. A free lock
+-- is taken even if processes are still queued for it (its holder's lease ran
+-- out, or a reservation lapsed): those waiters wake at that moment anyway
+-- and queue again.
 --
 -- Re-entry: a lock already held by the same named owner is kept with its
 -- original nonce; its lease is reset only when ARGV[4] > 0, otherwise the
@@ -42,115 +49,197 @@
 -- lost reply).
 --
 -- Fencing tokens: every successful call returns, per key, a token strictly
--- greater than any token this slot's counter handed out before: max(last + 1,
--- server time in microseconds). The time floor keeps tokens growing even if
--- the counter is lost (restart without persistence, failover to a replica
--- that had not seen the last increments), as long as the new server's clock
--- is not behind the old one's.
+-- greater than any token this slot's counter handed out before (its INCR; a
+-- new counter starts from the server's clock, see next_token).
 
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
-local nonce = ARGV[3]
+local value = owner .. ARGV[3]
 local ttl = tonumber(ARGV[4])
 local pid = ARGV[5]
 local entry = ARGV[6]
-local fair = ARGV[7] == '1'
-local queue_ttl = tonumber(ARGV[8])
-local claim_ms = tonumber(ARGV[9])
-local prefix = ARGV[10]
-local more = ARGV[11] == '1'
-local keep_reentered = ARGV[12] == '1'
-local index = KEYS[3 * n + 1]
-local reserved_for_me = pid ~= '' and ('\0' .. pid) or nil
+local queue_ttl = tonumber(ARGV[7])
+local more = ARGV[8] == '1'
+local keep_reentered = ARGV[9] == '1'
+local floor = tonumber(ARGV[10])
+local o, p = KEYS[3 * n + 1], KEYS[3 * n + 2]
 
--- Phase 1: check everything. Redis does not roll a script back on a runtime
--- error, so the locks are written only once every check has passed; before
--- that only queues and reservations change, which are valid either way.
-for i = 2 * n + 1, 3 * n do
-  local t = redis.call('TYPE', KEYS[i])['ok']
-  if t ~= 'list' and t ~= 'none' then
-    return {2, i}
+-- Writes `v` into lock i with this call's lease.
+local function set_lock(i, v)
+  if ttl > 0 then
+    redis.call('SET', KEYS[i], v, 'PX', ttl)
+  else
+    redis.call('SET', KEYS[i], v)
   end
 end
-for i = n + 1, 2 * n do
-  local v = redis.pcall('GET', KEYS[i])
-  if type(v) == 'table' and v.err then
-    return {2, i}
+
+-- After taking lock i: this process's handoff entry, if it heads the
+-- queue, is served; with more local waiters the process queues again at
+-- the tail and the lock is flagged. Returns whether the lock needs the flag.
+local function after_taking(i)
+  local queue = KEYS[2 * n + i]
+  local popped = false
+  if redis.call('LINDEX', queue, 0) == pid then
+    redis.call('LPOP', queue)
+    popped = true
+  end
+  if more then
+    enqueue(queue, pid, queue_ttl, popped)
+    return true
+  end
+  return redis.call('LLEN', queue) > 0
+end
+
+-- The tokens of the taken locks, or nil and the index of a counter of
+-- another type (the locks are given back then).
+local function tokens_of(taken)
+  local tokens = {}
+  for i = 1, n do
+    local ok, t = pcall(next_token, KEYS[n + i], floor)
+    if not ok then
+      for j = 1, n do
+        if taken[j] then
+          redis.call('DEL', KEYS[j])
+        end
+      end
+      return nil, n + i
+    end
+    tokens[i] = t
+  end
+  return tokens
+end
+
+-- Indexes the locks this call took (not re-entered ones); a foreign index
+-- gives everything back.
+local function index_taken(reentered, tokens)
+  if not o then
+    return true
+  end
+  local keys = {}
+  for i = 1, n do
+    if reentered[i] == 0 then
+      keys[#keys + 1] = KEYS[i]
+    end
+  end
+  if #keys == 0 or pcall(index_add, o, p, keys, owner, ttl, tokens[1]) then
+    return true
+  end
+  redis.call('DEL', unpack(keys))
+  return false
+end
+
+-- Fast path: every lock free.
+local free
+if n == 1 then
+  if ttl > 0 then
+    free = redis.call('SET', KEYS[1], value, 'NX', 'PX', ttl)
+  else
+    free = redis.call('SET', KEYS[1], value, 'NX')
+  end
+else
+  free = redis.call('EXISTS', unpack(KEYS, 1, n)) == 0
+  if free then
+    for i = 1, n do
+      set_lock(i, value)
+    end
   end
 end
-if index then
-  local t = redis.call('TYPE', index)['ok']
-  if t ~= 'zset' and t ~= 'none' then
+if free then
+  local taken, reentered = {}, {}
+  for i = 1, n do
+    taken[i], reentered[i] = true, 0
+    if more and after_taking(i) then
+      redis.call('APPEND', KEYS[i], FLAG)
+    end
+  end
+  local tokens, foreign = tokens_of(taken)
+  if not tokens then
+    return {2, foreign}
+  end
+  if not index_taken(reentered, tokens) then
     return {2, 3 * n + 1}
   end
+  return {1, tokens, reentered}
 end
-local reentered = {}
+
+-- Slow path. Phase 1: check everything. Redis does not roll a script back
+-- on a runtime error, so the locks are written only once every check has
+-- passed; before that only queues and contention flags change, which are
+-- valid either way.
+local how = {}
 for i = 1, n do
-  local lock, queue = KEYS[i], KEYS[2 * n + i]
+  local lock = KEYS[i]
   local v = redis.pcall('GET', lock)
   if type(v) == 'table' and v.err then
     return {2, i}
   end
-  -- Free for us: absent, reserved for our process, or already ours from
-  -- an earlier attempt of this same call whose reply was lost (same nonce).
-  if not v or v == reserved_for_me or v == owner .. nonce then
-    if not v and fair then
-      local next = grant_next(lock, queue, prefix, claim_ms, pid)
-      if next and next ~= pid then
-        -- Another process's turn: it holds the reservation now.
-        if entry ~= '' then
-          enqueue(queue, entry, queue_ttl, false)
-        end
-        return {0, i, claim_ms}
-      end
-    end
-    reentered[i] = 0
-  elseif owner ~= '' and held_by(v, owner) then
-    reentered[i] = 1
+  local core, flagged = unflag(v)
+  if not v then
+    how[i] = 'free'
+  elseif core == value then
+    -- Ours already: an earlier attempt of this call whose reply was lost.
+    how[i] = 'own'
+  elseif pid ~= '' and v == '\0' .. pid then
+    how[i] = 'claim'
+  elseif owner ~= '' and held_by(core, owner) then
+    how[i] = 'reenter'
   else
     if entry ~= '' then
-      enqueue(queue, entry, queue_ttl, false)
+      local q = KEYS[2 * n + i]
+      local ok = redis.pcall('TYPE', q)['ok']
+      if ok ~= 'list' and ok ~= 'none' then
+        return {2, 2 * n + i}
+      end
+      enqueue(q, entry, queue_ttl, false)
+      if not flagged and string.byte(v, 1) ~= 0 then
+        redis.call('APPEND', lock, FLAG)
+      end
     end
     return {0, i, redis.call('PTTL', lock)}
   end
 end
 
 -- Phase 2: take the locks.
-local now = now_us()
-local now_ms = math.floor(now / 1000)
-local tokens = {}
+local taken, reentered = {}, {}
 for i = 1, n do
-  local lock, queue = KEYS[i], KEYS[2 * n + i]
-  if reentered[i] == 0 then
-    if ttl > 0 then
-      redis.call('SET', lock, owner .. nonce, 'PX', ttl)
-    else
-      redis.call('SET', lock, owner .. nonce)
-    end
-  elseif ttl > 0 and not keep_reentered then
-    redis.call('PEXPIRE', lock, ttl)
-  end
-  tokens[i] = next_token(KEYS[n + i], now)
-  if pid ~= '' then
-    local popped = false
-    if redis.call('LINDEX', queue, 0) == pid then
-      redis.call('LPOP', queue)
-      popped = true
-    end
-    if more then
-      -- A process has one handoff entry per queue: popped, it is absent.
-      enqueue(queue, pid, queue_ttl, popped)
-    end
-  end
-  if index then
-    local left = ttl
-    if reentered[i] == 1 and (ttl == 0 or keep_reentered) then
-      left = redis.call('PTTL', lock)
-      if left < 0 then
-        left = 0
+  local lock = KEYS[i]
+  reentered[i] = 0
+  if how[i] == 'reenter' then
+    reentered[i] = 1
+    if ttl > 0 and not keep_reentered then
+      local core, flagged = unflag(redis.call('GET', lock))
+      if permanent(core) then
+        -- Taken without expiry, now with a lease: mark it so, and move it
+        -- to the expiring part of the index.
+        local nonce_at = #core - NONCE_LEN + 1
+        core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
+        redis.call('SET', lock, core .. (flagged and FLAG or ''), 'PX', ttl)
+        if o then
+          redis.call('ZREM', p, lock)
+          index_add(o, p, {lock}, owner, ttl, 1)
+        end
+      else
+        redis.call('PEXPIRE', lock, ttl)
+        if o then
+          redis.call('PEXPIRE', o, ttl, 'GT')
+        end
       end
     end
-    index_add(index, lock, now_ms, left)
+  elseif how[i] == 'own' then
+    if ttl > 0 then
+      redis.call('PEXPIRE', lock, ttl)
+    end
+  else
+    taken[i] = true
+    local flag = pid ~= '' and after_taking(i)
+    set_lock(i, flag and value .. FLAG or value)
   end
+end
+local tokens, foreign = tokens_of(taken)
+if not tokens then
+  return {2, foreign}
+end
+if not index_taken(reentered, tokens) then
+  return {2, 3 * n + 1}
 end
 return {1, tokens, reentered}

@@ -2,39 +2,53 @@
 -- (Loaded after prelude.lua.)
 --
 -- KEYS[1..n]  the lock keys
--- KEYS[n+1]   optional: the owner's index (see acquire.lua); only the
---             entries it already has are updated, so an owner that was not
---             indexed when it acquired (execute's) gets no index
+-- KEYS[n+1], KEYS[n+2]  optional: the owner's index, its expiring and its
+--             permanent part (see prelude.lua). Only entries it already has
+--             are moved or kept alive, so an owner that was not indexed
+--             when it acquired (execute's) gets no index.
 -- ARGV[1]  n, the number of lock keys
 -- ARGV[2]  owner id; "" means anonymous
 -- ARGV[3]  new lease in milliseconds, > 0, counted from now
 --
 -- Returns 0 when every lock was held by the owner and now expires in ARGV[3]
 -- ms; otherwise i, the first KEYS[i] not held by the owner, and nothing was
--- changed.
+-- changed. A lock taken without expiry gets its lease and moves to the
+-- expiring part of the index.
 
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
 local ttl = tonumber(ARGV[3])
-local index = KEYS[n + 1]
+local o, p = KEYS[n + 1], KEYS[n + 2]
 
+local values
+if n == 1 then
+  values = {redis.pcall('GET', KEYS[1])}
+else
+  values = redis.call('MGET', unpack(KEYS, 1, n))
+end
 for i = 1, n do
-  if not held_by(redis.pcall('GET', KEYS[i]), owner) then
+  if not held_by((unflag(values[i])), owner) then
     return i
   end
 end
-local expiry
-if index then
-  local time = redis.call('TIME')
-  expiry = string.format('%.0f', tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000) + ttl)
-end
 for i = 1, n do
-  redis.call('PEXPIRE', KEYS[i], ttl)
-  if index then
-    redis.call('ZADD', index, 'XX', expiry, KEYS[i])
+  local lock = KEYS[i]
+  local core, flagged = unflag(values[i])
+  if permanent(core) then
+    -- Mark it as a lock with a lease (the nonce's first byte, see
+    -- prelude.lua), and move its index entry.
+    local nonce_at = #core - NONCE_LEN + 1
+    core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
+    redis.call('SET', lock, core .. (flagged and FLAG or ''), 'PX', ttl)
+    if o and redis.call('ZREM', p, lock) == 1 then
+      index_add(o, p, {lock}, owner, ttl, 1)
+    end
+  else
+    redis.call('PEXPIRE', lock, ttl)
   end
 end
-if index then
-  index_refresh(index)
+if o then
+  -- The index lives as long as its longest lock (a no-op without one).
+  redis.call('PEXPIRE', o, ttl, 'GT')
 end
 return 0

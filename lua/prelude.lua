@@ -3,8 +3,13 @@
 -- prelude .. script), so it defines functions only and touches no key.
 --
 -- Values: a lock holds <owner><12-byte nonce>; an anonymous lock holds the
--- nonce alone. A lock *reserved* for a waiting process holds "\0" .. <pid>
--- (owner ids never contain NUL, so a reservation never looks owned).
+-- nonce alone. A nonce that starts with '.' marks a lock taken without
+-- expiry (it is indexed apart; see below). A lock some process waits for
+-- carries the *contended* flag, one trailing "\1" byte (owner ids never end
+-- a value: the nonce does, so the flag is unambiguous): only then does a
+-- release look at the queue. A lock *reserved* for a waiting process holds
+-- "\0" .. <pid> (owner ids never contain NUL, so a reservation never looks
+-- owned).
 --
 -- Queues: <lock key>:q is a list of the processes waiting for that lock, at
 -- most one entry per process and kind: "<pid>" waits for a handoff (a
@@ -16,26 +21,54 @@
 -- tag of the lock's slot (<namespace>{<slot tag>}c:) and the message goes
 -- out by sharded pub/sub (SPUBLISH), which a script may send to a channel
 -- of its own slot; a namespace never contains '{', so the tag is the sign.
+--
+-- Owner indexes: a named owner's locks with a lease are in <owner>:o, a
+-- sorted set that lives as long as its longest lock; those without expiry
+-- in <owner>:p, a sorted set without expiry. A release removes a lock from
+-- :p only: :o entries of released or expired locks stay until the index
+-- expires or is trimmed (release_all checks each entry's holder anyway).
 
 local NONCE_LEN = 12
+local FLAG = '\1'
 
--- Whether value v is held by owner (anonymous: owner == '').
+-- The value v without its contended flag, and whether it had one.
+local function unflag(v)
+  if type(v) == 'string' and string.byte(v, -1) == 1 then
+    return string.sub(v, 1, -2), true
+  end
+  return v, false
+end
+
+-- Whether the (unflagged) value v is held by owner (anonymous: owner == '').
 local function held_by(v, owner)
   return type(v) == 'string' and #v == #owner + NONCE_LEN and string.sub(v, 1, #owner) == owner
 end
 
--- Strictly greater than every token the counter f gave before; see acquire.lua.
-local function next_token(f, now_us)
-  local last = tonumber(redis.call('GET', f) or '0') or 0
-  local token = math.max(last + 1, now_us)
-  -- %.0f prints the integer exactly; tostring would switch to exponent form.
-  redis.call('SET', f, string.format('%.0f', token))
-  return token
+-- Whether the (unflagged) value v was taken without expiry.
+local function permanent(v)
+  return string.byte(v, #v - NONCE_LEN + 1) == 46
 end
 
-local function now_us()
-  local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+-- Strictly greater than every token counter f gave before: its next value.
+-- A new counter (a fresh server, or one restarted without persistence)
+-- starts from the server's clock in microseconds, and so does one behind
+-- `floor` (a Redlock set's clock; 0 otherwise), so tokens keep growing
+-- across a lost counter as long as the clock is not behind.
+local function next_token(f, floor)
+  local t = redis.call('INCR', f)
+  if t == 1 then
+    local now = redis.call('TIME')
+    local us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    if us > floor then
+      floor = us
+    end
+  end
+  if t < floor then
+    t = floor
+    -- %.0f prints the integer exactly; tostring would switch to exponent form.
+    redis.call('SET', f, string.format('%.0f', t))
+  end
+  return t
 end
 
 -- Sends `message` to `channel` and returns how many subscribers heard it
@@ -56,8 +89,9 @@ end
 -- or nil when the queue ran out.
 local function grant_next(lock, queue, prefix, claim_ms, me)
   while true do
-    local e = redis.call('LINDEX', queue, 0)
-    if not e then
+    local e = redis.pcall('LINDEX', queue, 0)
+    -- No queue, or a key of another type there: nobody to serve.
+    if type(e) ~= 'string' then
       return nil
     end
     if e == me then
@@ -85,33 +119,33 @@ local function enqueue(q, e, ttl_ms, absent)
   end
 end
 
--- Keeps owner index `index` alive as long as its longest lock: for good
--- while it records a lock without expiry (score inf), else until the latest
--- expiry it records. An empty index is gone already.
-local function index_refresh(index)
-  local top = redis.call('ZRANGE', index, -1, -1, 'WITHSCORES')
-  if not top[2] then
+-- Records the locks `keys`, held by `owner` and expiring in ttl ms (0:
+-- never), in the owner's index: the permanent part `p`, or the expiring
+-- part `o`, which is kept alive as long as its longest lock. About one new
+-- entry in 16 (paced by `token`) also drops up to 8 random entries whose
+-- lock is gone, so an owner that goes on taking new keys keeps a small
+-- index.
+local function index_add(o, p, keys, owner, ttl, token)
+  local members = {}
+  for i, key in ipairs(keys) do
+    members[2 * i - 1] = 0
+    members[2 * i] = key
+  end
+  if ttl == 0 then
+    redis.call('ZADD', p, unpack(members))
     return
   end
-  if top[2] == 'inf' then
-    redis.call('PERSIST', index)
-  else
-    redis.call('PEXPIREAT', index, top[2])
+  if redis.call('ZADD', o, unpack(members)) > 0 then
+    -- A new entry, maybe a new index: give it an expiry if it has none
+    -- (GT below treats no expiry as infinite).
+    redis.call('PEXPIRE', o, ttl, 'NX')
+    if token % 16 == 0 then
+      for _, k in ipairs(redis.call('ZRANDMEMBER', o, 8)) do
+        if not held_by((unflag(redis.pcall('GET', k))), owner) then
+          redis.call('ZREM', o, k)
+        end
+      end
+    end
   end
-end
-
--- Records in owner index `index` that `key` (taken at now_ms) expires in
--- ttl ms (0: never), and keeps the index alive as long as its longest lock.
--- Entries of locks expired since are dropped once the index holds more than
--- 32, so it stays small without a sweep on every call.
-local function index_add(index, key, now_ms, ttl)
-  local score = 'inf'
-  if ttl > 0 then
-    score = string.format('%.0f', now_ms + ttl)
-  end
-  redis.call('ZADD', index, score, key)
-  if redis.call('ZCARD', index) > 32 then
-    redis.call('ZREMRANGEBYSCORE', index, '-inf', string.format('%.0f', now_ms))
-  end
-  index_refresh(index)
+  redis.call('PEXPIRE', o, ttl, 'GT')
 end

@@ -4,8 +4,11 @@
 -- KEYS[1..n]      the lock keys
 -- KEYS[n+1..2n]   their fencing counters (see acquire.lua)
 -- KEYS[2n+1..3n]  their wait queues
--- KEYS[3n+1]      if ARGV[6] = "1": the releasing owner's index
--- next KEYS       if ARGV[10] = "1": the successor owner's index
+-- KEYS[3n+1]      if ARGV[6] = "1": the permanent part of the releasing
+--                 owner's index (entries of locks with a lease stay in the
+--                 expiring part until it expires or is trimmed)
+-- next KEYS       if ARGV[10] = "1": the successor owner's index, the part
+--                 for its lease (expiring if ARGV[9] > 0, else permanent)
 -- ARGV[1]   n, the number of lock keys
 -- ARGV[2]   owner id; "" means anonymous: only anonymous locks are released
 -- ARGV[3]   nonce, or "": with a nonce, only the locks taken by that one
@@ -24,8 +27,10 @@
 -- Returns {released_1..released_n, successor_token}: released_i is 1 if
 -- KEYS[i] was released, 0 if it was not held by that owner (left untouched);
 -- successor_token is the successor's fencing token if KEYS[1] was handed to
--- it, else 0. A released lock goes to the next process queued for it (see
--- grant_next) when there is no successor or another process is first.
+-- it, else 0. A released lock flagged as contended goes to the next process
+-- queued for it (see grant_next) when there is no successor or another
+-- process is first; an unflagged one has nobody waiting and is just
+-- deleted.
 
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
@@ -42,64 +47,98 @@ local succ_owner, succ_nonce, succ_ttl = ARGV[7], ARGV[8], tonumber(ARGV[9])
 local succ_index = ARGV[10] == '1' and KEYS[k] or nil
 local pid, more, queue_ttl = ARGV[11], ARGV[12] == '1', tonumber(ARGV[13])
 
-local result = {}
-local succ_token = 0
-for i = 1, n do
-  local lock, queue = KEYS[i], KEYS[2 * n + i]
-  local v = redis.pcall('GET', lock)
-  local mine
-  if nonce ~= '' then
-    mine = v == owner .. nonce
-  else
-    mine = held_by(v, owner)
-  end
-  result[i] = 0
-  if mine then
-    redis.call('DEL', lock)
-    if index then
-      redis.call('ZREM', index, lock)
-      -- A lock without expiry kept the index for good: it may not now.
-      index_refresh(index)
-    end
-    result[i] = 1
-    local qtype = redis.call('TYPE', queue)['ok']
-    if i == 1 and succ_nonce ~= '' and (qtype == 'list' or qtype == 'none') then
-      while true do
-        local e = redis.call('LINDEX', queue, 0)
-        if e and string.sub(e, 1, 1) == '~' then
-          redis.call('LPOP', queue)
-          tell(prefix .. string.sub(e, 2), 'w' .. lock)
-        elseif not e or e == pid then
-          -- No other process is first: straight to our successor.
-          if e then
-            redis.call('LPOP', queue)
+-- Hands lock 1 to the successor: returns its token, or 0 when another
+-- process is queued first (the lock is reserved for it then, and the
+-- successor keeps its place behind) or the queue is not a list.
+local function hand_over(lock, queue)
+  while true do
+    local e = redis.pcall('LINDEX', queue, 0)
+    if type(e) == 'table' then
+      redis.call('DEL', lock)
+      return 0
+    elseif e and string.sub(e, 1, 1) == '~' then
+      redis.call('LPOP', queue)
+      tell(prefix .. string.sub(e, 2), 'w' .. lock)
+    elseif not e or e == pid then
+      -- No other process is first: straight to our successor. With more
+      -- local waiters our one handoff entry goes to the tail (round robin
+      -- between processes) and the lock stays flagged.
+      local flagged = more
+      if e and more then
+        redis.call('LMOVE', queue, queue, 'LEFT', 'RIGHT')
+      elseif e then
+        redis.call('LPOP', queue)
+        flagged = redis.call('LLEN', queue) > 0
+      elseif more then
+        enqueue(queue, pid, queue_ttl, true)
+      end
+      local v = succ_owner .. succ_nonce .. (flagged and FLAG or '')
+      if succ_ttl > 0 then
+        redis.call('SET', lock, v, 'PX', succ_ttl)
+      else
+        redis.call('SET', lock, v)
+      end
+      local token = next_token(KEYS[n + 1], 0)
+      if succ_index then
+        local new = redis.call('ZADD', succ_index, 0, lock) == 1
+        if succ_ttl > 0 then
+          if new then
+            redis.call('PEXPIRE', succ_index, succ_ttl, 'NX')
           end
-          if succ_ttl > 0 then
-            redis.call('SET', lock, succ_owner .. succ_nonce, 'PX', succ_ttl)
-          else
-            redis.call('SET', lock, succ_owner .. succ_nonce)
-          end
-          local now = now_us()
-          succ_token = next_token(KEYS[n + 1], now)
-          if more then
-            -- Our one handoff entry was at the head, or there was none.
-            enqueue(queue, pid, queue_ttl, true)
-          end
-          if succ_index then
-            index_add(succ_index, lock, math.floor(now / 1000), succ_ttl)
-          end
-          break
-        else
-          grant_next(lock, queue, prefix, claim_ms, '')
-          -- Our successor keeps its place behind.
-          enqueue(queue, pid, queue_ttl, false)
-          break
+          redis.call('PEXPIRE', succ_index, succ_ttl, 'GT')
         end
       end
-    elseif qtype == 'list' then
+      return token
+    else
+      redis.call('DEL', lock)
       grant_next(lock, queue, prefix, claim_ms, '')
+      -- Our successor keeps its place behind.
+      enqueue(queue, pid, queue_ttl, false)
+      return 0
     end
   end
+end
+
+local values
+if n == 1 then
+  values = {redis.pcall('GET', KEYS[1])}
+else
+  -- A key of another type reads as nil here: not ours, left alone.
+  values = redis.call('MGET', unpack(KEYS, 1, n))
+end
+local result, gone, permanents, contended = {}, {}, {}, {}
+local succ_token = 0
+for i = 1, n do
+  local core, flagged = unflag(values[i])
+  local mine
+  if nonce ~= '' then
+    mine = core == owner .. nonce
+  else
+    mine = held_by(core, owner)
+  end
+  result[i] = mine and 1 or 0
+  if mine then
+    if index and permanent(core) then
+      permanents[#permanents + 1] = KEYS[i]
+    end
+    if flagged and i == 1 and succ_nonce ~= '' then
+      succ_token = hand_over(KEYS[1], KEYS[2 * n + 1])
+    else
+      gone[#gone + 1] = KEYS[i]
+      if flagged then
+        contended[#contended + 1] = i
+      end
+    end
+  end
+end
+if #gone > 0 then
+  redis.call('DEL', unpack(gone))
+end
+if #permanents > 0 then
+  redis.call('ZREM', index, unpack(permanents))
+end
+for _, i in ipairs(contended) do
+  grant_next(KEYS[i], KEYS[2 * n + i], prefix, claim_ms, '')
 end
 result[n + 1] = succ_token
 return result

@@ -1,19 +1,22 @@
 -- release_all.lua: release every lock of one owner, or of the whole namespace.
 -- (Loaded after prelude.lua.)
 --
--- Owner mode (one key):
---   KEYS[1]  the owner's index (see acquire.lua): the lock keys it may hold
+-- Owner mode (two keys):
+--   KEYS[1], KEYS[2]  the owner's index, its expiring and its permanent part
+--            (see prelude.lua): the lock keys it may hold
 --   ARGV[1]  "owner"
 --   ARGV[2]  owner id (never "": anonymous locks are not indexed)
 --   ARGV[3]  how long (ms) a reservation lasts before it lapses unclaimed
 --   ARGV[4]  channel prefix (see prelude.lua)
 --   Only the indexed keys are visited, never the keyspace; each is deleted if
 --   it is still held by the owner, and handed to the next process queued for
---   it. The index is deleted.
+--   it. Both parts of the index are deleted.
 --
 -- Slots mode (no keys; Redis Cluster, run on every master, with the
 -- allow-cross-slot-keys flag): an owner's index is split by hash slot there
--- (<index prefix><slot tag><index suffix>, see src/redis/layout.rs).
+-- (<index prefix><slot tag><index suffix>, see src/redis/cluster/slots.rs),
+-- each with its two parts: the suffix names the expiring part, and the
+-- permanent one has ":p:" where it has ":o:".
 --   ARGV[1]  "slots"
 --   ARGV[2..3] as in owner mode
 --   ARGV[4]  "1": queued processes are told on <ARGV[5]><slot tag>}c:<pid>
@@ -44,15 +47,18 @@ local released = 0
 -- each to the next process queued for it (told on <channels><pid>), and
 -- deletes the index.
 local function release_indexed(index, owner, channels)
+  if redis.pcall('TYPE', index)['ok'] ~= 'zset' then
+    return
+  end
   for _, key in ipairs(redis.call('ZRANGE', index, 0, -1)) do
-    if held_by(redis.pcall('GET', key), owner) then
+    local core, flagged = unflag(redis.pcall('GET', key))
+    if held_by(core, owner) then
       redis.call('DEL', key)
       released = released + 1
-      local queue = key .. ':q'
-      -- pcall: in slots mode during a slot migration the queue may have
-      -- moved already (an error here, not a reason to stop).
-      if redis.pcall('TYPE', queue)['ok'] == 'list' then
-        grant_next(key, queue, channels, tonumber(ARGV[3]), '')
+      -- pcall (in grant_next): in slots mode during a slot migration the
+      -- queue may have moved already (an error here, not a reason to stop).
+      if flagged then
+        grant_next(key, key .. ':q', channels, tonumber(ARGV[3]), '')
       end
     end
   end
@@ -60,23 +66,24 @@ local function release_indexed(index, owner, channels)
 end
 
 if ARGV[1] == 'owner' then
-  if redis.call('TYPE', KEYS[1])['ok'] == 'zset' then
-    release_indexed(KEYS[1], ARGV[2], ARGV[4])
-  end
+  release_indexed(KEYS[1], ARGV[2], ARGV[4])
+  release_indexed(KEYS[2], ARGV[2], ARGV[4])
   return released
 end
 
 if ARGV[1] == 'slots' then
   local skipped = {}
+  local permanent_suffix = string.gsub(ARGV[6], '^}:o:', '}:p:')
   for i = 7, #ARGV do
     local index = ARGV[5] .. ARGV[i] .. ARGV[6]
     local t = redis.pcall('TYPE', index)
     if t['err'] then
       -- A key of a slot another master serves now.
       skipped[#skipped + 1] = ARGV[i]
-    elseif t['ok'] == 'zset' then
+    else
       local channels = ARGV[4] == '1' and (ARGV[5] .. ARGV[i] .. '}c:') or ''
       release_indexed(index, ARGV[2], channels)
+      release_indexed(ARGV[5] .. ARGV[i] .. permanent_suffix, ARGV[2], channels)
     end
   end
   return {released, skipped}
@@ -103,7 +110,8 @@ repeat
             released = released + 1
           end
           redis.call('DEL', key)
-        elseif suffix == ':o' or string.sub(suffix, 1, 3) == ':o:' then
+        elseif suffix == ':o' or suffix == ':p' or string.sub(suffix, 1, 3) == ':o:'
+          or string.sub(suffix, 1, 3) == ':p:' then
           redis.call('DEL', key)
         elseif suffix == ':q' then
           if redis.call('TYPE', key)['ok'] == 'list' then

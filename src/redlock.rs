@@ -198,7 +198,7 @@ impl RedlockProvider {
         };
         let mut backoff = Backoff::new(RETRY.0, RETRY.1);
         loop {
-            let nonce = nonce();
+            let nonce = nonce(request.expire.is_none());
             // Whatever this round takes is given back unless it ends with an
             // answer, also when the future is dropped mid-round.
             let round = Round {
@@ -257,7 +257,9 @@ impl RedlockProvider {
                 Box::pin(async move {
                     let owner = once.owner.as_deref().filter(|_| once.indexed);
                     let keys = m.keyset(&once.keys, owner);
-                    m.try_once(&once, &keys, &nonce).await.map(Attempt)
+                    m.try_once(&once, &keys, &nonce, clock_floor())
+                        .await
+                        .map(Attempt)
                 })
             },
             |t| t.ok.len() >= self.quorum,
@@ -343,6 +345,16 @@ impl Drop for Round<'_> {
         );
         runtime.spawn(async move { set.give_back(&keys, owner.as_deref(), &nonce).await });
     }
+}
+
+/// This host's clock in microseconds: every master floors its fencing
+/// tokens by it, so that the highest token of any majority grows from one
+/// acquisition to the next as long as the clients' clocks agree (each
+/// master's own counter only grows with the acquisitions it saw).
+fn clock_floor() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn drift(lease: Duration) -> Duration {

@@ -53,28 +53,46 @@ async fn setup() -> (MultiplexedConnection, String) {
     (conn, support::unique_namespace())
 }
 
-/// How an acquire call queues (acquire.lua's ARGV[5..11]).
+/// How an acquire call queues (acquire.lua's ARGV[5..9]).
 #[derive(Clone, Copy)]
 struct Q<'a> {
     pid: &'a str,
     entry: &'a str,
-    fair: bool,
     more: bool,
-    /// ARGV[12]: leave re-entered leases alone.
+    /// ARGV[9]: leave re-entered leases alone.
     keep_reentered: bool,
 }
 
 const NO_QUEUE: Q<'static> = Q {
     pid: "",
     entry: "",
-    fair: true,
     more: false,
     keep_reentered: false,
 };
 
-/// The KEYS of acquire.lua and release.lua: locks, counters (one shared
-/// `ns{T}:f` here), queues, and the owner's index for a named owner.
+/// The nonce an acquisition with lease `ttl` sends: one without expiry
+/// starts with '.' (see prelude.lua).
+fn nonce_for(nonce: &str, ttl: u64) -> String {
+    if ttl == 0 {
+        format!(".{}", &nonce[1..])
+    } else {
+        nonce.to_owned()
+    }
+}
+
+/// The KEYS of acquire.lua: locks, counters (one shared `ns{T}:f` here),
+/// queues, and both parts of the owner's index for a named owner.
 fn request_keys(inv: &mut redis::ScriptInvocation<'_>, ns: &str, keys: &[&str], owner: &str) {
+    lock_keys(inv, ns, keys);
+    if !owner.is_empty() {
+        inv.key(format!("{ns}{{{owner}}}:o"));
+        inv.key(format!("{ns}{{{owner}}}:p"));
+    }
+}
+
+/// Locks, counters and queues: the KEYS both acquire.lua and release.lua
+/// start with.
+fn lock_keys(inv: &mut redis::ScriptInvocation<'_>, ns: &str, keys: &[&str]) {
     for k in keys {
         inv.key(format!("{ns}{{{k}}}"));
     }
@@ -83,9 +101,6 @@ fn request_keys(inv: &mut redis::ScriptInvocation<'_>, ns: &str, keys: &[&str], 
     }
     for k in keys {
         inv.key(format!("{ns}{{{k}}}:q"));
-    }
-    if !owner.is_empty() {
-        inv.key(format!("{ns}{{{owner}}}:o"));
     }
 }
 
@@ -116,15 +131,14 @@ async fn take_q(
 ) -> Value {
     let mut inv = acquire().prepare_invoke();
     request_keys(&mut inv, ns, keys, owner);
-    inv.arg(keys.len()).arg(owner).arg(nonce).arg(ttl);
-    inv.arg(q.pid)
-        .arg(q.entry)
-        .arg(if q.fair { "1" } else { "0" });
-    inv.arg(10_000)
-        .arg(CLAIM_MS)
-        .arg(format!("{ns}c:"))
-        .arg(if q.more { "1" } else { "0" })
-        .arg(if q.keep_reentered { "1" } else { "0" });
+    inv.arg(keys.len())
+        .arg(owner)
+        .arg(nonce_for(nonce, ttl))
+        .arg(ttl);
+    inv.arg(q.pid).arg(q.entry).arg(10_000);
+    inv.arg(if q.more { "1" } else { "0" })
+        .arg(if q.keep_reentered { "1" } else { "0" })
+        .arg("0");
     inv.invoke_async(c).await.expect("acquire.lua runs")
 }
 
@@ -214,15 +228,11 @@ async fn reentry_can_be_told_to_keep_the_lease() {
     let b = lease_ms(&mut c, &ns, "b").await;
     assert!(a > 50_000, "kept: {a}");
     assert!((1..=1_000).contains(&b), "{b}");
-    let expiry: f64 = c
-        .zscore(format!("{ns}{{u1}}:o"), format!("{ns}{{a}}"))
-        .await
-        .unwrap();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as f64;
-    assert!(expiry > now_ms + 50_000.0, "the index keeps the long lease");
+    let index_ttl: i64 = c.pttl(format!("{ns}{{u1}}:o")).await.unwrap();
+    assert!(
+        index_ttl > 50_000,
+        "the index keeps the long lease: {index_ttl}"
+    );
 }
 
 #[tokio::test]
@@ -300,30 +310,40 @@ async fn the_owner_index_lives_exactly_as_long_as_its_longest_lock() {
     assert_eq!(members, [format!("{ns}{{a}}"), format!("{ns}{{b}}")]);
     let pttl: i64 = c.pttl(&index).await.unwrap();
     assert!((7_000..=8_000).contains(&pttl), "{pttl}");
+    // A lock without expiry goes to the permanent part; the expiring part
+    // keeps its lease.
     granted(&take(&mut c, &ns, &["c"], "u1", NONCE, 0).await);
     let pttl: i64 = c.pttl(&index).await.unwrap();
-    assert_eq!(pttl, -1, "a lock without expiry keeps the index");
-    let score: String = redis::cmd("ZSCORE")
-        .arg(&index)
-        .arg(format!("{ns}{{c}}"))
-        .query_async(&mut c)
-        .await
-        .unwrap();
-    assert_eq!(score, "inf");
+    assert!((7_000..=8_000).contains(&pttl), "{pttl}");
+    let permanent = format!("{ns}{{u1}}:p");
+    let members: Vec<String> = c.zrange(&permanent, 0, -1).await.unwrap();
+    assert_eq!(members, [format!("{ns}{{c}}")]);
+    assert_eq!(c.pttl::<_, i64>(&permanent).await.unwrap(), -1);
 }
 
+/// An owner that keeps one long lock and goes on taking short ones: the
+/// entries of the expired ones are trimmed as it goes (one new entry in 16
+/// samples 8), and its live locks stay indexed.
 #[tokio::test]
-async fn acquire_prunes_index_entries_of_expired_locks() {
+async fn acquire_trims_index_entries_of_expired_locks() {
     let (mut c, ns) = setup().await;
     let index = format!("{ns}{{u1}}:o");
-    for i in 0..40 {
-        granted(&take(&mut c, &ns, &[&format!("short{i}")], "u1", NONCE, 30).await);
+    granted(&take(&mut c, &ns, &["long"], "u1", NONCE, 60_000).await);
+    for i in 0..64 {
+        granted(&take(&mut c, &ns, &[&format!("short{i}")], "u1", NONCE, 20).await);
     }
-    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
-    granted(&take(&mut c, &ns, &["long"], "u1", NONCE, 10_000).await);
-    // Pruned once the index grew past 32 entries: only the live lock stays.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    for i in 0..64 {
+        granted(&take(&mut c, &ns, &[&format!("next{i}")], "u1", NONCE, 60_000).await);
+    }
     let members: Vec<String> = c.zrange(&index, 0, -1).await.unwrap();
-    assert_eq!(members, [format!("{ns}{{long}}")]);
+    assert!(members.len() < 129, "nothing trimmed: {}", members.len());
+    for k in std::iter::once("long".to_owned()).chain((0..64).map(|i| format!("next{i}"))) {
+        assert!(
+            members.contains(&format!("{ns}{{{k}}}")),
+            "{k} left the index"
+        );
+    }
 }
 
 /// Invokes extend.lua: the lock keys, the owner's index for a named owner,
@@ -341,6 +361,7 @@ async fn prolong(
     }
     if !owner.is_empty() {
         inv.key(format!("{ns}{{{owner}}}:o"));
+        inv.key(format!("{ns}{{{owner}}}:p"));
     }
     inv.arg(keys.len()).arg(owner).arg(ttl);
     inv.invoke_async(c).await.expect("extend.lua runs")
@@ -365,7 +386,10 @@ async fn free_full(
     succ: Option<Succ<'_>>,
 ) -> Vec<i64> {
     let mut inv = release().prepare_invoke();
-    request_keys(&mut inv, ns, keys, owner);
+    lock_keys(&mut inv, ns, keys);
+    if !owner.is_empty() {
+        inv.key(format!("{ns}{{{owner}}}:p"));
+    }
     inv.arg(keys.len())
         .arg(owner)
         .arg(nonce)
@@ -412,8 +436,9 @@ async fn release_frees_only_the_owners_keys_and_reports_each() {
         [1, 0, 0]
     );
     let v: String = c.get(format!("{ns}{{c}}")).await.unwrap();
-    assert_eq!(v, format!("u2{NONCE}"), "untouched");
-    let members: Vec<String> = c.zrange(format!("{ns}{{u1}}:o"), 0, -1).await.unwrap();
+    assert_eq!(v, format!("u2{}", nonce_for(NONCE, 0)), "untouched");
+    // Locks without expiry are indexed in the permanent part, and leave it.
+    let members: Vec<String> = c.zrange(format!("{ns}{{u1}}:p"), 0, -1).await.unwrap();
     assert_eq!(members, [format!("{ns}{{b}}")]);
 }
 
@@ -432,13 +457,13 @@ async fn release_with_a_nonce_frees_only_that_acquisition() {
     // A second acquisition by the same owner re-enters "old" and takes "new".
     granted(&take(&mut c, &ns, &["old", "new"], "u1", NONCE2, 0).await);
     assert_eq!(
-        free(&mut c, &ns, &["old", "new"], "u1", NONCE2).await,
+        free(&mut c, &ns, &["old", "new"], "u1", &nonce_for(NONCE2, 0)).await,
         [0, 1]
     );
     let v: String = c.get(format!("{ns}{{old}}")).await.unwrap();
     assert_eq!(
         v,
-        format!("u1{NONCE}"),
+        format!("u1{}", nonce_for(NONCE, 0)),
         "the earlier hold survives the undo"
     );
 }
@@ -452,17 +477,19 @@ async fn release_of_a_key_of_another_type_reports_zero() {
     assert_eq!(len, 1);
 }
 
-/// release.lua: once the owner's last lock without expiry is released, the
-/// index lives only as long as its other locks (it was kept for good).
+/// release.lua: a lock without expiry leaves the permanent part of its
+/// owner's index when released, so nothing of the owner outlives its locks
+/// with a lease.
 #[tokio::test]
 async fn releasing_the_permanent_lock_lets_the_index_expire() {
     let (mut c, ns) = setup().await;
     granted(&take(&mut c, &ns, &["forever"], "run-1", NONCE, 0).await);
     granted(&take(&mut c, &ns, &["brief"], "run-1", NONCE2, 5_000).await);
-    let index = format!("{ns}{{run-1}}:o");
-    assert_eq!(c.pttl::<_, i64>(&index).await.unwrap(), -1);
+    let permanent = format!("{ns}{{run-1}}:p");
+    assert_eq!(c.pttl::<_, i64>(&permanent).await.unwrap(), -1);
     assert_eq!(free(&mut c, &ns, &["forever"], "run-1", "").await, [1]);
-    let pttl: i64 = c.pttl(&index).await.unwrap();
+    assert!(!c.exists::<_, bool>(&permanent).await.unwrap(), "emptied");
+    let pttl: i64 = c.pttl(format!("{ns}{{run-1}}:o")).await.unwrap();
     assert!((4_000..=5_000).contains(&pttl), "{pttl}");
 }
 
@@ -475,13 +502,8 @@ async fn extend_does_not_index_an_unindexed_owner() {
     let mut inv = acquire().prepare_invoke();
     request_keys(&mut inv, &ns, &["k"], "");
     inv.arg(1).arg("execute:x").arg(NONCE).arg(1_000);
-    inv.arg("")
-        .arg("")
-        .arg("1")
-        .arg(10_000)
-        .arg(CLAIM_MS)
-        .arg(format!("{ns}c:"));
-    inv.arg("0").arg("0");
+    inv.arg("").arg("").arg(10_000);
+    inv.arg("0").arg("0").arg("0");
     granted(&inv.invoke_async::<Value>(&mut c).await.unwrap());
     assert_eq!(prolong(&mut c, &ns, &["k"], "execute:x", 5_000).await, 0);
     let index: bool = c.exists(format!("{ns}{{execute:x}}:o")).await.unwrap();
@@ -526,6 +548,7 @@ async fn release_all_with_an_owner_visits_only_its_index() {
     granted(&take(&mut c, &ns, &["c"], "u2", NONCE, 0).await);
     let n: i64 = release_all()
         .key(format!("{ns}{{u1}}:o"))
+        .key(format!("{ns}{{u1}}:p"))
         .arg("owner")
         .arg("u1")
         .arg(CLAIM_MS)
@@ -539,12 +562,13 @@ async fn release_all_with_an_owner_visits_only_its_index() {
             format!("{ns}{{a}}"),
             format!("{ns}{{b}}"),
             format!("{ns}{{u1}}:o"),
+            format!("{ns}{{u1}}:p"),
         ])
         .await
         .unwrap();
     assert_eq!(left, 0);
     let c_val: String = c.get(format!("{ns}{{c}}")).await.unwrap();
-    assert_eq!(c_val, format!("u2{NONCE}"));
+    assert_eq!(c_val, format!("u2{}", nonce_for(NONCE, 0)));
 }
 
 /// release_all.lua, namespace mode: a lock only reserved for a waiting
@@ -657,6 +681,7 @@ async fn every_script_works_after_script_flush() {
         .unwrap();
     let n: i64 = release_all()
         .key(format!("{ns}{{u1}}:o"))
+        .key(format!("{ns}{{u1}}:p"))
         .arg("owner")
         .arg("u1")
         .arg(CLAIM_MS)
@@ -765,27 +790,40 @@ async fn a_release_reserves_the_lock_for_the_first_listening_process() {
     assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("w{NONCE2}")));
 }
 
+/// A lock whose lease ran out is free for whoever asks first, even with
+/// processes queued (they wake when the lease ends and ask again); the
+/// first of them to ask flags it, and its release serves them.
 #[tokio::test]
-async fn a_free_lock_goes_to_the_queued_process_first_unless_barging() {
+async fn a_lapsed_lock_goes_to_whoever_asks_first_and_its_release_serves_the_queue() {
     let (mut c, ns) = setup().await;
     let mut p1 = Listener::new(&ns, "p1").await;
-    // A lock whose holder's lease ran out, with p1 queued for it.
     granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 30).await);
     ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
+    assert_eq!(
+        value_of(&mut c, &ns, "k").await,
+        Some(format!("holder{NONCE}\u{1}")),
+        "flagged: someone waits"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(60)).await;
-    // Barging: a newcomer simply takes it.
-    let barging = Q {
-        fair: false,
-        ..queued("p2")
-    };
-    granted(&take_q(&mut c, &ns, &["k"], "new", NONCE, 30, barging).await);
-    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
-    // Fair: the newcomer reserves it for p1 and queues behind.
-    let r = ints(&take_q(&mut c, &ns, &["k"], "new", NONCE, 0, queued("p2")).await);
-    assert_eq!(r, [0, 1, CLAIM_MS as i64]);
+    granted(&take_q(&mut c, &ns, &["k"], "new", NONCE, 0, queued("p2")).await);
+    assert_eq!(
+        queue_of(&mut c, &ns, "k").await,
+        ["p1"],
+        "p1 keeps its place"
+    );
+    let new_value = format!("new{}", nonce_for(NONCE, 0));
+    assert_eq!(value_of(&mut c, &ns, "k").await, Some(new_value.clone()));
+    // p1 asks again: still queued once, and the lock is flagged.
+    let r = ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
+    assert_eq!(r, [0, 1, -1]);
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
+    assert_eq!(
+        value_of(&mut c, &ns, "k").await,
+        Some(format!("{new_value}\u{1}"))
+    );
+    assert_eq!(free(&mut c, &ns, &["k"], "new", "").await, [1]);
     assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
     assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
-    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p2"]);
 }
 
 #[tokio::test]
@@ -803,7 +841,11 @@ async fn a_release_hands_the_lock_straight_to_a_local_successor() {
     let r = free_full(&mut c, &ns, &["k"], "a", "", Some(succ)).await;
     assert_eq!(r[0], 1);
     assert!(r[1] > t0[0], "the successor's token is newer");
-    assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("b{NONCE2}")));
+    assert_eq!(
+        value_of(&mut c, &ns, "k").await,
+        Some(format!("b{NONCE2}\u{1}")),
+        "flagged: p1 has more waiters"
+    );
     let pttl = lease_ms(&mut c, &ns, "k").await;
     assert!((4_000..=5_000).contains(&pttl));
     // More local waiters follow: p1 stays queued, now at the back.
@@ -888,6 +930,7 @@ async fn release_all_of_an_owner_hands_its_locks_on() {
     ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
     let n: i64 = release_all()
         .key(format!("{ns}{{u1}}:o"))
+        .key(format!("{ns}{{u1}}:p"))
         .arg("owner")
         .arg("u1")
         .arg(CLAIM_MS)

@@ -43,7 +43,7 @@ impl RedisProvider {
             .map(|o| self.inner.layout.owner_index(o));
         let args = ExtendArgs {
             lock_keys,
-            index: index.as_deref(),
+            index: index.as_ref(),
             owner: owner.unwrap_or(""),
             ttl_ms,
         };

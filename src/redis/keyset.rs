@@ -2,11 +2,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::layout::Layout;
+use super::layout::{Layout, OwnerIndex};
 
 /// The Redis keys of one request: the lock keys, then their fencing
-/// counters and wait queues, then the owner's index if it has one (the
-/// KEYS of `acquire.lua`, in its order).
+/// counters and wait queues, then the owner's index (both parts) if it has
+/// one: the KEYS of `acquire.lua`, in its order.
 #[derive(Debug)]
 pub(crate) struct Keyset {
     /// How many lock keys there are (they come first in `keys`).
@@ -14,7 +14,7 @@ pub(crate) struct Keyset {
     /// Every key, in the script's order.
     pub(crate) keys: Vec<String>,
     /// The owner's index, for owners whose locks `release_all` must find.
-    pub(crate) owner_index: Option<String>,
+    pub(crate) owner_index: Option<OwnerIndex>,
     /// Whether the owner is indexed (on a cluster, a request over several
     /// slots has an index per slot, and none here).
     pub(crate) indexed: bool,
@@ -24,10 +24,14 @@ pub(crate) struct Keyset {
 
 impl Keyset {
     /// The keys for `locks` (already-mapped lock keys) and an owner index.
-    pub(crate) fn new(layout: &Layout, locks: Vec<String>, owner_index: Option<String>) -> Self {
+    pub(crate) fn new(
+        layout: &Layout,
+        locks: Vec<String>,
+        owner_index: Option<OwnerIndex>,
+    ) -> Self {
         let lock_count = locks.len();
         let mut keys = locks;
-        keys.reserve(2 * lock_count + 1);
+        keys.reserve(2 * lock_count + 2);
         for i in 0..lock_count {
             let fence = layout.fence_key_of(&keys[i]);
             keys.push(fence);
@@ -36,7 +40,10 @@ impl Keyset {
             let queue = layout.queue_key(&keys[i]);
             keys.push(queue);
         }
-        keys.extend(owner_index.clone());
+        if let Some(index) = &owner_index {
+            keys.push(index.expiring.clone());
+            keys.push(index.permanent.clone());
+        }
         Keyset {
             lock_count,
             keys,

@@ -8,7 +8,8 @@
 //! | `ns{esc(k)}`        | the lock: `<owner><12-byte nonce>`, with its lease  |
 //! | `ns{T}:f`           | the fencing counter of the lock's hash slot         |
 //! | `ns{esc(k)}:q`      | the lock's wait queue: processes waiting (list)     |
-//! | `ns{esc(o)}:o`      | the owner's index: lock key -> expiry (sorted set)  |
+//! | `ns{esc(o)}:o`      | the owner's locks with a lease (sorted set, expires)|
+//! | `ns{esc(o)}:p`      | the owner's locks without expiry (sorted set)       |
 //!
 //! The braces are a Redis Cluster hash tag: the lock key hashes on `esc(k)`
 //! alone, whatever the namespace. Escaping keeps user braces from changing
@@ -66,9 +67,13 @@ impl Layout {
         format!("{lock_key}:q")
     }
 
-    /// `ns{esc(owner)}:o`
-    pub(crate) fn owner_index(&self, owner: &str) -> String {
-        format!("{}{{{}}}:o", self.namespace, escape(owner))
+    /// `ns{esc(owner)}:o` and `ns{esc(owner)}:p`
+    pub(crate) fn owner_index(&self, owner: &str) -> OwnerIndex {
+        let base = format!("{}{{{}}}", self.namespace, escape(owner));
+        OwnerIndex {
+            expiring: format!("{base}:o"),
+            permanent: format!("{base}:p"),
+        }
     }
 
     /// The hash slot of an already-mapped lock key `ns{esc(key)}`.
@@ -87,6 +92,25 @@ impl Layout {
         }
         p.push('*');
         p
+    }
+}
+
+/// A named owner's index, in two parts: its locks with a lease (expiring
+/// with the longest of them) and those without (see `lua/prelude.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct OwnerIndex {
+    pub(crate) expiring: String,
+    pub(crate) permanent: String,
+}
+
+impl OwnerIndex {
+    /// The part a lock with a lease of `ttl_ms` (0: none) is recorded in.
+    pub(crate) fn part_for(&self, ttl_ms: u64) -> &str {
+        if ttl_ms > 0 {
+            &self.expiring
+        } else {
+            &self.permanent
+        }
     }
 }
 
@@ -226,7 +250,8 @@ mod tests {
         assert_eq!(l.lock_key("order_1"), "lockstep:{order_1}");
         assert_eq!(l.lock_key("{a}"), "lockstep:{%7Ba%7D}");
         assert_ne!(l.lock_key("%7B"), l.lock_key("{"));
-        assert_eq!(l.owner_index("run-1"), "lockstep:{run-1}:o");
+        assert_eq!(l.owner_index("run-1").expiring, "lockstep:{run-1}:o");
+        assert_eq!(l.owner_index("run-1").permanent, "lockstep:{run-1}:p");
     }
 
     #[test]

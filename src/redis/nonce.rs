@@ -12,9 +12,10 @@ use crate::error::LockError;
 use crate::provider::{AcquireRequest, Acquired};
 
 impl RedisProvider {
-    /// One attempt with `nonce` that never queues (and, when fair, never
-    /// takes a lock another process is queued for): the locks, or the
-    /// index of a key found held.
+    /// One attempt with `nonce` that never queues: the locks, or the index
+    /// of a key found held. Fencing tokens are at least `token_floor` µs (a
+    /// Redlock set's clock, so that its masters' tokens agree; 0
+    /// otherwise).
     ///
     /// # Errors
     ///
@@ -25,10 +26,14 @@ impl RedisProvider {
         request: &AcquireRequest,
         keys: &Keyset,
         nonce: &str,
+        token_floor: u64,
     ) -> Result<Result<Acquired, usize>, LockError> {
         self.inner.conns.check_open()?;
         let sent_at = Instant::now();
-        match self.attempt(request, keys, nonce, None).await? {
+        match self
+            .attempt(request, keys, nonce, None, token_floor)
+            .await?
+        {
             AcquireReply::Acquired { tokens, reentered } => {
                 Ok(Ok(Acquired::new(tokens, reentered, sent_at)))
             }

@@ -191,7 +191,11 @@ impl Handing<'_> {
             owner: &self.waiter.owner,
             nonce: &self.waiter.nonce,
             ttl_ms: self.waiter.ttl_ms,
-            index: self.waiter.index.as_deref(),
+            index: self
+                .waiter
+                .index
+                .as_ref()
+                .map(|i| i.part_for(self.waiter.ttl_ms)),
             more: self.more,
         }
     }

@@ -297,13 +297,12 @@ impl RedisProvider {
     ) -> Result<(Vec<bool>, u64), LockError> {
         let layout = &self.inner.layout;
         let index = match &self.inner.topology {
-            Topology::Single => (!owner.is_empty()).then(|| layout.owner_index(owner)),
+            Topology::Single => (!owner.is_empty()).then(|| layout.owner_index(owner).permanent),
             #[cfg(feature = "cluster")]
             Topology::Cluster(_) => match lock_keys {
                 // One slot: one script, which can hand the lock on.
-                [lock_key] => {
-                    (!owner.is_empty()).then(|| cluster::slot_index(layout, owner, lock_key))
-                }
+                [lock_key] => (!owner.is_empty())
+                    .then(|| cluster::slot_index(layout, owner, lock_key).permanent),
                 _ => {
                     let released = self.release_grouped(lock_keys, owner, nonce).await?;
                     return Ok((released, 0));

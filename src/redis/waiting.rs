@@ -36,6 +36,8 @@ use tokio::sync::Notify;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
+use super::layout::OwnerIndex;
+
 /// How often the subscription connection is pinged, to notice a silent
 /// (half-open) connection.
 const PING_EVERY: Duration = Duration::from_secs(2);
@@ -46,7 +48,7 @@ pub(crate) struct Waiter {
     pub(crate) owner: String,
     pub(crate) nonce: String,
     pub(crate) ttl_ms: u64,
-    pub(crate) index: Option<String>,
+    pub(crate) index: Option<OwnerIndex>,
     state: Mutex<State>,
     notify: Notify,
 }
@@ -73,7 +75,12 @@ struct State {
 }
 
 impl Waiter {
-    pub(crate) fn new(owner: &str, nonce: &str, ttl_ms: u64, index: Option<String>) -> Arc<Waiter> {
+    pub(crate) fn new(
+        owner: &str,
+        nonce: &str,
+        ttl_ms: u64,
+        index: Option<OwnerIndex>,
+    ) -> Arc<Waiter> {
         Arc::new(Waiter {
             owner: owner.to_owned(),
             nonce: nonce.to_owned(),

@@ -9,21 +9,27 @@ pub(crate) const NONCE_LEN: usize = 12;
 
 /// A nonce of [`NONCE_LEN`] base64url characters, unique to one
 /// acquisition. Twelve bytes keep a lock's value small enough for Redis's
-/// compact string encoding.
-pub(crate) fn nonce() -> String {
+/// compact string encoding. For an acquisition without expiry
+/// (`permanent`), the first is `.`, which no other nonce has: the scripts
+/// index such locks apart (see `lua/prelude.lua`).
+pub(crate) fn nonce(permanent: bool) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
     // 72 random bits of a v4 UUID, 6 bits per character: bits 0-61 and
     // 64-73 (counting from the least significant), around the fixed
     // variant bits 62-63; the version nibble is bits 76-79.
     let uuid = Uuid::new_v4().as_u128();
     let mut bits = (uuid & ((1 << 62) - 1)) | ((uuid >> 64) & ((1 << 10) - 1)) << 62;
-    (0..NONCE_LEN)
+    let mut nonce: String = (0..NONCE_LEN)
         .map(|_| {
             let c = ALPHABET[(bits & 63) as usize] as char;
             bits >>= 6;
             c
         })
-        .collect()
+        .collect();
+    if permanent {
+        nonce.replace_range(..1, ".");
+    }
+    nonce
 }
 
 /// Whole milliseconds, rounded up so that a lease is never shorter than asked.
@@ -60,8 +66,11 @@ mod tests {
 
     #[test]
     fn nonces_have_their_length_and_differ() {
-        assert_eq!(nonce().len(), NONCE_LEN);
-        assert_ne!(nonce(), nonce());
+        assert_eq!(nonce(false).len(), NONCE_LEN);
+        assert_ne!(nonce(false), nonce(false));
+        let permanent = nonce(true);
+        assert!(permanent.starts_with('.') && permanent.len() == NONCE_LEN);
+        assert!((0..100).all(|_| !nonce(false).starts_with('.')));
     }
 
     /// Every character of a nonce is random: over 4,000 nonces each
@@ -69,7 +78,7 @@ mod tests {
     /// fixed bits would take 16 or fewer.
     #[test]
     fn every_nonce_character_is_random() {
-        let nonces: Vec<Vec<u8>> = (0..4000).map(|_| nonce().into_bytes()).collect();
+        let nonces: Vec<Vec<u8>> = (0..4000).map(|_| nonce(false).into_bytes()).collect();
         for position in 0..NONCE_LEN {
             let distinct: std::collections::HashSet<u8> =
                 nonces.iter().map(|n| n[position]).collect();

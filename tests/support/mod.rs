@@ -78,20 +78,37 @@ pub async fn poll_then_drop<F: std::future::Future>(fut: F, polls: usize) -> Opt
     .await
 }
 
-/// The keys of namespace `ns` on the servers at `urls`, but its fencing
-/// counters (`<ns>{T}:f`, kept on purpose), sorted: what a namespace holds
-/// besides the counters, for leak checks.
+/// Whether `key` is the expiring part of an owner index (`<ns>{owner}:o`,
+/// or `<ns>{tag}:o:<owner>` on a cluster): a release leaves its entries
+/// there, and the key expires with the owner's longest lease.
+pub fn is_expiring_index(key: &str) -> bool {
+    key.ends_with(":o") || key.contains("}:o:")
+}
+
+/// The keys of namespace `ns` on the servers at `urls` but the ones it keeps
+/// on purpose, sorted: what a namespace holds besides its fencing counters
+/// (`<ns>{T}:f`) and expiring owner indexes that do expire (see
+/// [`is_expiring_index`]; one without an expiry is listed), for leak checks.
 pub async fn namespace_keys(urls: &[String], ns: &str) -> Vec<String> {
     use redis::AsyncCommands;
     let mut keys = Vec::new();
     for url in urls {
         let mut c = raw_connection(url).await;
-        let mut iter: redis::AsyncIter<String> = c.scan_match(format!("{ns}*")).await.unwrap();
-        while let Some(key) = iter.next_item().await {
-            let key = key.unwrap();
-            if !key.ends_with(":f") {
-                keys.push(key);
+        let mut found = Vec::new();
+        {
+            let mut iter: redis::AsyncIter<String> = c.scan_match(format!("{ns}*")).await.unwrap();
+            while let Some(key) = iter.next_item().await {
+                found.push(key.unwrap());
             }
+        }
+        for key in found {
+            if key.ends_with(":f") {
+                continue;
+            }
+            if is_expiring_index(&key) && c.pttl::<_, i64>(&key).await.unwrap() != -1 {
+                continue;
+            }
+            keys.push(key);
         }
     }
     keys.sort();

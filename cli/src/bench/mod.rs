@@ -20,8 +20,11 @@
 //! `w1`-`w3` run on any backend (`--redis-url`, `--cluster`, `--sentinel`,
 //! `--redlock`, or one spawned here: `--spawn-redis`, `--spawn-cluster N`)
 //! and report the commands each server ran (`commands_per_node`), so the
-//! spread over a cluster's masters shows. `mem`, `waiters` and
-//! `--baseline` need one server.
+//! spread over a cluster's masters shows, and the servers' and this
+//! process's CPU time per operation (`redis_cpu_us_per_op`,
+//! `client_cpu_us_per_op`). `--baseline` runs a bare lock beside lockstep
+//! in each run (see `baseline.rs`) and reports `vs_bare`. `mem`, `waiters`
+//! and `--baseline` need one server.
 
 mod baseline;
 mod contention;
@@ -101,8 +104,9 @@ pub(crate) struct BenchArgs {
     /// Waiters for the `waiters` workload.
     #[arg(long, default_value_t = 10_000)]
     waiters: usize,
-    /// For w1: also run `redis-benchmark -c 50 -P 16` with the acquire
-    /// script (EVALSHA) on the same server, and report the ratio.
+    /// For w1-w3: also run a bare lock (SET NX PX, compare-and-delete; see
+    /// bench/baseline.rs) in the same run, on the same server and client
+    /// shape, and report `vs_bare`: lockstep's rate over the bare lock's.
     #[arg(long)]
     baseline: bool,
 }
@@ -155,15 +159,9 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
     for _ in 0..args.runs.max(1) {
         nodes.flush().await?;
         let run = match args.workload {
-            Workload::W1 => {
-                contention::contention(&args, &backend, &mut nodes, Shape::OwnKey).await?
-            }
-            Workload::W2 => {
-                contention::contention(&args, &backend, &mut nodes, Shape::OneKey).await?
-            }
-            Workload::W3 => {
-                contention::contention(&args, &backend, &mut nodes, Shape::ThreeOf100).await?
-            }
+            Workload::W1 => contended(&args, &backend, &mut nodes, Shape::OwnKey).await?,
+            Workload::W2 => contended(&args, &backend, &mut nodes, Shape::OneKey).await?,
+            Workload::W3 => contended(&args, &backend, &mut nodes, Shape::ThreeOf100).await?,
             Workload::Mem => memory::memory(&args, &url, &mut nodes.admins[0].1).await?,
             Workload::Waiters => waiters::waiters(&args, &url).await?,
         };
@@ -174,6 +172,38 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
         println!("{}", medians(&results));
     }
     Ok(EXIT_OK)
+}
+
+/// One run of w1-w3: lockstep, then with `--baseline` the bare lock on
+/// the same server (flushed in between), and `vs_bare`, the ratio of the
+/// two rates.
+async fn contended(
+    args: &BenchArgs,
+    backend: &BackendArgs,
+    nodes: &mut Nodes,
+    shape: Shape,
+) -> Result<serde_json::Value, Failure> {
+    let (subject, kind) = contention::subject(args, backend, nodes, false).await?;
+    let mut run = contention::contention(args, backend, nodes, shape, subject, kind).await?;
+    if args.baseline {
+        nodes.flush().await?;
+        let (bare, kind) = contention::subject(args, backend, nodes, true).await?;
+        let bare = contention::contention(args, backend, nodes, shape, bare, kind).await?;
+        let rate = |r: &serde_json::Value| {
+            r["results"]["pairs_per_s"]
+                .as_f64()
+                .or(r["results"]["acq_per_s"].as_f64())
+                .unwrap_or(0.0)
+        };
+        let vs_bare = if rate(&bare) > 0.0 {
+            stats::round2(rate(&run) / rate(&bare))
+        } else {
+            0.0
+        };
+        run["results"]["vs_bare"] = serde_json::json!(vs_bare);
+        run["results"]["bare"] = bare["results"].clone();
+    }
+    Ok(run)
 }
 
 /// The bench's provider settings.

@@ -54,6 +54,26 @@ impl Nodes {
         Ok(())
     }
 
+    /// The servers' CPU time so far (user + system, all threads), in µs.
+    pub(super) async fn cpu_us(&mut self) -> f64 {
+        let mut total = 0.0;
+        for (_, c) in &mut self.admins {
+            let info: String = redis::cmd("INFO")
+                .arg("cpu")
+                .query_async(c)
+                .await
+                .unwrap_or_default();
+            for field in ["used_cpu_sys:", "used_cpu_user:"] {
+                total += info
+                    .lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+        total * 1e6
+    }
+
     /// Each server's command counts (INFO commandstats).
     pub(super) async fn commandstats(&mut self) -> Vec<HashMap<String, u64>> {
         let mut all = Vec::new();

@@ -89,7 +89,7 @@ impl RedisProvider {
         self.inner.conns.check_open()?;
         let owner = request.owner.as_deref().filter(|_| request.indexed);
         let keys = self.keyset(&request.keys, owner);
-        let nonce = nonce();
+        let nonce = nonce(request.expire.is_none());
         // Any attempt may have taken the locks without our hearing of it
         // (a lost reply, a dropped future): undo by this call's nonce
         // unless the call ends with an answer.
@@ -131,33 +131,32 @@ impl RedisProvider {
         keys: &Keyset,
         nonce: &str,
     ) -> Result<Acquired, LockError> {
-        self.try_once(request, keys, nonce)
+        self.try_once(request, keys, nonce, 0)
             .await?
             .map_err(|index| request.wait.give_up(&request.keys[index]))
     }
 
     /// One run of `acquire.lua` for the request, queued as `queueing` says
-    /// if a lock is held.
+    /// if a lock is held, with fencing tokens of at least `token_floor` µs
+    /// (a Redlock set's clock; 0 otherwise).
     pub(super) async fn attempt(
         &self,
         request: &AcquireRequest,
         keys: &Keyset,
         nonce: &str,
         queueing: Option<&Queueing<'_>>,
+        token_floor: u64,
     ) -> Result<AcquireReply, LockError> {
-        let channel_prefix = self.channel_prefix_for(&keys.locks()[0]);
         let args = AcquireArgs {
             owner: request.owner.as_deref().unwrap_or(""),
             nonce,
             ttl_ms: request.expire.map_or(0, millis_ceil),
             pid: queueing.map_or("", |q| q.pid),
             entry: queueing.map_or("", |q| q.entry),
-            fair: self.inner.fair,
             queue_ttl_ms: queueing.map_or(0, |q| q.queue_ttl_ms),
-            claim_ms: self.inner.claim_ms,
-            channel_prefix: &channel_prefix,
             more: queueing.is_some_and(|q| q.more),
             keep_reentered_lease: false,
+            token_floor,
         };
         let reply = self.run_attempt(keys, &args).await;
         if reply.as_ref().is_err_and(LockError::is_outcome_unknown) {

@@ -127,7 +127,7 @@ impl RedisProvider {
         let mut span = None::<tracing::Span>;
         loop {
             let sent_at = Instant::now();
-            let (index, pttl) = match self.attempt(request, keys, nonce, None).await {
+            let (index, pttl) = match self.attempt(request, keys, nonce, None, 0).await {
                 Ok(AcquireReply::Acquired { tokens, reentered }) => {
                     return Ok(Acquired::new(tokens, reentered, sent_at));
                 }
@@ -194,7 +194,7 @@ impl RedisProvider {
                     queue_ttl_ms: self.queue_ttl_ms(request),
                 };
                 let sent_at = Instant::now();
-                let reply = self.attempt(request, keys, nonce, Some(&queueing)).await;
+                let reply = self.attempt(request, keys, nonce, Some(&queueing), 0).await;
                 waiter.end_attempt();
                 match reply {
                     Ok(AcquireReply::Acquired { tokens, reentered }) => {
@@ -289,7 +289,7 @@ impl RedisProvider {
                 queue_ttl_ms: self.queue_ttl_ms(request),
             };
             let sent_at = Instant::now();
-            let (index, pttl) = match self.attempt(request, keys, nonce, Some(&queueing)).await {
+            let (index, pttl) = match self.attempt(request, keys, nonce, Some(&queueing), 0).await {
                 Ok(AcquireReply::Acquired { tokens, reentered }) => {
                     // Wake entries left in queues cost one stray message at
                     // the next release: cheaper than a call to remove them

@@ -158,9 +158,7 @@ impl RedisProvider {
         let mut tokens = vec![0; keys.lock_count];
         let mut reentered = vec![false; keys.lock_count];
         for (g, group) in groups.iter().enumerate() {
-            let prefix = self.channel_prefix_for(&group.keys.locks()[0]);
             let group_args = AcquireArgs {
-                channel_prefix: &prefix,
                 // Over several slots, a re-entered lock's lease is only
                 // renewed once every slot said yes (below): a later slot
                 // may refuse, and the give-back by nonce leaves re-entered
@@ -337,7 +335,8 @@ impl RedisProvider {
         let groups = slot_groups(layout, lock_keys);
         let calls = groups.iter().map(|(slot, positions)| {
             let keys: Vec<String> = positions.iter().map(|&p| lock_keys[p].clone()).collect();
-            let index = (!owner.is_empty()).then(|| slots::owner_index_in(layout, owner, *slot));
+            let index =
+                (!owner.is_empty()).then(|| slots::owner_index_in(layout, owner, *slot).permanent);
             async move {
                 let prefix = self.channel_prefix_for(&keys[0]);
                 self.release_script(&ReleaseArgs {
@@ -383,7 +382,7 @@ impl RedisProvider {
             async move {
                 let args = ExtendArgs {
                     lock_keys: &keys,
-                    index: index.as_deref(),
+                    index: index.as_ref(),
                     owner: owner.unwrap_or(""),
                     ttl_ms,
                 };

@@ -1,23 +1,27 @@
 //! Hash slots in key names: an owner's index split by slot, so that each
 //! script finds the index beside the locks it touches.
 
-use crate::redis::layout::{Layout, escape, key_slot, slot_tags};
+use crate::redis::layout::{Layout, OwnerIndex, escape, key_slot, slot_tags};
 
-/// The owner index of `owner` in `slot`: `ns{T}:o:esc(owner)`, where `T`
-/// is the slot's tag.
-pub(crate) fn owner_index_in(layout: &Layout, owner: &str, slot: u16) -> String {
+/// The owner index of `owner` in `slot`: `ns{T}:o:esc(owner)` and
+/// `ns{T}:p:esc(owner)`, where `T` is the slot's tag.
+pub(crate) fn owner_index_in(layout: &Layout, owner: &str, slot: u16) -> OwnerIndex {
     let (before, after) = owner_index_parts(layout, owner);
-    format!("{before}{}{after}", slot_tags()[slot as usize])
+    let tag = &slot_tags()[slot as usize];
+    OwnerIndex {
+        expiring: format!("{before}{tag}{after}"),
+        permanent: format!("{before}{tag}}}:p:{}", escape(owner)),
+    }
 }
 
 /// The owner index of `owner` in the slot of `lock_key`.
-pub(crate) fn slot_index(layout: &Layout, owner: &str, lock_key: &str) -> String {
+pub(crate) fn slot_index(layout: &Layout, owner: &str, lock_key: &str) -> OwnerIndex {
     owner_index_in(layout, owner, layout.slot_of(lock_key))
 }
 
 /// The owner index of a request whose locks are all in one slot (the one a
 /// waiter handed a lock is indexed in), else `None`.
-pub(crate) fn request_index(layout: &Layout, locks: &[String], owner: &str) -> Option<String> {
+pub(crate) fn request_index(layout: &Layout, locks: &[String], owner: &str) -> Option<OwnerIndex> {
     let slot = layout.slot_of(locks.first()?);
     locks
         .iter()
@@ -25,7 +29,8 @@ pub(crate) fn request_index(layout: &Layout, locks: &[String], owner: &str) -> O
         .then(|| owner_index_in(layout, owner, slot))
 }
 
-/// The text around the tag in [`owner_index_in`].
+/// The text around the tag in [`owner_index_in`]'s expiring part (the
+/// permanent part has `}:p:` where it has `}:o:`).
 pub(crate) fn owner_index_parts(layout: &Layout, owner: &str) -> (String, String) {
     (
         format!("{}{{", layout.namespace()),
@@ -49,6 +54,12 @@ mod tests {
         for key in ["order_1", "}x", "{a}", "naïve", "line\nbreak", "%7B"] {
             let lock = l.lock_key(key);
             let index = slot_index(&l, "run-{1}", &lock);
+            assert_eq!(
+                index.permanent,
+                index.expiring.replace("}:o:", "}:p:"),
+                "the scripts derive one from the other"
+            );
+            let index = index.expiring;
             assert!(index.ends_with("}:o:run-%7B1%7D"), "{index}");
             let tag = &index["lockstep:{".len()..index.len() - "}:o:run-%7B1%7D".len()];
             assert_eq!(key_slot(tag.as_bytes()), l.slot_of(&lock), "{key}");

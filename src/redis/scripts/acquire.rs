@@ -12,28 +12,26 @@ use crate::redis::error::unexpected;
 pub(crate) struct AcquireArgs<'a> {
     /// ARGV[2]: the owner; `""` for an anonymous lock.
     pub(crate) owner: &'a str,
-    /// ARGV[3]: this acquisition's nonce.
+    /// ARGV[3]: this acquisition's nonce (see [`nonce`](crate::redis::wire::nonce)).
     pub(crate) nonce: &'a str,
     /// ARGV[4]: the lease in ms; 0 for none.
     pub(crate) ttl_ms: u64,
-    /// ARGV[5]: the calling process's pid, or `""` without notifications.
+    /// ARGV[5]: the calling process's pid, or `""`: a lock reserved for
+    /// that process is free for this call.
     pub(crate) pid: &'a str,
     /// ARGV[6]: the queue entry to add on conflict (`"<pid>"`, `"~<pid>"`
     /// or `""`).
     pub(crate) entry: &'a str,
-    /// ARGV[7]: serve queued processes first.
-    pub(crate) fair: bool,
-    /// ARGV[8]: how long a queue touched by the call must live, ms.
+    /// ARGV[7]: how long a queue touched by the call must live, ms.
     pub(crate) queue_ttl_ms: u64,
-    /// ARGV[9]: how long a reservation lasts unclaimed, ms.
-    pub(crate) claim_ms: u64,
-    /// ARGV[10]: the channel prefix processes are told on.
-    pub(crate) channel_prefix: &'a str,
-    /// ARGV[11]: the caller has more waiters for these locks.
+    /// ARGV[8]: the caller has more waiters for these locks.
     pub(crate) more: bool,
-    /// ARGV[12]: leave re-entered leases alone (a cluster request over
+    /// ARGV[9]: leave re-entered leases alone (a cluster request over
     /// several slots; see `cluster/mod.rs`).
     pub(crate) keep_reentered_lease: bool,
+    /// ARGV[10]: a floor for the fencing tokens, µs (a Redlock set's
+    /// clock), or 0.
+    pub(crate) token_floor: u64,
 }
 
 impl AcquireArgs<'_> {
@@ -46,12 +44,10 @@ impl AcquireArgs<'_> {
             self.ttl_ms.to_string(),
             self.pid.to_owned(),
             self.entry.to_owned(),
-            flag(self.fair),
             self.queue_ttl_ms.to_string(),
-            self.claim_ms.to_string(),
-            self.channel_prefix.to_owned(),
             flag(self.more),
             flag(self.keep_reentered_lease),
+            self.token_floor.to_string(),
         ]
     }
 }

@@ -4,14 +4,16 @@ use redis::Value;
 
 use crate::error::LockError;
 use crate::redis::error::unexpected;
+use crate::redis::layout::OwnerIndex;
 
 /// One call of `extend.lua`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ExtendArgs<'a> {
     /// KEYS[1..n]: the lock keys.
     pub(crate) lock_keys: &'a [String],
-    /// KEYS[n+1]: the owner's index, kept in step, if the owner has one.
-    pub(crate) index: Option<&'a str>,
+    /// KEYS[n+1], KEYS[n+2]: the owner's index, kept in step if the owner
+    /// has one.
+    pub(crate) index: Option<&'a OwnerIndex>,
     /// ARGV[2]: the owner (`""`: anonymous).
     pub(crate) owner: &'a str,
     /// ARGV[3]: the new lease, ms from now.
@@ -22,7 +24,10 @@ impl ExtendArgs<'_> {
     /// KEYS in the script's order.
     pub(crate) fn keys(&self) -> Vec<String> {
         let mut keys = self.lock_keys.to_vec();
-        keys.extend(self.index.map(str::to_owned));
+        if let Some(index) = self.index {
+            keys.push(index.expiring.clone());
+            keys.push(index.permanent.clone());
+        }
         keys
     }
 

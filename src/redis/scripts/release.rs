@@ -16,7 +16,8 @@ pub(crate) struct Successor<'a> {
     pub(crate) nonce: &'a str,
     /// ARGV[9]: its lease, ms (0: none).
     pub(crate) ttl_ms: u64,
-    /// The owner index to record the lock in (ARGV[10] says whether).
+    /// The part of its owner's index to record the lock in (ARGV[10] says
+    /// whether): the expiring one with a lease, else the permanent one.
     pub(crate) index: Option<&'a str>,
     /// ARGV[12]: more local waiters come after it.
     pub(crate) more: bool,
@@ -27,7 +28,8 @@ pub(crate) struct Successor<'a> {
 pub(crate) struct ReleaseArgs<'a> {
     /// KEYS[1..n]: the lock keys (all in one slot on a cluster).
     pub(crate) lock_keys: &'a [String],
-    /// The releasing owner's index, if it has one (ARGV[6] says whether).
+    /// The permanent part of the releasing owner's index, if it has one
+    /// (ARGV[6] says whether).
     pub(crate) index: Option<&'a str>,
     /// ARGV[2]: the owner (`""`: anonymous locks only).
     pub(crate) owner: &'a str,

@@ -5,14 +5,15 @@ use redis::Value;
 
 use crate::error::LockError;
 use crate::redis::error::unexpected;
+use crate::redis::layout::OwnerIndex;
 
 /// One call of `release_all.lua`.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum ReleaseAllArgs<'a> {
     /// Every lock in one owner's index.
     Owner {
-        /// KEYS[1]: the owner's index.
-        index: &'a str,
+        /// KEYS[1], KEYS[2]: the owner's index.
+        index: &'a OwnerIndex,
         /// ARGV[2]: the owner.
         owner: &'a str,
         /// ARGV[3]: how long a reservation lasts unclaimed, ms.
@@ -35,7 +36,9 @@ impl ReleaseAllArgs<'_> {
     /// KEYS in the script's order.
     pub(crate) fn keys(&self) -> Vec<String> {
         match self {
-            ReleaseAllArgs::Owner { index, .. } => vec![(*index).to_owned()],
+            ReleaseAllArgs::Owner { index, .. } => {
+                vec![index.expiring.clone(), index.permanent.clone()]
+            }
             ReleaseAllArgs::Namespace { .. } => Vec::new(),
         }
     }
