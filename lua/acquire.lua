@@ -55,10 +55,13 @@
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
 local value = owner .. ARGV[3]
-local ttl = tonumber(ARGV[4])
+-- Numbers go to redis.call as the strings they came as: converting a Lua
+-- number back to a string costs a printf per call.
+local ttl = ARGV[4]
+local leased = ttl ~= '0'
 local pid = ARGV[5]
 local entry = ARGV[6]
-local queue_ttl = tonumber(ARGV[7])
+local queue_ttl = ARGV[7]
 local more = ARGV[8] == '1'
 local keep_reentered = ARGV[9] == '1'
 local floor = tonumber(ARGV[10])
@@ -66,7 +69,7 @@ local o, p = KEYS[3 * n + 1], KEYS[3 * n + 2]
 
 -- Writes `v` into lock i with this call's lease.
 local function set_lock(i, v)
-  if ttl > 0 then
+  if leased then
     redis.call('SET', KEYS[i], v, 'PX', ttl)
   else
     redis.call('SET', KEYS[i], v)
@@ -131,7 +134,7 @@ end
 -- Fast path: every lock free.
 local free
 if n == 1 then
-  if ttl > 0 then
+  if leased then
     free = redis.call('SET', KEYS[1], value, 'NX', 'PX', ttl)
   else
     free = redis.call('SET', KEYS[1], value, 'NX')
@@ -143,6 +146,22 @@ else
       set_lock(i, value)
     end
   end
+end
+if free and n == 1 then
+  -- One lock, the common case, without the tables below.
+  if more and after_taking(1) then
+    redis.call('APPEND', KEYS[1], FLAG)
+  end
+  local counted, token = pcall(next_token, KEYS[2], floor)
+  if not counted then
+    redis.call('DEL', KEYS[1])
+    return {2, 2}
+  end
+  if o and not pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token) then
+    redis.call('DEL', KEYS[1])
+    return {2, 4}
+  end
+  return {1, {token}, {0}}
 end
 if free then
   local taken, reentered = {}, {}
@@ -206,7 +225,7 @@ for i = 1, n do
   reentered[i] = 0
   if how[i] == 'reenter' then
     reentered[i] = 1
-    if ttl > 0 and not keep_reentered then
+    if leased and not keep_reentered then
       local core, flagged = unflag(redis.call('GET', lock))
       if permanent(core) then
         -- Taken without expiry, now with a lease: mark it so, and move it
@@ -226,7 +245,7 @@ for i = 1, n do
       end
     end
   elseif how[i] == 'own' then
-    if ttl > 0 then
+    if leased then
       redis.call('PEXPIRE', lock, ttl)
     end
   else

@@ -17,7 +17,7 @@
 
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
-local ttl = tonumber(ARGV[3])
+local ttl = ARGV[3]
 local o, p = KEYS[n + 1], KEYS[n + 2]
 
 local values

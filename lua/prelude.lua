@@ -109,29 +109,30 @@ local function grant_next(lock, queue, prefix, claim_ms, me)
 end
 
 -- Appends entry e to queue q unless it is there (the caller may know it is
--- not: `absent`), and keeps q alive for at least ttl_ms.
+-- not: `absent`), and keeps q alive for at least ttl_ms (a decimal string,
+-- as the scripts get their numbers and pass them on).
 local function enqueue(q, e, ttl_ms, absent)
   if absent or not redis.call('LPOS', q, e) then
     redis.call('RPUSH', q, e)
   end
-  if redis.call('PTTL', q) < ttl_ms then
+  if redis.call('PTTL', q) < tonumber(ttl_ms) then
     redis.call('PEXPIRE', q, ttl_ms)
   end
 end
 
--- Records the locks `keys`, held by `owner` and expiring in ttl ms (0:
--- never), in the owner's index: the permanent part `p`, or the expiring
+-- Records the locks `keys`, held by `owner` and expiring in ttl ms (a
+-- decimal string; "0": never), in the owner's index: the permanent part `p`, or the expiring
 -- part `o`, which is kept alive as long as its longest lock. About one new
 -- entry in 16 (paced by `token`) also drops up to 8 random entries whose
 -- lock is gone, so an owner that goes on taking new keys keeps a small
 -- index.
 local function index_add(o, p, keys, owner, ttl, token)
-  local members = {}
-  for i, key in ipairs(keys) do
-    members[2 * i - 1] = 0
-    members[2 * i] = key
+  local members = {'0', keys[1]}
+  for i = 2, #keys do
+    members[2 * i - 1] = '0'
+    members[2 * i] = keys[i]
   end
-  if ttl == 0 then
+  if ttl == '0' then
     redis.call('ZADD', p, unpack(members))
     return
   end

@@ -35,7 +35,7 @@
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]
 local nonce = ARGV[3]
-local claim_ms = tonumber(ARGV[4])
+local claim_ms = ARGV[4]
 local prefix = ARGV[5]
 local k = 3 * n + 1
 local index = nil
@@ -43,9 +43,9 @@ if ARGV[6] == '1' then
   index = KEYS[k]
   k = k + 1
 end
-local succ_owner, succ_nonce, succ_ttl = ARGV[7], ARGV[8], tonumber(ARGV[9])
+local succ_owner, succ_nonce, succ_ttl = ARGV[7], ARGV[8], ARGV[9]
 local succ_index = ARGV[10] == '1' and KEYS[k] or nil
-local pid, more, queue_ttl = ARGV[11], ARGV[12] == '1', tonumber(ARGV[13])
+local pid, more, queue_ttl = ARGV[11], ARGV[12] == '1', ARGV[13]
 
 -- Hands lock 1 to the successor: returns its token, or 0 when another
 -- process is queued first (the lock is reserved for it then, and the
@@ -73,7 +73,7 @@ local function hand_over(lock, queue)
         enqueue(queue, pid, queue_ttl, true)
       end
       local v = succ_owner .. succ_nonce .. (flagged and FLAG or '')
-      if succ_ttl > 0 then
+      if succ_ttl ~= '0' then
         redis.call('SET', lock, v, 'PX', succ_ttl)
       else
         redis.call('SET', lock, v)
@@ -81,7 +81,7 @@ local function hand_over(lock, queue)
       local token = next_token(KEYS[n + 1], 0)
       if succ_index then
         local new = redis.call('ZADD', succ_index, 0, lock) == 1
-        if succ_ttl > 0 then
+        if succ_ttl ~= '0' then
           if new then
             redis.call('PEXPIRE', succ_index, succ_ttl, 'NX')
           end
@@ -99,25 +99,49 @@ local function hand_over(lock, queue)
   end
 end
 
-local values
-if n == 1 then
-  values = {redis.pcall('GET', KEYS[1])}
-else
-  -- A key of another type reads as nil here: not ours, left alone.
-  values = redis.call('MGET', unpack(KEYS, 1, n))
+-- Whether the (unflagged) value v is the releasing owner's (with a nonce:
+-- that acquisition's).
+local function mine(v)
+  if nonce ~= '' then
+    return v == owner .. nonce
+  end
+  return held_by(v, owner)
 end
+
+if n == 1 then
+  -- One lock, the common case, without the tables below.
+  local lock = KEYS[1]
+  local core, flagged = unflag(redis.pcall('GET', lock))
+  if not mine(core) then
+    return {0, 0}
+  end
+  if flagged and succ_nonce ~= '' then
+    local token = hand_over(lock, KEYS[3])
+    if index and permanent(core) then
+      redis.call('ZREM', index, lock)
+    end
+    return {1, token}
+  end
+  redis.call('DEL', lock)
+  if index and permanent(core) then
+    redis.call('ZREM', index, lock)
+  end
+  if flagged then
+    grant_next(lock, KEYS[3], prefix, claim_ms, '')
+  end
+  return {1, 0}
+end
+
+-- Several locks. A key of another type reads as nil here: not ours, left
+-- alone.
+local values = redis.call('MGET', unpack(KEYS, 1, n))
 local result, gone, permanents, contended = {}, {}, {}, {}
 local succ_token = 0
 for i = 1, n do
   local core, flagged = unflag(values[i])
-  local mine
-  if nonce ~= '' then
-    mine = core == owner .. nonce
-  else
-    mine = held_by(core, owner)
-  end
-  result[i] = mine and 1 or 0
-  if mine then
+  local ours = mine(core)
+  result[i] = ours and 1 or 0
+  if ours then
     if index and permanent(core) then
       permanents[#permanents + 1] = KEYS[i]
     end

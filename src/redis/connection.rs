@@ -21,6 +21,7 @@ use redis::{RedisError, Script, Value};
 use tokio::time::{Instant, timeout};
 
 use super::error::{RawError, breaks_connection, is_auth_error, no_reply};
+use super::scripts;
 use super::topology::{Link, Source};
 use crate::error::LockError;
 
@@ -256,14 +257,7 @@ impl Connections {
         // Boxed: redis-rs's invocation future is several kilobytes, and
         // inline it would make every waiting acquisition that large too.
         Box::pin(self.run(operation, |mut conn| async move {
-            let mut invocation = script.prepare_invoke();
-            for k in keys {
-                invocation.key(k);
-            }
-            for a in args {
-                invocation.arg(a);
-            }
-            invocation.invoke_async::<Value>(&mut conn).await
+            scripts::evalsha(&mut conn, script, keys, args).await
         }))
         .await
     }

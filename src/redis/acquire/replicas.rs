@@ -9,8 +9,8 @@ use crate::error::LockError;
 use crate::redis::RedisProvider;
 use crate::redis::error::not_replicated;
 use crate::redis::keyset::Keyset;
-use crate::redis::scripts::ACQUIRE;
 use crate::redis::scripts::acquire::{AcquireArgs, AcquireReply};
+use crate::redis::scripts::{self, ACQUIRE};
 
 impl RedisProvider {
     /// See the module docs. `argv` is `args` in the script's order.
@@ -26,14 +26,7 @@ impl RedisProvider {
             .inner
             .conns
             .run_exclusive("acquire", limit, |mut conn| async move {
-                let mut invocation = ACQUIRE.prepare_invoke();
-                for k in &keys.keys {
-                    invocation.key(k);
-                }
-                for a in argv {
-                    invocation.arg(a);
-                }
-                let reply = invocation.invoke_async::<Value>(&mut conn).await?;
+                let reply = scripts::evalsha(&mut conn, &ACQUIRE, &keys.keys, argv).await?;
                 if !AcquireReply::is_granted(&reply) {
                     return Ok((reply, None));
                 }

@@ -1,8 +1,8 @@
 //! The Lua scripts, compiled into the binary and hashed once, and one
 //! binding per script.
 //!
-//! Each is invoked with `EVALSHA`; on `NOSCRIPT` (a restarted or flushed
-//! server) redis-rs loads it on the same connection and retries. Their
+//! Each is invoked with `EVALSHA` ([`evalsha`]); on `NOSCRIPT` (a restarted
+//! or flushed server) it is loaded on the same connection and sent again. Their
 //! KEYS/ARGV/return contracts are at the top of each file in `lua/`, and
 //! `tests/scripts.rs` checks each against a real server. The scripts that
 //! hand locks on are prefixed with `lua/prelude.lua`, their shared helpers.
@@ -19,7 +19,8 @@ pub(crate) mod withdraw;
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::aio::ConnectionLike;
+use redis::{ErrorKind, RedisResult, Script, Value};
 
 /// `prelude.lua`, a newline, then the script at `$file` (relative to the
 /// repository's `lua/`).
@@ -59,6 +60,32 @@ pub(crate) static WITHDRAW: LazyLock<Script> =
 /// Every script, to load them up front.
 pub(crate) fn all() -> [&'static Script; 5] {
     [&ACQUIRE, &RELEASE, &EXTEND, &RELEASE_ALL, &WITHDRAW]
+}
+
+/// Runs `script` with `keys` and `args` by its hash, loading it on
+/// `NOSCRIPT` and sending it once more.
+///
+/// The command is built in one buffer: redis-rs's `ScriptInvocation`
+/// copies every key and argument once more on the way, which on the
+/// uncontended path is a good part of the client's work.
+pub(crate) async fn evalsha<C: ConnectionLike>(
+    conn: &mut C,
+    script: &Script,
+    keys: &[String],
+    args: &[String],
+) -> RedisResult<Value> {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
 }
 
 /// `"1"` or `"0"`, the scripts' booleans.
