@@ -23,8 +23,9 @@
 --           Cluster request over several slots: another slot may still
 --           refuse, and the give-back by nonce does not touch re-entered
 --           locks; the caller extends them once every slot said yes)
--- ARGV[10]  floor of the fencing tokens in microseconds, or "0" (a Redlock
---           set passes its clock, so that its masters' tokens agree)
+-- ARGV[10]  floor of the fencing tokens in microseconds, or "0": the
+--           caller's clock rounded down to 100 ms (a Redlock set passes it
+--           exact, so that its masters' tokens agree)
 --
 -- Returns one of:
 --   {1, {token_1..token_n}, {reentered_1..reentered_n}}   all locks taken
@@ -50,7 +51,7 @@
 --
 -- Fencing tokens: every successful call returns, per key, a token strictly
 -- greater than any token this slot's counter handed out before (its INCR; a
--- new counter starts from the server's clock, see next_token).
+-- counter behind ARGV[10], or new, jumps to the clock: see next_token).
 
 local n = tonumber(ARGV[1])
 local owner = ARGV[2]

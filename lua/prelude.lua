@@ -50,10 +50,12 @@ local function permanent(v)
 end
 
 -- Strictly greater than every token counter f gave before: its next value.
--- A new counter (a fresh server, or one restarted without persistence)
--- starts from the server's clock in microseconds, and so does one behind
--- `floor` (a Redlock set's clock; 0 otherwise), so tokens keep growing
--- across a lost counter as long as the clock is not behind.
+-- A counter behind `floor` (the caller's clock in microseconds, coarse, or
+-- exact for a Redlock set) jumps to it, and a new one (a fresh server, one
+-- restarted without persistence) to at least the server's clock, so tokens
+-- keep growing across a lost or stale counter (a promoted replica that
+-- missed increments) as long as the clocks are not behind. Ahead of the
+-- floor, it is a single INCR.
 local function next_token(f, floor)
   local t = redis.call('INCR', f)
   if t == 1 then

@@ -352,9 +352,7 @@ impl Drop for Round<'_> {
 /// acquisition to the next as long as the clients' clocks agree (each
 /// master's own counter only grows with the acquisitions it saw).
 fn clock_floor() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros() as u64)
+    crate::redis::wire::clock_us()
 }
 
 fn drift(lease: Duration) -> Duration {

@@ -282,6 +282,50 @@ async fn fencing_state_does_not_grow_with_distinct_keys() {
     );
 }
 
+/// A counter that fell behind (as on a replica promoted after missing
+/// increments) does not hand out old tokens again: every acquisition floors
+/// it by the client's clock, rounded down to 100 ms.
+#[tokio::test]
+async fn a_stale_fencing_counter_is_floored_by_the_clock() {
+    let p = redis_provider().await;
+    let ns = p.namespace().to_owned();
+    let m = module_with(p);
+    let lease = m.acquire("k", AcquireOptions::new()).await.unwrap();
+    let first = lease.fencing_token();
+    assert!(lease.release().await.unwrap());
+    let mut c = raw_connection(&shared_url()).await;
+    let counters: Vec<String> = c.keys(format!("{ns}*:f")).await.unwrap();
+    assert_eq!(counters.len(), 1);
+    // Set back, as a replica that missed the last increments would have it.
+    let _: () = c.set(&counters[0], 7).await.unwrap();
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    // Tokens of the last 100 ms may repeat (documented); wait until the
+    // first one is older than that, at most a few hundred ms.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while now_us() / 100_000 * 100_000 <= first {
+        assert!(Instant::now() < deadline, "the clock does not move");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before_us = now_us();
+    let lease = m.acquire("k", AcquireOptions::new()).await.unwrap();
+    assert!(
+        lease.fencing_token() >= before_us / 100_000 * 100_000,
+        "{} from a counter at 7",
+        lease.fencing_token()
+    );
+    assert!(
+        lease.fencing_token() > first,
+        "went back: {} after {first}",
+        lease.fencing_token()
+    );
+    assert!(lease.release().await.unwrap());
+}
+
 /// Two namespaces on one Redis cannot see or release each other's locks.
 #[tokio::test]
 async fn namespaces_are_isolated() {

@@ -300,6 +300,40 @@ async fn tokens_never_go_back_when_the_counter_is_ahead_or_lost() {
     );
 }
 
+/// ARGV[10], the caller's clock floor: a counter behind it (stale, as on a
+/// promoted replica that missed increments) jumps to it; one at or above
+/// it is only incremented.
+#[tokio::test]
+async fn a_counter_behind_the_floor_jumps_to_it_and_is_incremented_after() {
+    let (mut c, ns) = setup().await;
+    let counter = format!("{ns}{{T}}:f");
+    let _: () = c.set(&counter, "5").await.unwrap();
+    let take_floored = |key: &'static str, floor: u64| {
+        let mut inv = acquire().prepare_invoke();
+        request_keys(&mut inv, &ns, &[key], "");
+        inv.arg(1).arg("").arg(NONCE).arg(10_000);
+        inv.arg("").arg("").arg(10_000);
+        inv.arg("0").arg("0").arg(floor);
+        inv
+    };
+    let floor = 1_700_000_000_000_000u64;
+    let (t, _) = granted(&take_floored("a", floor).invoke_async(&mut c).await.unwrap());
+    assert_eq!(t, [floor as i64]);
+    let (t, _) = granted(&take_floored("b", floor).invoke_async(&mut c).await.unwrap());
+    assert_eq!(t, [floor as i64 + 1], "at the floor: a plain INCR");
+    let (t, _) = granted(
+        &take_floored("c", floor - 1_000)
+            .invoke_async(&mut c)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        t,
+        [floor as i64 + 2],
+        "a floor behind the counter changes nothing"
+    );
+}
+
 #[tokio::test]
 async fn the_owner_index_lives_exactly_as_long_as_its_longest_lock() {
     let (mut c, ns) = setup().await;

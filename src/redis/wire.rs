@@ -32,6 +32,13 @@ pub(crate) fn nonce(permanent: bool) -> String {
     nonce
 }
 
+/// This host's clock in microseconds since the Unix epoch (0 before it).
+pub(crate) fn clock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Whole milliseconds, rounded up so that a lease is never shorter than asked.
 pub(crate) fn millis_ceil(d: std::time::Duration) -> u64 {
     let ms = d.as_millis() as u64; // <= MAX_DURATION, fits easily

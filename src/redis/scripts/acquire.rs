@@ -5,6 +5,7 @@ use redis::Value;
 use super::flag;
 use crate::error::LockError;
 use crate::redis::error::unexpected;
+use crate::redis::wire::clock_us;
 
 /// `acquire.lua`'s ARGV, by name. Its KEYS are a
 /// [`Keyset`](crate::redis::keyset::Keyset).
@@ -29,8 +30,8 @@ pub(crate) struct AcquireArgs<'a> {
     /// ARGV[9]: leave re-entered leases alone (a cluster request over
     /// several slots; see `cluster/mod.rs`).
     pub(crate) keep_reentered_lease: bool,
-    /// ARGV[10]: a floor for the fencing tokens, µs (a Redlock set's
-    /// clock), or 0.
+    /// ARGV[10] (at least; see [`coarse_floor`]): a floor for the fencing
+    /// tokens, µs (a Redlock set's clock), or 0.
     pub(crate) token_floor: u64,
 }
 
@@ -47,9 +48,23 @@ impl AcquireArgs<'_> {
             self.queue_ttl_ms.to_string(),
             flag(self.more),
             flag(self.keep_reentered_lease),
-            self.token_floor.to_string(),
+            self.token_floor.max(coarse_floor()).to_string(),
         ]
     }
+}
+
+/// How coarse the clock floor of ordinary acquisitions is, µs.
+const FLOOR_STEP_US: u64 = 100_000;
+
+/// This host's clock rounded down to [`FLOOR_STEP_US`]: the floor every
+/// acquisition gives its fencing tokens. A slot's counter that fell behind
+/// (a replica promoted after missing increments, a restart without
+/// persistence) jumps to it, above the tokens it missed unless they were
+/// handed out within the last step or ran ahead of the clock; a counter at
+/// or above it is only incremented, so the floor costs a write to the
+/// counter about once per step per slot, not per acquisition.
+fn coarse_floor() -> u64 {
+    clock_us() / FLOOR_STEP_US * FLOOR_STEP_US
 }
 
 /// A decoded reply of `acquire.lua`.
