@@ -151,7 +151,12 @@ async fn many_local_waiters_share_one_queue_entry_and_keep_their_order() {
             let mut first = true;
             let lease = std::future::poll_fn(|cx| {
                 if std::mem::take(&mut first) {
-                    arrivals.lock().unwrap().push(i);
+                    // Held through the poll: on two worker threads another
+                    // task's first poll could otherwise join the local
+                    // queue between this push and this join.
+                    let mut arrivals = arrivals.lock().unwrap();
+                    arrivals.push(i);
+                    return acquire.as_mut().poll(cx);
                 }
                 acquire.as_mut().poll(cx)
             })

@@ -174,7 +174,7 @@ impl RedisProvider {
     ) -> Result<(), RawError> {
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         let current = Arc::downgrade(&self.inner);
-        tokio::spawn(waiting::subscribe(
+        tokio::spawn(waiting::subscription::subscribe(
             move || {
                 let inner = current.upgrade()?;
                 inner

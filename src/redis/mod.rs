@@ -11,7 +11,7 @@
 //! - `connection.rs`: the shared multiplexed connection; `error.rs`: what
 //!   each Redis failure means.
 //! - `layout.rs`: key names and hash tags; `keyset.rs`: a request's keys;
-//!   `wire.rs`: nonces, milliseconds, redacted URLs.
+//!   `wire.rs`: nonces, the clock, milliseconds, redacted URLs.
 //! - `scripts/`: the Lua scripts of `lua/`, one binding each (ARGV by name,
 //!   the reply decoded).
 //! - `acquire/`: an acquisition and its undo guard (`mod.rs`), the ways of
@@ -19,7 +19,9 @@
 //! - `release.rs`, `extend.rs`, `release_all.rs`: the other operations;
 //!   `nonce.rs`: acquisition-level calls (by nonce) that a Redlock set
 //!   builds on.
-//! - `waiting.rs`: the notification subscription and the local waiters.
+//! - `waiting/`: the registry of local waiters (`mod.rs`), one waiter and a
+//!   withdraw in flight (`waiter.rs`), the notification subscription
+//!   (`subscription.rs`).
 //! - `sentinel.rs` (feature `sentinel`), `cluster/` (feature `cluster`).
 
 mod acquire;

@@ -6,10 +6,12 @@ use redis::aio::MultiplexedConnection;
 
 /// The write, atomic on the store's side.
 ///
+/// ```text
 /// KEYS[1]  the store's hash
 /// ARGV[1]  the record's name
 /// ARGV[2]  the writer's fencing token
 /// ARGV[3]  the value
+/// ```
 /// Returns 1 if written; 0 if a write with a higher token was accepted
 /// before (a stale holder), and nothing is written.
 const FENCED_WRITE: &str = r"

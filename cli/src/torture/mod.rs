@@ -40,6 +40,7 @@ use crate::failure::{EXIT_OK, EXIT_WRONG, Failure};
 
 /// The store's side of a critical section, atomic.
 ///
+/// ```text
 /// KEYS[1]  `rec:<key>`: a hash with `holder` (token), `until` (ms, when that
 ///          holder's first lease ends), `token` (highest accepted), `value`
 /// KEYS[2]  `log:<key>`: a list of accepted write tokens, for the audit
@@ -48,6 +49,7 @@ use crate::failure::{EXIT_OK, EXIT_WRONG, Failure};
 /// ARGV[2]  the caller's fencing token
 /// ARGV[3]  begin: the caller's lease end (ms since the epoch); write: value
 /// ARGV[4]  begin: the caller's process id (so faults can pause a holder)
+/// ```
 /// Returns 1 if done, 0 if refused (a stale token).
 const STORE: &str = r"
 local rec, log, violations = KEYS[1], KEYS[2], KEYS[3]

@@ -187,15 +187,9 @@ impl RedisProvider {
                 return Ok(Acquired::new(vec![token], vec![false], sent_at));
             }
             if attempt_now && waiter.begin_attempt() {
-                let queueing = Queueing {
-                    pid: &waiting.pid,
-                    entry: &waiting.pid,
-                    more: waiting.others_waiting(key, &waiter),
-                    queue_ttl_ms: self.queue_ttl_ms(request),
-                };
-                let sent_at = Instant::now();
-                let reply = self.attempt(request, keys, nonce, Some(&queueing), 0).await;
-                waiter.end_attempt();
+                let (reply, sent_at) = self
+                    .attempt_first(waiting, request, keys, nonce, &waiter)
+                    .await;
                 match reply {
                     Ok(AcquireReply::Acquired { tokens, reentered }) => {
                         guard.acquired();
@@ -248,6 +242,29 @@ impl RedisProvider {
             // the lock.
             attempt_now = waiting.is_first(key, &waiter);
         }
+    }
+
+    /// An attempt of the process's first local waiter for a single key,
+    /// queued as the process's handoff entry if the lock is held; and when
+    /// it was sent (a handoff's token is as fresh as that).
+    async fn attempt_first(
+        &self,
+        waiting: &Waiting,
+        request: &AcquireRequest,
+        keys: &Keyset,
+        nonce: &str,
+        waiter: &Arc<Waiter>,
+    ) -> (Result<AcquireReply, LockError>, Instant) {
+        let queueing = Queueing {
+            pid: &waiting.pid,
+            entry: &waiting.pid,
+            more: waiting.others_waiting(&keys.locks()[0], waiter),
+            queue_ttl_ms: self.queue_ttl_ms(request),
+        };
+        let sent_at = Instant::now();
+        let reply = self.attempt(request, keys, nonce, Some(&queueing), 0).await;
+        waiter.end_attempt();
+        (reply, sent_at)
     }
 
     /// Waiting to be woken: multi-key requests, and every request when

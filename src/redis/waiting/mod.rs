@@ -26,131 +26,17 @@
 //!   subscription is down hears nothing, so the release scripts skip it
 //!   instead of reserving locks for it.
 
+pub(crate) mod subscription;
+mod waiter;
+
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
-use futures_util::StreamExt;
-use tokio::sync::Notify;
-use tokio::time::{Instant, sleep, timeout};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::layout::OwnerIndex;
-
-/// How often the subscription connection is pinged, to notice a silent
-/// (half-open) connection.
-const PING_EVERY: Duration = Duration::from_secs(2);
-
-/// One waiter: an acquire call waiting for its lock(s).
-#[derive(Debug)]
-pub(crate) struct Waiter {
-    pub(crate) owner: String,
-    pub(crate) nonce: String,
-    pub(crate) ttl_ms: u64,
-    pub(crate) index: Option<OwnerIndex>,
-    state: Mutex<State>,
-    notify: Notify,
-}
-
-#[derive(Debug, Default)]
-struct State {
-    /// Asked to make an attempt (a message for its lock, a reconnect, or it
-    /// became the first local waiter after another gave up).
-    woken: bool,
-    /// A local release is handing it the lock right now.
-    handing: bool,
-    /// The lock was handed to it: the token, and when the release was sent.
-    granted: Option<(u64, Instant)>,
-    /// Its acquire call has ended; a grant arriving now must be undone.
-    gone: bool,
-    /// Its own acquire script is in flight: no release may hand it the
-    /// lock meanwhile (it could end up granted twice).
-    attempting: bool,
-    /// A release that was handing it the lock ended without an answer (it
-    /// failed, or its future was dropped): the lock may be held under this
-    /// waiter's nonce. Its next attempt (same nonce) finds out; a call
-    /// that ends without the lock undoes by nonce.
-    unsure: bool,
-}
-
-impl Waiter {
-    pub(crate) fn new(
-        owner: &str,
-        nonce: &str,
-        ttl_ms: u64,
-        index: Option<OwnerIndex>,
-    ) -> Arc<Waiter> {
-        Arc::new(Waiter {
-            owner: owner.to_owned(),
-            nonce: nonce.to_owned(),
-            ttl_ms,
-            index,
-            state: Mutex::default(),
-            notify: Notify::new(),
-        })
-    }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn wake(&self) {
-        self.state().woken = true;
-        self.notify.notify_one();
-    }
-
-    /// Waits until woken, granted, or `until`.
-    pub(crate) async fn sleep_until(&self, until: Instant) {
-        tokio::select! {
-            _ = self.notify.notified() => {}
-            _ = tokio::time::sleep_until(until) => {}
-        }
-    }
-
-    /// Takes the "make an attempt" flag.
-    pub(crate) fn take_woken(&self) -> bool {
-        std::mem::take(&mut self.state().woken)
-    }
-
-    /// The grant, if the lock was handed to this waiter.
-    pub(crate) fn granted(&self) -> Option<(u64, Instant)> {
-        self.state().granted
-    }
-
-    /// Whether a local release is handing this waiter the lock right now.
-    pub(crate) fn is_being_handed(&self) -> bool {
-        self.state().handing
-    }
-
-    /// Whether a handoff to this waiter ended without an answer.
-    #[cfg(test)]
-    pub(crate) fn is_unsure(&self) -> bool {
-        self.state().unsure
-    }
-
-    /// Marks the waiter as possibly holding the lock (it gave up while a
-    /// release was handing it over).
-    pub(crate) fn set_unsure(&self) {
-        self.state().unsure = true;
-    }
-
-    /// Starts an attempt of its own, unless a release is handing it the
-    /// lock or already did. Returns whether it may attempt.
-    pub(crate) fn begin_attempt(&self) -> bool {
-        let mut st = self.state();
-        if st.handing || st.granted.is_some() {
-            return false;
-        }
-        st.attempting = true;
-        true
-    }
-
-    /// Ends an attempt of its own.
-    pub(crate) fn end_attempt(&self) {
-        self.state().attempting = false;
-    }
-}
+pub(crate) use waiter::{Waiter, Withdrawal};
 
 /// The local waiters of one lock.
 #[derive(Debug, Default)]
@@ -196,35 +82,6 @@ impl KeyWaiters {
         let w = Arc::new(Withdrawal::default());
         self.withdrawal = Some((Arc::clone(&w), false));
         Some(w)
-    }
-}
-
-/// A withdraw of this process's entry from one lock's Redis queue, between
-/// the moment its last local waiter left and Redis's answer. Waiters that
-/// join meanwhile wait for it ([`Withdrawal::wait`]) or call it off.
-#[derive(Debug, Default)]
-pub(crate) struct Withdrawal {
-    finished: AtomicBool,
-    done: Notify,
-}
-
-impl Withdrawal {
-    /// Until the withdraw is answered or called off.
-    pub(crate) async fn wait(&self) {
-        loop {
-            let done = self.done.notified();
-            tokio::pin!(done);
-            done.as_mut().enable();
-            if self.finished.load(Ordering::Acquire) {
-                return;
-            }
-            done.await;
-        }
-    }
-
-    fn finish(&self) {
-        self.finished.store(true, Ordering::Release);
-        self.done.notify_waiters();
     }
 }
 
@@ -292,6 +149,11 @@ impl Waiting {
     /// Whether messages can arrive now.
     pub(crate) fn is_subscribed(&self) -> bool {
         self.subscribed.load(Ordering::Acquire)
+    }
+
+    /// Records whether the subscription is up (messages can arrive).
+    fn set_subscribed(&self, up: bool) {
+        self.subscribed.store(up, Ordering::Release);
     }
 
     /// Queues a single-key waiter. Returns whether it is the only one (so
@@ -467,7 +329,7 @@ impl Waiting {
             }
             Handoff::Refused => {}
         }
-        w.notify.notify_one();
+        w.notify();
         abandoned
     }
 
@@ -531,100 +393,6 @@ impl Waiting {
     /// withdraw under way).
     pub(crate) fn tracked(&self) -> usize {
         self.local().len()
-    }
-}
-
-/// Keeps the process subscribed to its channel and dispatches messages,
-/// reconnecting after a failure or when `moved` fires (to `client()`, the
-/// current master), until `waiting.stop` fires or `client()` is `None`. `withdraw` is
-/// called with a lock reserved for this process that nobody here wants.
-pub(crate) async fn subscribe(
-    client: impl Fn() -> Option<redis::Client> + Send + 'static,
-    moved: Arc<Notify>,
-    waiting: Arc<Waiting>,
-    connect_timeout: Duration,
-    ready: tokio::sync::oneshot::Sender<Result<(), redis::RedisError>>,
-    withdraw: impl Fn(String, Arc<Withdrawal>) + Send + 'static,
-) {
-    let mut ready = Some(ready);
-    let mut pause = Duration::from_millis(20);
-    let channel = waiting.channel();
-    loop {
-        // None: the provider is gone.
-        let Some(client) = client() else {
-            return;
-        };
-        let attempt = async {
-            let pubsub = client.get_async_pubsub().await?;
-            let (mut sink, stream) = pubsub.split();
-            sink.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>((sink, stream))
-        };
-        let connected = tokio::select! {
-            r = timeout(connect_timeout, attempt) => r,
-            _ = waiting.stop.cancelled() => return,
-        };
-        let (mut sink, mut stream) = match connected {
-            Ok(Ok(halves)) => halves,
-            failed => {
-                let error = match failed {
-                    Ok(Err(e)) => e,
-                    _ => redis::RedisError::from(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "subscription timed out",
-                    )),
-                };
-                tracing::debug!("lock notification subscription failed: {error}");
-                if let Some(r) = ready.take() {
-                    let _ = r.send(Err(error));
-                    return;
-                }
-                tokio::select! {
-                    _ = sleep(pause) => {}
-                    _ = waiting.stop.cancelled() => return,
-                }
-                pause = (pause * 2).min(Duration::from_secs(1));
-                continue;
-            }
-        };
-        pause = Duration::from_millis(20);
-        waiting.subscribed.store(true, Ordering::Release);
-        if let Some(r) = ready.take() {
-            let _ = r.send(Ok(()));
-        }
-        // Messages sent while we were away are lost: everyone tries again.
-        waiting.wake_all();
-        let mut ping = tokio::time::interval(PING_EVERY);
-        ping.tick().await;
-        loop {
-            tokio::select! {
-                message = stream.next() => match message {
-                    Some(m) => {
-                        if let Ok(text) = std::str::from_utf8(m.get_payload_bytes())
-                            && let Some((key, ticket)) = waiting.dispatch(text) {
-                                withdraw(key, ticket);
-                            }
-                    }
-                    None => break,
-                },
-                _ = ping.tick() => {
-                    // A subscribed connection answers PING with an array ("pong",
-                    // ""), not a status: accept any reply.
-                    if !matches!(timeout(connect_timeout, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
-                        break;
-                    }
-                }
-                _ = waiting.stop.cancelled() => {
-                    waiting.subscribed.store(false, Ordering::Release);
-                    return;
-                }
-                // The master moved: subscribe on the new one.
-                _ = moved.notified() => break,
-            }
-        }
-        waiting.subscribed.store(false, Ordering::Release);
-        tracing::debug!("lock notification subscription lost; reconnecting");
-        waiting.wake_all();
     }
 }
 
@@ -701,7 +469,7 @@ mod tests {
             .expect("a sent withdraw to wait for");
         assert!(Arc::ptr_eq(&wait_for, &second));
         w.end_withdraw("k", &second);
-        assert!(wait_for.finished.load(Ordering::Acquire));
+        assert!(wait_for.is_finished());
         // A multi-key waiter's withdraw leaves a reservation to the
         // single-key waiters while there are some.
         let m = waiter("m");
