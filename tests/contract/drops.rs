@@ -176,23 +176,47 @@ pub async fn drop_acquire_of_a_free_key(f: &Fixture) {
 /// process) that lets go soon, and two waiters behind it (one local, one
 /// in the other process): they get the lock before their deadlines, in
 /// order where the provider is fair, and nothing is left behind.
+///
+/// Order means the order in which their processes queued in Redis. It is
+/// checked when it is known: the local waiter joined while the dropped one
+/// still waited (so the process's queue entry was kept for it, never
+/// withdrawn and queued again), that entry was in Redis before the remote
+/// waiter started, and the dropped one was gone before the holder let go
+/// (so it never had the lock: a process that got its turn goes behind the
+/// others, round robin). Otherwise the two race to queue, legitimately.
 pub async fn drop_acquire_while_waiting(f: &Fixture) {
     let base = &baseline(f).await;
+    let ordered = std::sync::atomic::AtomicUsize::new(0);
+    let ordered = &ordered;
     every_poll("acquire, waiting", |k| async move {
         let key = format!("wait-{k}");
         let lease = f.peer.acquire(key.as_str(), owner("holder")).await.unwrap();
-        let release = release_later(Duration::from_millis(30), async move {
-            lease.release().await.unwrap();
+        let letting_go = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let release = release_later(Duration::from_millis(30), {
+            let letting_go = Arc::clone(&letting_go);
+            async move {
+                letting_go.store(true, std::sync::atomic::Ordering::SeqCst);
+                lease.release().await.unwrap();
+            }
         });
         let acquire = f
             .module
             .acquire(key.as_str(), owner("victim").timeout(WAIT));
         let before = (f.residue.local)();
-        let (done, (local, remote)) = tokio::join!(poll_then_drop(acquire, k), async {
+        let victim_gone = std::sync::atomic::AtomicBool::new(false);
+        let victim = async {
+            let done = poll_then_drop(acquire, k).await;
+            let never_held = !letting_go.load(std::sync::atomic::Ordering::SeqCst);
+            victim_gone.store(true, std::sync::atomic::Ordering::SeqCst);
+            (done, never_held)
+        };
+        let ((done, never_held), (local, remote, in_order)) = tokio::join!(victim, async {
             queued(f, before).await;
-            let local = waiter(&f.module, &key, "local");
-            queued(f, before).await;
-            (local, waiter(&f.peer, &key, "remote"))
+            let (local, joined) = joining_waiter(&f.module, &key, "local");
+            let _ = joined.await;
+            let kept = !victim_gone.load(std::sync::atomic::Ordering::SeqCst);
+            let first = kept && queue_appears(f, &key, &release).await;
+            (local, waiter(&f.peer, &key, "remote"), first)
         });
         let completed = done.is_some();
         if let Some(lease) = done {
@@ -200,7 +224,8 @@ pub async fn drop_acquire_while_waiting(f: &Fixture) {
         }
         release.await.unwrap();
         let (local, remote) = (local.await.unwrap(), remote.await.unwrap());
-        if f.fifo {
+        if f.fifo && in_order && never_held {
+            ordered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             assert!(
                 local <= remote,
                 "dropped at {k}: the later waiter was served first"
@@ -217,6 +242,65 @@ pub async fn drop_acquire_while_waiting(f: &Fixture) {
         completed
     })
     .await;
+    if f.fifo {
+        let ordered = ordered.load(std::sync::atomic::Ordering::SeqCst);
+        eprintln!("acquire, waiting: the order checked after {ordered} of the drops");
+        assert!(
+            ordered > 0,
+            "the order was never known: the check is vacuous"
+        );
+    }
+}
+
+/// A waiter like [`waiter`] that also says when it joined (its acquire's
+/// first poll is over: it is in the local queue).
+fn joining_waiter(
+    m: &LockingModule,
+    key: &str,
+    who: &str,
+) -> (JoinHandle<Instant>, tokio::sync::oneshot::Receiver<()>) {
+    let (m, key, who) = (m.clone(), key.to_owned(), who.to_owned());
+    let (joined, joined_rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut acquire = std::pin::pin!(m.acquire(key.as_str(), owner(&who).timeout(WAIT)));
+        let mut joined = Some(joined);
+        let lease = std::future::poll_fn(|cx| {
+            let polled = acquire.as_mut().poll(cx);
+            if let Some(j) = joined.take() {
+                let _ = j.send(());
+            }
+            polled
+        })
+        .await
+        .unwrap_or_else(|e| panic!("waiter {who} on {key}: {e}"));
+        let at = Instant::now();
+        lease.release().await.expect("the waiter's release");
+        at
+    });
+    (task, joined_rx)
+}
+
+/// Waits until the wait queue of `key` is in the backend (a process is
+/// queued for it), while the holder has not let go (`release` still
+/// running). Whether it appeared; false at once for a backend without
+/// such queues.
+async fn queue_appears(f: &Fixture, key: &str, release: &JoinHandle<()>) -> bool {
+    let queue = format!("{{{key}}}:q");
+    let end = Instant::now() + WAIT;
+    while Instant::now() < end && !release.is_finished() {
+        if (f.residue.stored)()
+            .await
+            .iter()
+            .any(|k| k.ends_with(&queue))
+        {
+            return !release.is_finished();
+        }
+        if !f.fifo {
+            return false;
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    false
 }
 
 /// `release` dropped at every poll while two waiters (local and remote)
