@@ -191,10 +191,16 @@ pub async fn drop_acquire_while_waiting(f: &Fixture) {
     every_poll("acquire, waiting", |k| async move {
         let key = format!("wait-{k}");
         let lease = f.peer.acquire(key.as_str(), owner("holder")).await.unwrap();
+        // The holder lets go once both waiters are on their way (or at
+        // the latest after a second): on a loaded machine a fixed hold
+        // could end before they queue, and the order would never be known.
         let letting_go = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let release = release_later(Duration::from_millis(30), {
-            let letting_go = Arc::clone(&letting_go);
+        let both_started = Arc::new(tokio::sync::Notify::new());
+        let release = release_later(Duration::ZERO, {
+            let (letting_go, both_started) = (Arc::clone(&letting_go), Arc::clone(&both_started));
             async move {
+                let _ = timeout(Duration::from_secs(1), both_started.notified()).await;
+                sleep(Duration::from_millis(10)).await;
                 letting_go.store(true, std::sync::atomic::Ordering::SeqCst);
                 lease.release().await.unwrap();
             }
@@ -216,7 +222,9 @@ pub async fn drop_acquire_while_waiting(f: &Fixture) {
             let _ = joined.await;
             let kept = !victim_gone.load(std::sync::atomic::Ordering::SeqCst);
             let first = kept && queue_appears(f, &key, &release).await;
-            (local, waiter(&f.peer, &key, "remote"), first)
+            let remote = waiter(&f.peer, &key, "remote");
+            both_started.notify_one();
+            (local, remote, first)
         });
         let completed = done.is_some();
         if let Some(lease) = done {
