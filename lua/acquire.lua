@@ -132,6 +132,20 @@ local function index_taken(reentered, tokens)
   return false
 end
 
+-- The reply of a call that took the locks `taken` and re-entered those
+-- marked in `reentered`: their tokens, after indexing the taken ones; a
+-- counter or an index of another type gives the taken locks back.
+local function granted(taken, reentered)
+  local tokens, foreign = tokens_of(taken)
+  if not tokens then
+    return {2, foreign}
+  end
+  if not index_taken(reentered, tokens) then
+    return {2, 3 * n + 1}
+  end
+  return {1, tokens, reentered}
+end
+
 -- Fast path: every lock free.
 local free
 if n == 1 then
@@ -172,14 +186,7 @@ if free then
       redis.call('APPEND', KEYS[i], FLAG)
     end
   end
-  local tokens, foreign = tokens_of(taken)
-  if not tokens then
-    return {2, foreign}
-  end
-  if not index_taken(reentered, tokens) then
-    return {2, 3 * n + 1}
-  end
-  return {1, tokens, reentered}
+  return granted(taken, reentered)
 end
 
 -- Slow path. Phase 1: check everything. Redis does not roll a script back
@@ -220,7 +227,7 @@ for i = 1, n do
 end
 
 -- Phase 2: take the locks.
-local taken, reentered = {}, {}
+local taken, reentered, renewed = {}, {}, false
 for i = 1, n do
   local lock = KEYS[i]
   reentered[i] = 0
@@ -228,22 +235,8 @@ for i = 1, n do
     reentered[i] = 1
     if leased and not keep_reentered then
       local core, flagged = unflag(redis.call('GET', lock))
-      if permanent(core) then
-        -- Taken without expiry, now with a lease: mark it so, and move it
-        -- to the expiring part of the index.
-        local nonce_at = #core - NONCE_LEN + 1
-        core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
-        redis.call('SET', lock, core .. (flagged and FLAG or ''), 'PX', ttl)
-        if o then
-          redis.call('ZREM', p, lock)
-          index_add(o, p, {lock}, owner, ttl, 1)
-        end
-      else
-        redis.call('PEXPIRE', lock, ttl)
-        if o then
-          redis.call('PEXPIRE', o, ttl, 'GT')
-        end
-      end
+      set_lease(lock, core, flagged, o, p, owner, ttl)
+      renewed = true
     end
   elseif how[i] == 'own' then
     if leased then
@@ -255,11 +248,8 @@ for i = 1, n do
     set_lock(i, flag and value .. FLAG or value)
   end
 end
-local tokens, foreign = tokens_of(taken)
-if not tokens then
-  return {2, foreign}
+if renewed and o then
+  -- The index lives as long as its longest lock.
+  redis.call('PEXPIRE', o, ttl, 'GT')
 end
-if not index_taken(reentered, tokens) then
-  return {2, 3 * n + 1}
-end
-return {1, tokens, reentered}
+return granted(taken, reentered)

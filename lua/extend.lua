@@ -34,18 +34,7 @@ end
 for i = 1, n do
   local lock = KEYS[i]
   local core, flagged = unflag(values[i])
-  if permanent(core) then
-    -- Mark it as a lock with a lease (the nonce's first byte, see
-    -- prelude.lua), and move its index entry.
-    local nonce_at = #core - NONCE_LEN + 1
-    core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
-    redis.call('SET', lock, core .. (flagged and FLAG or ''), 'PX', ttl)
-    if o and redis.call('ZREM', p, lock) == 1 then
-      index_add(o, p, {lock}, owner, ttl, 1)
-    end
-  else
-    redis.call('PEXPIRE', lock, ttl)
-  end
+  set_lease(lock, core, flagged, o, p, owner, ttl)
 end
 if o then
   -- The index lives as long as its longest lock (a no-op without one).

@@ -152,3 +152,23 @@ local function index_add(o, p, keys, owner, ttl, token)
   end
   redis.call('PEXPIRE', o, ttl, 'GT')
 end
+
+-- Gives `lock`, held by `owner` (its value `core` without the contended
+-- flag, and whether it had one), a lease of ttl ms. A lock taken without
+-- expiry is rewritten as one with a lease (the nonce's first byte, see
+-- above), and its entry, if it has one, moves from the permanent part `p`
+-- of the owner's index to the expiring part `o` (pass nil for `o` when the
+-- owner is not indexed). The caller keeps `o` alive as long as its longest
+-- lock.
+local function set_lease(lock, core, flagged, o, p, owner, ttl)
+  if not permanent(core) then
+    redis.call('PEXPIRE', lock, ttl)
+    return
+  end
+  local nonce_at = #core - NONCE_LEN + 1
+  core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
+  redis.call('SET', lock, core .. (flagged and FLAG or ''), 'PX', ttl)
+  if o and redis.call('ZREM', p, lock) == 1 then
+    index_add(o, p, {lock}, owner, ttl, 1)
+  end
+end

@@ -80,13 +80,8 @@ local function hand_over(lock, queue)
       end
       local token = next_token(KEYS[n + 1], 0)
       if succ_index then
-        local new = redis.call('ZADD', succ_index, 0, lock) == 1
-        if succ_ttl ~= '0' then
-          if new then
-            redis.call('PEXPIRE', succ_index, succ_ttl, 'NX')
-          end
-          redis.call('PEXPIRE', succ_index, succ_ttl, 'GT')
-        end
+        -- The caller passed the part of the index that fits the lease.
+        index_add(succ_index, succ_index, {lock}, succ_owner, succ_ttl, token)
       end
       return token
     else

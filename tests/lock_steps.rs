@@ -425,6 +425,17 @@ async fn empty_keys_are_a_no_op(h: Harness) {
     assert!(wf.run(&h.container(), ()).await.unwrap().output);
 }
 
+/// Waits until the Redis queue of lock `k` in namespace `ns` has `n`
+/// processes.
+async fn queue_holds(ns: &str, n: usize) {
+    let queue = format!("{ns}{{k}}:q");
+    support::eventually(Duration::from_secs(5), "the callers queued", || async {
+        let mut c = support::raw_connection(&support::shared_url()).await;
+        c.llen::<_, usize>(&queue).await.unwrap() == n
+    })
+    .await;
+}
+
 /// Finding 4 (the step): a waiting acquire step keeps its place in line for
 /// its whole timeout. It used to start a new wait every `retry_interval`
 /// (0.3 s), going to the back of the Redis queue each time, so a caller
@@ -457,7 +468,10 @@ async fn a_waiting_step_keeps_its_place_in_line() {
             .await
             .map(|done| done.output)
     });
-    sleep(Duration::from_millis(500)).await;
+    // Queued, then waiting past a retry interval (where it used to go to
+    // the back of the line) before the later caller comes.
+    queue_holds(&ns, 1).await;
+    sleep(Duration::from_millis(400)).await;
     let later_done = tokio::spawn(async move {
         let lease = p3
             .acquire(
@@ -470,7 +484,9 @@ async fn a_waiting_step_keeps_its_place_in_line() {
         let at = Instant::now();
         lease.release().await.map(|_| at)
     });
-    sleep(Duration::from_millis(500)).await;
+    // Both queued, and the step past another retry interval.
+    queue_holds(&ns, 2).await;
+    sleep(Duration::from_millis(400)).await;
     assert!(
         p1.release("k", lockstep::ReleaseOptions::new().owner_id("holder"))
             .await

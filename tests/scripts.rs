@@ -142,6 +142,13 @@ async fn take_q(
     inv.invoke_async(c).await.expect("acquire.lua runs")
 }
 
+/// Ends the lease of lock `key` now, as if it had run out (an expiry in
+/// the past deletes the key at once): no sleeping until it lapses.
+async fn lapse(c: &mut MultiplexedConnection, ns: &str, key: &str) {
+    let gone: bool = c.pexpire_at(format!("{ns}{{{key}}}"), 1).await.unwrap();
+    assert!(gone, "{key} was not held");
+}
+
 /// The remaining lease of lock `key`, in ms (-1: none, -2: not held).
 async fn lease_ms(c: &mut MultiplexedConnection, ns: &str, key: &str) -> i64 {
     c.pttl(format!("{ns}{{{key}}}")).await.unwrap()
@@ -364,9 +371,10 @@ async fn acquire_trims_index_entries_of_expired_locks() {
     let index = format!("{ns}{{u1}}:o");
     granted(&take(&mut c, &ns, &["long"], "u1", NONCE, 60_000).await);
     for i in 0..64 {
-        granted(&take(&mut c, &ns, &[&format!("short{i}")], "u1", NONCE, 20).await);
+        let key = format!("short{i}");
+        granted(&take(&mut c, &ns, &[&key], "u1", NONCE, 60_000).await);
+        lapse(&mut c, &ns, &key).await;
     }
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     for i in 0..64 {
         granted(&take(&mut c, &ns, &[&format!("next{i}")], "u1", NONCE, 60_000).await);
     }
@@ -831,14 +839,14 @@ async fn a_release_reserves_the_lock_for_the_first_listening_process() {
 async fn a_lapsed_lock_goes_to_whoever_asks_first_and_its_release_serves_the_queue() {
     let (mut c, ns) = setup().await;
     let mut p1 = Listener::new(&ns, "p1").await;
-    granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 30).await);
+    granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 30_000).await);
     ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await);
     assert_eq!(
         value_of(&mut c, &ns, "k").await,
         Some(format!("holder{NONCE}\u{1}")),
         "flagged: someone waits"
     );
-    tokio::time::sleep(std::time::Duration::from_millis(60)).await;
+    lapse(&mut c, &ns, "k").await;
     granted(&take_q(&mut c, &ns, &["k"], "new", NONCE, 0, queued("p2")).await);
     assert_eq!(
         queue_of(&mut c, &ns, "k").await,

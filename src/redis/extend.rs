@@ -41,12 +41,20 @@ impl RedisProvider {
         let index = owner
             .filter(|_| indexed)
             .map(|o| self.inner.layout.owner_index(o));
-        let args = ExtendArgs {
+        self.extend_script(&ExtendArgs {
             lock_keys,
             index: index.as_ref(),
             owner: owner.unwrap_or(""),
             ttl_ms,
-        };
+        })
+        .await
+    }
+
+    /// One run of `extend.lua` (all keys in one slot on a cluster).
+    pub(super) async fn extend_script(
+        &self,
+        args: &ExtendArgs<'_>,
+    ) -> Result<Option<usize>, LockError> {
         let reply = self
             .inner
             .conns

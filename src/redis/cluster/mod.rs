@@ -43,7 +43,7 @@ use super::layout::Layout;
 use super::scripts::acquire::{AcquireArgs, AcquireReply};
 use super::scripts::extend::ExtendArgs;
 use super::scripts::release::ReleaseArgs;
-use super::scripts::{self, ACQUIRE, EXTEND};
+use super::scripts::{self, ACQUIRE};
 use crate::error::LockError;
 use crate::provider::Wait;
 use shards::{Joined, Shards};
@@ -380,18 +380,13 @@ impl RedisProvider {
                 .filter(|_| indexed)
                 .map(|o| slots::owner_index_in(layout, o, *slot));
             async move {
-                let args = ExtendArgs {
+                self.extend_script(&ExtendArgs {
                     lock_keys: &keys,
                     index: index.as_ref(),
                     owner: owner.unwrap_or(""),
                     ttl_ms,
-                };
-                let reply = self
-                    .inner
-                    .conns
-                    .eval("extend", &EXTEND, &args.keys(), &args.argv())
-                    .await?;
-                args.decode(reply)
+                })
+                .await
             }
         });
         let mut lost = None;

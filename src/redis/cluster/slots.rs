@@ -10,7 +10,8 @@ pub(crate) fn owner_index_in(layout: &Layout, owner: &str, slot: u16) -> OwnerIn
     let tag = &slot_tags()[slot as usize];
     OwnerIndex {
         expiring: format!("{before}{tag}{after}"),
-        permanent: format!("{before}{tag}}}:p:{}", escape(owner)),
+        // `after` starts with `}:o:`: the permanent part's has `}:p:`.
+        permanent: format!("{before}{tag}{}", after.replacen("}:o:", "}:p:", 1)),
     }
 }
 
