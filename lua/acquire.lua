@@ -26,6 +26,8 @@
 -- ARGV[10]  floor of the fencing tokens in microseconds, or "0": the
 --           caller's clock rounded down to 100 ms (a Redlock set passes it
 --           exact, so that its masters' tokens agree)
+-- ARGV[11]  the holder's metadata for inspection, or "" (at most 255 bytes,
+--           no control characters: the caller checks)
 --
 -- Returns one of:
 --   {1, {token_1..token_n}, {reentered_1..reentered_n}}   all locks taken
@@ -36,15 +38,19 @@
 --   {2, i}         KEYS[i] (or, for i > n, another key of the request) holds a
 --                  value of another type. Nothing was written.
 --
--- The fast path, every lock free, is one SET NX per lock (EXISTS first for
--- several), one INCR per lock, and for a named owner its index. A free lock
+-- The fast path, every lock free, is one TIME, one INCR and one SET NX per
+-- lock (EXISTS first for several), and for a named owner its index. The
+-- token comes first, so that the lock is written once, with its tail (see
+-- prelude.lua); a single lock found held has used up a counter value, which
+-- costs nothing (tokens only need to grow). A free lock
 -- is taken even if processes are still queued for it (its holder's lease ran
 -- out, or a reservation lapsed): those waiters wake at that moment anyway
 -- and queue again.
 --
 -- Re-entry: a lock already held by the same named owner is kept with its
--- original nonce; its lease is reset only when ARGV[4] > 0, otherwise the
--- current lease (or none) stays. Anonymous locks are never re-entrant.
+-- original nonce, acquisition time and metadata, and records its new token;
+-- its lease is reset only when ARGV[4] > 0, otherwise the current lease (or
+-- none) stays. Anonymous locks are never re-entrant.
 -- A lock reserved for the caller's process counts as free for it (claim),
 -- and so does one holding this very acquisition's value (a retry after a
 -- lost reply).
@@ -66,6 +72,7 @@ local queue_ttl = ARGV[7]
 local more = ARGV[8] == '1'
 local keep_reentered = ARGV[9] == '1'
 local floor = tonumber(ARGV[10])
+local meta = ARGV[11] or ''
 local o, p = KEYS[3 * n + 1], KEYS[3 * n + 2]
 
 -- Writes `v` into lock i with this call's lease.
@@ -94,18 +101,20 @@ local function after_taking(i)
   return redis.call('LLEN', queue) > 0
 end
 
--- The tokens of the taken locks, or nil and the index of a counter of
--- another type (the locks are given back then).
-local function tokens_of(taken)
+-- The token of KEYS[1], when the fast path drew it.
+local first_token
+
+-- A token per lock, or nil and the index of a counter of another type.
+-- Drawn before any lock is written, so a foreign counter leaves nothing to
+-- give back.
+local function tokens_of()
+  if first_token then
+    return {first_token}
+  end
   local tokens = {}
   for i = 1, n do
     local ok, t = pcall(next_token, KEYS[n + i], floor)
     if not ok then
-      for j = 1, n do
-        if taken[j] then
-          redis.call('DEL', KEYS[j])
-        end
-      end
       return nil, n + i
     end
     tokens[i] = t
@@ -114,10 +123,10 @@ local function tokens_of(taken)
 end
 
 -- Indexes the locks this call took (not re-entered ones); a foreign index
--- gives everything back.
-local function index_taken(reentered, tokens)
+-- gives them back. Returns the reply.
+local function indexed(reentered, tokens)
   if not o then
-    return true
+    return {1, tokens, reentered}
   end
   local keys = {}
   for i = 1, n do
@@ -126,80 +135,63 @@ local function index_taken(reentered, tokens)
     end
   end
   if #keys == 0 or pcall(index_add, o, p, keys, owner, ttl, tokens[1]) then
-    return true
+    return {1, tokens, reentered}
   end
   redis.call('DEL', unpack(keys))
-  return false
-end
-
--- The reply of a call that took the locks `taken` and re-entered those
--- marked in `reentered`: their tokens, after indexing the taken ones; a
--- counter or an index of another type gives the taken locks back.
-local function granted(taken, reentered)
-  local tokens, foreign = tokens_of(taken)
-  if not tokens then
-    return {2, foreign}
-  end
-  if not index_taken(reentered, tokens) then
-    return {2, 3 * n + 1}
-  end
-  return {1, tokens, reentered}
+  return {2, 3 * n + 1}
 end
 
 -- Fast path: every lock free.
-local free
 if n == 1 then
-  if leased then
-    free = redis.call('SET', KEYS[1], value, 'NX', 'PX', ttl)
-  else
-    free = redis.call('SET', KEYS[1], value, 'NX')
-  end
-else
-  free = redis.call('EXISTS', unpack(KEYS, 1, n)) == 0
-  if free then
-    for i = 1, n do
-      set_lock(i, value)
-    end
-  end
-end
-if free and n == 1 then
   -- One lock, the common case, without the tables below.
-  if more and after_taking(1) then
-    redis.call('APPEND', KEYS[1], FLAG)
-  end
   local counted, token = pcall(next_token, KEYS[2], floor)
   if not counted then
-    redis.call('DEL', KEYS[1])
     return {2, 2}
   end
-  if o and not pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token) then
-    redis.call('DEL', KEYS[1])
-    return {2, 4}
+  first_token = token
+  local v = value .. tail_of(token, meta)
+  local free
+  if leased then
+    free = redis.call('SET', KEYS[1], v, 'NX', 'PX', ttl)
+  else
+    free = redis.call('SET', KEYS[1], v, 'NX')
   end
-  return {1, {token}, {0}}
-end
-if free then
-  local taken, reentered = {}, {}
-  for i = 1, n do
-    taken[i], reentered[i] = true, 0
-    if more and after_taking(i) then
-      redis.call('APPEND', KEYS[i], FLAG)
+  if free then
+    if more and after_taking(1) then
+      redis.call('APPEND', KEYS[1], FLAG)
     end
+    if o and not pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token) then
+      redis.call('DEL', KEYS[1])
+      return {2, 4}
+    end
+    return {1, {token}, {0}}
   end
-  return granted(taken, reentered)
+elseif redis.call('EXISTS', unpack(KEYS, 1, n)) == 0 then
+  local tokens, foreign = tokens_of()
+  if not tokens then
+    return {2, foreign}
+  end
+  local reentered = {}
+  for i = 1, n do
+    reentered[i] = 0
+    local flag = more and after_taking(i)
+    set_lock(i, value .. tail_of(tokens[i], meta) .. (flag and FLAG or ''))
+  end
+  return indexed(reentered, tokens)
 end
 
 -- Slow path. Phase 1: check everything. Redis does not roll a script back
 -- on a runtime error, so the locks are written only once every check has
 -- passed; before that only queues and contention flags change, which are
 -- valid either way.
-local how = {}
+local how, values = {}, {}
 for i = 1, n do
   local lock = KEYS[i]
   local v = redis.pcall('GET', lock)
   if type(v) == 'table' and v.err then
     return {2, i}
   end
+  values[i] = v
   local core, flagged = unflag(v)
   if not v then
     how[i] = 'free'
@@ -226,30 +218,37 @@ for i = 1, n do
   end
 end
 
--- Phase 2: take the locks.
-local taken, reentered, renewed = {}, {}, false
+-- Phase 2: take the locks, tokens first.
+local tokens, foreign = tokens_of()
+if not tokens then
+  return {2, foreign}
+end
+local reentered, renewed = {}, false
 for i = 1, n do
   local lock = KEYS[i]
   reentered[i] = 0
-  if how[i] == 'reenter' then
-    reentered[i] = 1
-    if leased and not keep_reentered then
-      local core, flagged = unflag(redis.call('GET', lock))
-      set_lease(lock, core, flagged, o, p, owner, ttl)
-      renewed = true
-    end
-  elseif how[i] == 'own' then
-    if leased then
-      redis.call('PEXPIRE', lock, ttl)
+  if how[i] == 'reenter' or how[i] == 'own' then
+    -- Ours already: the same value with the new token in its tail.
+    reentered[i] = how[i] == 'reenter' and 1 or 0
+    local core, flagged, tail = unflag(values[i])
+    tail = tail == '' and tail_of(tokens[i], meta) or retoken(tail, tokens[i])
+    if leased and not (keep_reentered and how[i] == 'reenter') then
+      if permanent(core) and how[i] == 'reenter' then
+        set_lease(lock, core, flagged, tail, o, p, owner, ttl)
+      else
+        redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
+      end
+      renewed = renewed or how[i] == 'reenter'
+    else
+      redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'KEEPTTL')
     end
   else
-    taken[i] = true
     local flag = pid ~= '' and after_taking(i)
-    set_lock(i, flag and value .. FLAG or value)
+    set_lock(i, value .. tail_of(tokens[i], meta) .. (flag and FLAG or ''))
   end
 end
 if renewed and o then
   -- The index lives as long as its longest lock.
   redis.call('PEXPIRE', o, ttl, 'GT')
 end
-return granted(taken, reentered)
+return indexed(reentered, tokens)

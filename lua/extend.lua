@@ -33,8 +33,8 @@ for i = 1, n do
 end
 for i = 1, n do
   local lock = KEYS[i]
-  local core, flagged = unflag(values[i])
-  set_lease(lock, core, flagged, o, p, owner, ttl)
+  local core, flagged, tail = unflag(values[i])
+  set_lease(lock, core, flagged, tail, o, p, owner, ttl)
 end
 if o then
   -- The index lives as long as its longest lock (a no-op without one).

@@ -2,14 +2,22 @@
 -- every other script before loading it (the Rust side builds each script as
 -- prelude .. script), so it defines functions only and touches no key.
 --
--- Values: a lock holds <owner><12-byte nonce>; an anonymous lock holds the
--- nonce alone. A nonce that starts with '.' marks a lock taken without
--- expiry (it is indexed apart; see below). A lock some process waits for
--- carries the *contended* flag, one trailing "\1" byte (owner ids never end
--- a value: the nonce does, so the flag is unambiguous): only then does a
+-- Values: a lock holds <owner><12-byte nonce><tail>; an anonymous lock
+-- holds the nonce and the tail. <owner><nonce> is the *core*: who holds the
+-- lock, and which acquisition took it. A nonce that starts with '.' marks a
+-- lock taken without expiry (it is indexed apart; see below). The tail says
+-- what `inspect` reports: <metadata><token><acquired><m>'^', where
+-- <metadata> is the holder's optional description (0 to 255 bytes, no
+-- control characters), <token> the fencing token handed out with the lock
+-- (8 bytes, big-endian), <acquired> the server's clock when it was taken
+-- (milliseconds since the epoch, 6 bytes), <m> the metadata's length (one
+-- byte) and '^' a fixed last byte: 16 bytes and the metadata, read from the
+-- end, so that no owner id can be mistaken for them. A lock some process
+-- waits for carries the *contended* flag, one trailing "\1" byte after the
+-- tail (which ends in '^', so the flag is unambiguous): only then does a
 -- release look at the queue. A lock *reserved* for a waiting process holds
--- "\0" .. <pid> (owner ids never contain NUL, so a reservation never looks
--- owned).
+-- "\0" .. <pid> and no tail (owner ids never contain NUL, so a reservation
+-- never looks owned).
 --
 -- Queues: <lock key>:q is a list of the processes waiting for that lock, at
 -- most one entry per process and kind: "<pid>" waits for a handoff (a
@@ -30,13 +38,51 @@
 
 local NONCE_LEN = 12
 local FLAG = '\1'
+local TAIL_LEN = 16
+local TAIL_END = 94 -- '^'
 
--- The value v without its contended flag, and whether it had one.
+-- The value v split into its core (nil for no value, v itself for a value
+-- without a tail: a reservation, or a key of another writer), whether it
+-- had the contended flag, and its tail ('' if none).
 local function unflag(v)
-  if type(v) == 'string' and string.byte(v, -1) == 1 then
-    return string.sub(v, 1, -2), true
+  if type(v) ~= 'string' then
+    return v, false, ''
   end
-  return v, false
+  local flagged = string.byte(v, -1) == 1
+  local len = flagged and #v - 1 or #v
+  if len < TAIL_LEN or string.byte(v, len) ~= TAIL_END then
+    return (flagged and string.sub(v, 1, -2) or v), flagged, ''
+  end
+  local core_len = len - TAIL_LEN - string.byte(v, len - 1)
+  if core_len < NONCE_LEN then
+    return (flagged and string.sub(v, 1, -2) or v), flagged, ''
+  end
+  return string.sub(v, 1, core_len), flagged, string.sub(v, core_len + 1, len)
+end
+
+-- The server's clock in milliseconds, read once per script call.
+local clock_ms
+local function now_ms()
+  if not clock_ms then
+    local now = redis.call('TIME')
+    clock_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+  end
+  return clock_ms
+end
+
+-- The tail of a lock taken now with fencing token `token` by a holder
+-- described by `meta` ('' for none; the caller checked it: at most 255
+-- bytes, no control characters).
+local function tail_of(token, meta)
+  return meta .. struct.pack('>I8I6B', token, now_ms(), #meta) .. '^'
+end
+
+-- `tail` with its token replaced by `token` (a re-entry: the holder's
+-- newest token is the one a store has seen), acquisition time and metadata
+-- kept.
+local function retoken(tail, token)
+  local at = #tail - TAIL_LEN
+  return string.sub(tail, 1, at) .. struct.pack('>I8', token) .. string.sub(tail, at + 9)
 end
 
 -- Whether the (unflagged) value v is held by owner (anonymous: owner == '').
@@ -153,22 +199,58 @@ local function index_add(o, p, keys, owner, ttl, token)
   redis.call('PEXPIRE', o, ttl, 'GT')
 end
 
--- Gives `lock`, held by `owner` (its value `core` without the contended
--- flag, and whether it had one), a lease of ttl ms. A lock taken without
+-- Gives `lock`, held by `owner` (its value split by unflag: `core`, the
+-- contended flag, `tail`), a lease of ttl ms. A lock taken without
 -- expiry is rewritten as one with a lease (the nonce's first byte, see
 -- above), and its entry, if it has one, moves from the permanent part `p`
 -- of the owner's index to the expiring part `o` (pass nil for `o` when the
 -- owner is not indexed). The caller keeps `o` alive as long as its longest
 -- lock.
-local function set_lease(lock, core, flagged, o, p, owner, ttl)
+local function set_lease(lock, core, flagged, tail, o, p, owner, ttl)
   if not permanent(core) then
     redis.call('PEXPIRE', lock, ttl)
     return
   end
   local nonce_at = #core - NONCE_LEN + 1
   core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
-  redis.call('SET', lock, core .. (flagged and FLAG or ''), 'PX', ttl)
+  redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
   if o and redis.call('ZREM', p, lock) == 1 then
     index_add(o, p, {lock}, owner, ttl, 1)
   end
+end
+
+-- What lock `lock` (its wait queue `queue`) looks like, for inspection:
+--   {0, waiting}                   free
+--   {1, waiting, owner, token, acquired, pttl, metadata}
+--                                  held: owner is "" for an anonymous lock,
+--                                  token its newest fencing token, acquired
+--                                  the server's clock (ms) when it was
+--                                  taken, pttl its lease left in ms (-1:
+--                                  none), metadata the holder's ("": none)
+--   {2, waiting, pttl}             reserved for a waiting process
+--   {3, waiting}                   a value lockstep did not write
+-- where waiting is how many processes are queued for it. Also returns the
+-- raw value.
+local function describe(lock, queue)
+  local waiting = redis.pcall('LLEN', queue)
+  if type(waiting) ~= 'number' then
+    waiting = 0
+  end
+  local v = redis.pcall('GET', lock)
+  local core, _, tail = unflag(v)
+  if not v then
+    return {0, waiting}, v
+  elseif type(v) ~= 'string' then
+    return {3, waiting}, v
+  elseif string.byte(v, 1) == 0 then
+    return {2, waiting, redis.call('PTTL', lock)}, v
+  elseif tail == '' then
+    return {3, waiting}, v
+  end
+  local m = #tail - TAIL_LEN
+  local token, acquired = struct.unpack('>I8I6', tail, m + 1)
+  return {
+    1, waiting, string.sub(core, 1, #core - NONCE_LEN), token, acquired,
+    redis.call('PTTL', lock), string.sub(tail, 1, m)
+  }, v
 end

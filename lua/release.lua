@@ -23,6 +23,7 @@
 --           hand KEYS[1] to directly, if no other process is queued before it
 -- ARGV[12]  "1": the releasing process has more waiters after the successor
 -- ARGV[13]  how long (ms) a queue touched by this call must live at least
+-- ARGV[14]  the successor's metadata for inspection, or ""
 --
 -- Returns {released_1..released_n, successor_token}: released_i is 1 if
 -- KEYS[i] was released, 0 if it was not held by that owner (left untouched);
@@ -46,6 +47,7 @@ end
 local succ_owner, succ_nonce, succ_ttl = ARGV[7], ARGV[8], ARGV[9]
 local succ_index = ARGV[10] == '1' and KEYS[k] or nil
 local pid, more, queue_ttl = ARGV[11], ARGV[12] == '1', ARGV[13]
+local succ_meta = ARGV[14] or ''
 
 -- Hands lock 1 to the successor: returns its token, or 0 when another
 -- process is queued first (the lock is reserved for it then, and the
@@ -72,13 +74,13 @@ local function hand_over(lock, queue)
       elseif more then
         enqueue(queue, pid, queue_ttl, true)
       end
-      local v = succ_owner .. succ_nonce .. (flagged and FLAG or '')
+      local token = next_token(KEYS[n + 1], 0)
+      local v = succ_owner .. succ_nonce .. tail_of(token, succ_meta) .. (flagged and FLAG or '')
       if succ_ttl ~= '0' then
         redis.call('SET', lock, v, 'PX', succ_ttl)
       else
         redis.call('SET', lock, v)
       end
-      local token = next_token(KEYS[n + 1], 0)
       if succ_index then
         -- The caller passed the part of the index that fits the lease.
         index_add(succ_index, succ_index, {lock}, succ_owner, succ_ttl, token)

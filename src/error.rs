@@ -86,6 +86,15 @@ pub enum LockError {
         /// The provider's identifier.
         provider: String,
     },
+    /// The provider does not implement this operation (a provider written
+    /// before it existed: the trait's default).
+    #[error("the locking provider \"{provider}\" does not support {operation}")]
+    Unsupported {
+        /// The provider's identifier.
+        provider: String,
+        /// The operation, e.g. `"inspect"`.
+        operation: &'static str,
+    },
 }
 
 impl LockError {
@@ -166,6 +175,18 @@ pub enum InvalidInput {
         /// The limit.
         max: usize,
     },
+    /// Holder metadata was longer than
+    /// [`MAX_METADATA_LEN`](crate::MAX_METADATA_LEN) bytes.
+    #[error("invalid input: the holder metadata is {len} bytes long; the limit is {max} bytes")]
+    MetadataTooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Holder metadata contained a control character (a newline, say).
+    #[error("invalid input: the holder metadata contains a control character")]
+    ControlInMetadata,
     /// A duration was zero where a positive one is needed.
     #[error("invalid input: {what} must be greater than zero")]
     ZeroDuration {

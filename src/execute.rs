@@ -160,6 +160,7 @@ impl LockingModule {
             .map_or(Wait::Forever, Wait::Until);
         let wait = wait_of(options.patience, default_wait)?;
         let owner = execute_owner();
+        let metadata = self.holder_metadata(options.metadata.as_deref())?;
         let request = AcquireRequest {
             keys,
             owner: Some(owner),
@@ -167,6 +168,7 @@ impl LockingModule {
             wait,
             // The owner is private to this call, which releases by itself.
             indexed: false,
+            metadata,
         };
         let acquired = acquire_traced(id, provider, &request).await?;
         let (keys, owner) = (&request.keys, request.owner.as_deref());

@@ -11,6 +11,8 @@
 //!   by id; `execute`'s job gets a [`Held`] (fencing tokens, loss signal).
 //! - [`Lease`] (`lease.rs`): what an acquisition returns: owner and fencing
 //!   tokens; [`LeaseGuard`], a lease released when dropped.
+//! - [`LockInfo`] (`inspect.rs`): who holds a lock, since when, who waits;
+//!   `inspect`, `locks` and `force_release`, and holder metadata.
 //! - [`Keys`] (`keys.rs`) and the options (`options.rs`): call inputs.
 //! - [`LockError`], [`ConfigError`] (`error.rs`).
 //! - [`provider`] (`provider.rs`): the trait a backend implements, and its
@@ -78,6 +80,7 @@
 mod backoff;
 mod error;
 mod execute;
+mod inspect;
 mod keys;
 mod lease;
 mod memory;
@@ -94,13 +97,14 @@ pub mod workflow;
 
 pub use error::{BackendError, BackendErrorKind, ConfigError, InvalidInput, LockError};
 pub use execute::Held;
+pub use inspect::{LockHolder, LockInfo, LockState, MAX_METADATA_LEN};
 pub use keys::{Keys, MAX_KEY_LEN, MAX_KEYS, MAX_OWNER_LEN};
 pub use lease::{Lease, LeaseGuard};
 pub use memory::InMemoryProvider;
 pub use module::{IN_MEMORY_PROVIDER_ID, LockingModule, LockingModuleBuilder};
 pub use options::{
     AcquireOptions, DEFAULT_EXECUTE_LEASE, DEFAULT_WAIT_TIMEOUT, ExecuteOptions, ExtendOptions,
-    MAX_DURATION, ReleaseOptions,
+    InspectOptions, ListOptions, MAX_DURATION, ReleaseOptions,
 };
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]

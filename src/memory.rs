@@ -3,13 +3,14 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 use tracing::Instrument;
 
 use crate::error::LockError;
+use crate::inspect::{LockHolder, LockInfo, LockState};
 use crate::options::DEFAULT_WAIT_TIMEOUT;
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
 
@@ -55,6 +56,11 @@ struct State {
 struct Holder {
     owner: Option<String>,
     expires_at: Option<Instant>,
+    /// The newest token handed out with it (re-entries included).
+    token: u64,
+    /// When it was taken, by this host's clock, and as an instant.
+    acquired_at: (SystemTime, Instant),
+    metadata: Option<String>,
 }
 
 impl Holder {
@@ -144,15 +150,20 @@ impl InMemoryProvider {
         }
         let expires_at = request.expire.map(|e| now + e);
         let mut tokens = Vec::with_capacity(request.keys.len());
+        let wall = SystemTime::now();
         for (key, re) in request.keys.iter().zip(&reentered) {
+            state.last_token += 1;
+            let token = state.last_token;
+            tokens.push(token);
             if *re {
-                if let Some(at) = expires_at
-                    && let Some(h) = state.locks.get_mut(key)
-                {
-                    h.expires_at = Some(at);
-                    // Its waiters sleep until the lease they saw: a shorter
-                    // one must wake them.
-                    wake(state, key);
+                if let Some(h) = state.locks.get_mut(key) {
+                    h.token = token;
+                    if let Some(at) = expires_at {
+                        h.expires_at = Some(at);
+                        // Its waiters sleep until the lease they saw: a
+                        // shorter one must wake them.
+                        wake(state, key);
+                    }
                 }
             } else {
                 state.locks.insert(
@@ -160,11 +171,12 @@ impl InMemoryProvider {
                     Holder {
                         owner: request.owner.clone(),
                         expires_at,
+                        token,
+                        acquired_at: (wall, now),
+                        metadata: request.metadata.clone(),
                     },
                 );
             }
-            state.last_token += 1;
-            tokens.push(state.last_token);
         }
         sweep(state, now);
         Attempt::Acquired(Acquired::new(tokens, reentered, now))
@@ -288,6 +300,31 @@ fn sweep(state: &mut State, now: Instant) {
     }
 }
 
+/// What inspection reports of `key`.
+fn info(state: &State, key: &str, now: Instant) -> LockInfo {
+    // Each waiting call holds a clone of the key's Notify; the map one more.
+    let waiting = state
+        .waiters
+        .get(key)
+        .map_or(0, |n| Arc::strong_count(n).saturating_sub(1) as u64);
+    let lock = match state.locks.get(key) {
+        Some(h) if h.is_live(now) => LockState::Held(LockHolder {
+            owner: h.owner.clone(),
+            fencing_token: h.token,
+            acquired_at: h.acquired_at.0,
+            held_for: now.saturating_duration_since(h.acquired_at.1),
+            lease_left: h.expires_at.map(|at| at.saturating_duration_since(now)),
+            metadata: h.metadata.clone(),
+        }),
+        _ => LockState::Free,
+    };
+    LockInfo {
+        key: key.to_owned(),
+        state: lock,
+        waiting,
+    }
+}
+
 /// Wakes the waiters of `key`, if any.
 fn wake(state: &State, key: &str) {
     if let Some(n) = state.waiters.get(key) {
@@ -392,6 +429,56 @@ impl LockingProvider for InMemoryProvider {
                 wake(&state, key);
             }
             Ok(freed.len() as u64)
+        })
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let state = self.state();
+            let now = Instant::now();
+            Ok(keys.iter().map(|k| info(&state, k, now)).collect())
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let state = self.state();
+            let now = Instant::now();
+            Ok(state
+                .locks
+                .iter()
+                .filter(|(k, h)| k.starts_with(prefix) && h.is_live(now))
+                .map(|(k, _)| info(&state, k, now))
+                .collect())
+        })
+    }
+
+    fn force_release<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<LockInfo>>, LockError>> {
+        Box::pin(async move {
+            self.check_open()?;
+            let mut state = self.state();
+            let now = Instant::now();
+            let mut freed = Vec::with_capacity(keys.len());
+            for key in keys {
+                let found = info(&state, key, now);
+                if found.holder().is_some() {
+                    // The old holder's next extend finds no lock: NotOwner.
+                    state.locks.remove(key);
+                    wake(&state, key);
+                    freed.push(Some(found));
+                } else {
+                    freed.push(None);
+                }
+            }
+            Ok(freed)
         })
     }
 

@@ -8,6 +8,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, field};
 
 use crate::error::{ConfigError, LockError};
+use crate::inspect::{combine, validate_metadata};
 use crate::keys::{Keys, validate_owner};
 use crate::lease::Lease;
 use crate::memory::InMemoryProvider;
@@ -56,6 +57,8 @@ pub struct LockingModule {
 struct Inner {
     providers: HashMap<String, Arc<dyn LockingProvider>>,
     default_id: String,
+    /// `host=.. pid=..`, recorded with every acquisition, if asked for.
+    process: Option<String>,
 }
 
 impl LockingModule {
@@ -151,12 +154,14 @@ impl LockingModule {
             .map(|e| check_lease("expire", e))
             .transpose()?;
         let wait = wait_of(options.patience, Wait::Once)?;
+        let metadata = self.holder_metadata(options.metadata.as_deref())?;
         let request = AcquireRequest {
             keys,
             owner: options.owner_id,
             expire,
             wait,
             indexed: true,
+            metadata,
         };
         let acquired = acquire_traced(id, provider, &request).await?;
         Ok(Lease {
@@ -386,11 +391,22 @@ pub(crate) async fn extend_traced(
     result
 }
 
+impl LockingModule {
+    /// The metadata an acquisition records, the call's checked.
+    pub(crate) fn holder_metadata(&self, call: Option<&str>) -> Result<Option<String>, LockError> {
+        if let Some(m) = call {
+            validate_metadata(m)?;
+        }
+        Ok(combine(self.inner.process.as_deref(), call))
+    }
+}
+
 /// Registers providers and picks the default one (Medusa's rules).
 #[derive(Default)]
 pub struct LockingModuleBuilder {
     providers: Vec<(String, Arc<dyn LockingProvider>, bool)>,
     in_memory: Option<InMemoryProvider>,
+    record_holder: bool,
 }
 
 impl LockingModuleBuilder {
@@ -417,6 +433,16 @@ impl LockingModuleBuilder {
         is_default: bool,
     ) -> Self {
         self.providers.push((id.into(), provider, is_default));
+        self
+    }
+
+    /// Records `host=<name> pid=<pid>` with every acquisition, for
+    /// [`inspect`](LockingModule::inspect) and `lockstep locks list` to
+    /// show (before the call's own
+    /// [`metadata`](crate::AcquireOptions::metadata), if any). Off by
+    /// default: it costs the bytes in every lock.
+    pub fn record_holder(mut self, on: bool) -> Self {
+        self.record_holder = on;
         self
     }
 
@@ -469,6 +495,7 @@ impl LockingModuleBuilder {
             inner: Arc::new(Inner {
                 providers,
                 default_id,
+                process: self.record_holder.then(crate::inspect::this_process),
             }),
         })
     }

@@ -71,6 +71,7 @@ pub struct AcquireOptions {
     pub(crate) expire: Option<Duration>,
     pub(crate) patience: Patience,
     pub(crate) provider: Option<String>,
+    pub(crate) metadata: Option<String>,
 }
 
 impl AcquireOptions {
@@ -113,6 +114,17 @@ impl AcquireOptions {
         self
     }
 
+    /// A description of the holder that [`inspect`](crate::LockingModule::inspect)
+    /// and `lockstep locks list` show (a job name, a deploy id): at most
+    /// [`MAX_METADATA_LEN`](crate::MAX_METADATA_LEN) bytes, no control
+    /// characters. Recorded when the lock is taken, after the process's
+    /// description if the module records holders
+    /// ([`LockingModuleBuilder::record_holder`](crate::LockingModuleBuilder::record_holder)).
+    pub fn metadata(mut self, metadata: impl Into<String>) -> Self {
+        self.metadata = Some(metadata.into());
+        self
+    }
+
     /// The id of the provider to use instead of the module's default.
     pub fn provider(mut self, id: impl Into<String>) -> Self {
         self.provider = Some(id.into());
@@ -126,6 +138,7 @@ pub struct ExecuteOptions {
     pub(crate) expire: Option<Duration>,
     pub(crate) patience: Patience,
     pub(crate) provider: Option<String>,
+    pub(crate) metadata: Option<String>,
 }
 
 impl ExecuteOptions {
@@ -151,6 +164,17 @@ impl ExecuteOptions {
     /// Wait as long as it takes.
     pub fn wait_forever(mut self) -> Self {
         self.patience = Patience::Forever;
+        self
+    }
+
+    /// A description of the holder that [`inspect`](crate::LockingModule::inspect)
+    /// and `lockstep locks list` show (a job name, a deploy id): at most
+    /// [`MAX_METADATA_LEN`](crate::MAX_METADATA_LEN) bytes, no control
+    /// characters. Recorded when the lock is taken, after the process's
+    /// description if the module records holders
+    /// ([`LockingModuleBuilder::record_holder`](crate::LockingModuleBuilder::record_holder)).
+    pub fn metadata(mut self, metadata: impl Into<String>) -> Self {
+        self.metadata = Some(metadata.into());
         self
     }
 
@@ -210,6 +234,59 @@ impl ExtendOptions {
     /// The owner that must hold the locks (none: anonymous locks).
     pub fn owner_id(mut self, owner: impl Into<String>) -> Self {
         self.owner_id = Some(owner.into());
+        self
+    }
+
+    /// The id of the provider to use instead of the module's default.
+    pub fn provider(mut self, id: impl Into<String>) -> Self {
+        self.provider = Some(id.into());
+        self
+    }
+}
+
+/// Options of [`LockingModule::inspect`](crate::LockingModule::inspect) and
+/// [`LockingModule::force_release`](crate::LockingModule::force_release).
+#[derive(Debug, Clone, Default)]
+pub struct InspectOptions {
+    pub(crate) provider: Option<String>,
+}
+
+impl InspectOptions {
+    /// The default provider.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The id of the provider to use instead of the module's default.
+    pub fn provider(mut self, id: impl Into<String>) -> Self {
+        self.provider = Some(id.into());
+        self
+    }
+}
+
+/// Options of [`LockingModule::locks`](crate::LockingModule::locks).
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    pub(crate) prefix: String,
+    pub(crate) owner: Option<String>,
+    pub(crate) provider: Option<String>,
+}
+
+impl ListOptions {
+    /// Every held lock of the default provider.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Only keys that start with `prefix`.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Only locks held by this owner.
+    pub fn owner_id(mut self, owner: impl Into<String>) -> Self {
+        self.owner = Some(owner.into());
         self
     }
 

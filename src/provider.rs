@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::error::LockError;
+use crate::inspect::LockInfo;
 use crate::options::DEFAULT_WAIT_TIMEOUT;
 
 /// A boxed, sendable future, the return type of [`LockingProvider`] methods.
@@ -77,6 +78,10 @@ pub struct AcquireRequest {
     /// for owners that never outlive one call (`execute`'s), so that a
     /// provider can skip its owner index.
     pub indexed: bool,
+    /// The holder's description for [`inspect`](LockingProvider::inspect):
+    /// at most [`MAX_METADATA_LEN`](crate::MAX_METADATA_LEN) bytes without
+    /// control characters, or `None`.
+    pub metadata: Option<String>,
 }
 
 /// What a successful acquisition returns, per key in request order.
@@ -186,4 +191,63 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// Stops background work and closes connections. Later calls fail with
     /// [`LockError::Shutdown`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;
+
+    /// Reports, per key in order, whether it is held, by whom, since when,
+    /// with which token and lease, and how many wait. Reads only.
+    ///
+    /// # Errors
+    ///
+    /// Backend failures; [`LockError::Unsupported`] by default.
+    fn inspect<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        let _ = keys;
+        Box::pin(std::future::ready(Err(unsupported(
+            self.identifier(),
+            "inspect",
+        ))))
+    }
+
+    /// Every held (or reserved) lock whose key starts with `prefix`, in no
+    /// particular order. Must not block the backend while it scans (Redis:
+    /// `SCAN` in pages, never `KEYS`).
+    ///
+    /// # Errors
+    ///
+    /// Backend failures; [`LockError::Unsupported`] by default.
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        let _ = prefix;
+        Box::pin(std::future::ready(Err(unsupported(
+            self.identifier(),
+            "list",
+        ))))
+    }
+
+    /// Frees the keys whoever holds them, and serves their waiters as a
+    /// release would. The old holder finds out at its next `extend` or
+    /// renewal ([`LockError::NotOwner`]), and the next holder's token is
+    /// higher. Returns, per key, the holder it freed (`None`: it was free).
+    ///
+    /// # Errors
+    ///
+    /// Backend failures; [`LockError::Unsupported`] by default.
+    fn force_release<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<LockInfo>>, LockError>> {
+        let _ = keys;
+        Box::pin(std::future::ready(Err(unsupported(
+            self.identifier(),
+            "force_release",
+        ))))
+    }
+}
+
+/// The error of an operation a provider does not implement.
+fn unsupported(provider: &'static str, operation: &'static str) -> LockError {
+    LockError::Unsupported {
+        provider: provider.to_owned(),
+        operation,
+    }
 }

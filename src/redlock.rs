@@ -9,6 +9,7 @@ use tokio::time::{Instant, sleep};
 
 use crate::backoff::Backoff;
 use crate::error::{BackendError, BackendErrorKind, ConfigError, LockError};
+use crate::inspect::{LockHolder, LockInfo, LockState};
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
 use crate::redis::connect;
 use crate::redis::wire::nonce;
@@ -512,12 +513,154 @@ impl LockingProvider for RedlockProvider {
         })
     }
 
+    fn inspect<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        Box::pin(async move {
+            let views = self.views("inspect", keys, false).await?;
+            Ok(self.agreed(keys, &views))
+        })
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        Box::pin(async move {
+            let tally = self
+                .fan_out(
+                    |m| {
+                        let prefix = prefix.to_owned();
+                        Box::pin(async move { m.list(&prefix).await.map(Views) })
+                    },
+                    |_| false,
+                )
+                .await;
+            if tally.ok.len() < self.quorum {
+                return Err(self.no_quorum("list", tally.errors, tally.ok.len()));
+            }
+            // Every key some master holds, judged on all of them at once.
+            let mut names: Vec<String> = tally
+                .ok
+                .iter()
+                .flat_map(|v| v.0.iter().map(|i| i.key.clone()))
+                .collect();
+            names.sort_unstable();
+            names.dedup();
+            if names.is_empty() {
+                return Ok(Vec::new());
+            }
+            let views = self.views("list", &names, false).await?;
+            Ok(self
+                .agreed(&names, &views)
+                .into_iter()
+                .filter(|i| i.state != LockState::Free)
+                .collect())
+        })
+    }
+
+    fn force_release<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<LockInfo>>, LockError>> {
+        Box::pin(async move {
+            let views = self.views("force_release", keys, true).await?;
+            Ok(self
+                .agreed(keys, &views)
+                .into_iter()
+                .map(|i| i.holder().is_some().then_some(i))
+                .collect())
+        })
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             for m in &self.masters {
                 m.shutdown().await;
             }
         })
+    }
+}
+
+/// What one master reports of some locks.
+struct Views(Vec<LockInfo>);
+
+impl Verdict for Views {
+    fn is_yes(&self) -> bool {
+        true
+    }
+}
+
+impl RedlockProvider {
+    /// Each master's view of `keys` (inspected, or force-released when
+    /// `force`: every master, as a release), from at least a quorum.
+    async fn views(
+        &self,
+        operation: &'static str,
+        keys: &[String],
+        force: bool,
+    ) -> Result<Vec<Vec<LockInfo>>, LockError> {
+        let tally = self
+            .fan_out(
+                |m| {
+                    let keys = keys.to_vec();
+                    Box::pin(async move {
+                        if force {
+                            let freed = m.force_release(&keys).await?;
+                            Ok(Views(
+                                keys.iter()
+                                    .zip(freed)
+                                    .map(|(k, f)| {
+                                        f.unwrap_or_else(|| LockInfo::new(k, LockState::Free, 0))
+                                    })
+                                    .collect(),
+                            ))
+                        } else {
+                            m.inspect(&keys).await.map(Views)
+                        }
+                    })
+                },
+                |_| false,
+            )
+            .await;
+        if tally.ok.len() < self.quorum {
+            return Err(self.no_quorum(operation, tally.errors, tally.ok.len()));
+        }
+        Ok(tally.ok.into_iter().map(|v| v.0).collect())
+    }
+
+    /// Per key, the holder a quorum of masters agrees on (same owner): its
+    /// newest token, earliest acquisition, shortest lease among them;
+    /// otherwise free, since no acquisition holds it validly.
+    fn agreed(&self, keys: &[String], views: &[Vec<LockInfo>]) -> Vec<LockInfo> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, key)| {
+                let reports: Vec<&LockInfo> = views.iter().filter_map(|v| v.get(i)).collect();
+                let waiting = reports.iter().map(|r| r.waiting).max().unwrap_or(0);
+                let holders: Vec<&LockHolder> = reports.iter().filter_map(|r| r.holder()).collect();
+                let agreed = holders.iter().find_map(|h| {
+                    let same: Vec<&&LockHolder> =
+                        holders.iter().filter(|o| o.owner == h.owner).collect();
+                    (same.len() >= self.quorum).then_some(same)
+                });
+                let state = match agreed {
+                    Some(same) => {
+                        let first = same.iter().min_by_key(|h| h.acquired_at).expect("a quorum");
+                        LockState::Held(
+                            LockHolder::new(
+                                first.owner.clone(),
+                                same.iter().map(|h| h.fencing_token).max().unwrap_or(0),
+                                first.acquired_at,
+                                same.iter().map(|h| h.held_for).max().unwrap_or_default(),
+                            )
+                            .with_lease_left(same.iter().filter_map(|h| h.lease_left).min())
+                            .with_metadata(first.metadata.clone()),
+                        )
+                    }
+                    None => LockState::Free,
+                };
+                LockInfo::new(key.clone(), state, waiting)
+            })
+            .collect()
     }
 }
 

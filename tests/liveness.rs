@@ -221,8 +221,9 @@ async fn a_dropped_release_does_not_strand_its_successor() {
         support::eventually(Duration::from_secs(2), "the key settles", || {
             let (mut conn, lock) = (conn.clone(), p.lock_key(&key));
             async move {
-                let v: Option<String> = conn.get(&lock).await.unwrap();
-                v.is_none_or(|v| v.starts_with('a') && v.len() == 13)
+                // "a", a 12-byte nonce and the 16-byte tail (lua/prelude.lua).
+                let v: Option<Vec<u8>> = conn.get(&lock).await.unwrap();
+                v.is_none_or(|v| v.starts_with(b"a") && v.len() == 1 + 12 + 16)
             }
         })
         .await;
@@ -560,7 +561,7 @@ async fn an_undo_is_not_overtaken_by_its_delayed_acquisition() {
     )
     .await;
     // Whatever reached the server has run by the time this answers.
-    let held: Option<String> = admin.get(format!("{ns}{{k}}")).await.unwrap();
+    let held: Option<Vec<u8>> = admin.get(format!("{ns}{{k}}")).await.unwrap();
     assert_eq!(
         held, None,
         "the delayed acquisition took the lock after its undo"

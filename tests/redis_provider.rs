@@ -216,8 +216,9 @@ async fn an_existing_deadpool_pool_can_be_used() {
     let m = module_with(p);
     let lease = m.acquire("k", owner("u")).await.unwrap();
     let mut c = pool.get().await.unwrap();
-    let v: String = c.get(format!("{namespace}{{k}}")).await.unwrap();
-    assert!(v.starts_with('u') && v.len() == 1 + 12);
+    // "u", a 12-byte nonce and the 16-byte tail (lua/prelude.lua).
+    let v: Vec<u8> = c.get(format!("{namespace}{{k}}")).await.unwrap();
+    assert!(v.starts_with(b"u") && v.len() == 1 + 12 + 16, "{v:?}");
     assert!(lease.release().await.unwrap());
 }
 

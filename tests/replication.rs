@@ -48,9 +48,9 @@ async fn acquisitions_wait_for_their_replica() {
         let key = format!("k{i}");
         let lease = m.acquire(key.as_str(), owner("a")).await.unwrap();
         // No waiting here: the acquisition returned after the replica acknowledged it.
-        let on_replica: Option<String> = r.get(format!("{NS}{{{key}}}")).await.unwrap();
+        let on_replica: Option<Vec<u8>> = r.get(format!("{NS}{{{key}}}")).await.unwrap();
         assert!(
-            on_replica.is_some_and(|v| v.starts_with('a')),
+            on_replica.is_some_and(|v| v.starts_with(b"a")),
             "{key} is on the replica"
         );
         assert!(lease.release().await.unwrap());

@@ -61,6 +61,8 @@ struct Q<'a> {
     more: bool,
     /// ARGV[9]: leave re-entered leases alone.
     keep_reentered: bool,
+    /// ARGV[11]: the holder's metadata.
+    metadata: &'a str,
 }
 
 const NO_QUEUE: Q<'static> = Q {
@@ -68,6 +70,7 @@ const NO_QUEUE: Q<'static> = Q {
     entry: "",
     more: false,
     keep_reentered: false,
+    metadata: "",
 };
 
 /// The nonce an acquisition with lease `ttl` sends: one without expiry
@@ -138,7 +141,8 @@ async fn take_q(
     inv.arg(q.pid).arg(q.entry).arg(10_000);
     inv.arg(if q.more { "1" } else { "0" })
         .arg(if q.keep_reentered { "1" } else { "0" })
-        .arg("0");
+        .arg("0")
+        .arg(q.metadata);
     inv.invoke_async(c).await.expect("acquire.lua runs")
 }
 
@@ -183,7 +187,7 @@ async fn acquire_takes_every_key_with_the_lease_and_owner() {
     assert_eq!(tokens.len(), 2);
     assert!(tokens[1] > tokens[0], "one counter: strictly increasing");
     assert_eq!(reentered, [0, 0]);
-    let v: String = c.get(format!("{ns}{{a}}")).await.unwrap();
+    let v = value_of(&mut c, &ns, "a").await.unwrap();
     assert_eq!(v, format!("u1{NONCE}"));
     let pttl = lease_ms(&mut c, &ns, "b").await;
     assert!((9_000..=10_000).contains(&pttl), "{pttl}");
@@ -248,7 +252,7 @@ async fn reentry_keeps_the_lease_without_ttl_and_resets_it_with_one() {
     granted(&take(&mut c, &ns, &["a"], "u1", NONCE, 5_000).await);
     let (_, reentered) = granted(&take(&mut c, &ns, &["a"], "u1", NONCE2, 0).await);
     assert_eq!(reentered, [1]);
-    let v: String = c.get(format!("{ns}{{a}}")).await.unwrap();
+    let v = value_of(&mut c, &ns, "a").await.unwrap();
     assert_eq!(v, format!("u1{NONCE}"), "re-entry keeps the first nonce");
     let pttl = lease_ms(&mut c, &ns, "a").await;
     assert!((0..=5_000).contains(&pttl), "kept, not removed: {pttl}");
@@ -416,6 +420,7 @@ struct Succ<'a> {
     ttl: u64,
     pid: &'a str,
     more: bool,
+    metadata: &'a str,
 }
 
 /// Invokes release.lua; returns {released_1..released_n, successor_token}.
@@ -427,6 +432,7 @@ async fn free_full(
     nonce: &str,
     succ: Option<Succ<'_>>,
 ) -> Vec<i64> {
+    let metadata = succ.as_ref().map_or("", |s| s.metadata);
     let mut inv = release().prepare_invoke();
     lock_keys(&mut inv, ns, keys);
     if !owner.is_empty() {
@@ -451,7 +457,7 @@ async fn free_full(
             inv.arg("").arg("").arg(0).arg("0").arg("").arg("0");
         }
     }
-    inv.arg(10_000);
+    inv.arg(10_000).arg(metadata);
     inv.invoke_async(c).await.expect("release.lua runs")
 }
 
@@ -477,7 +483,7 @@ async fn release_frees_only_the_owners_keys_and_reports_each() {
         free(&mut c, &ns, &["a", "c", "missing"], "u1", "").await,
         [1, 0, 0]
     );
-    let v: String = c.get(format!("{ns}{{c}}")).await.unwrap();
+    let v = value_of(&mut c, &ns, "c").await.unwrap();
     assert_eq!(v, format!("u2{}", nonce_for(NONCE, 0)), "untouched");
     // Locks without expiry are indexed in the permanent part, and leave it.
     let members: Vec<String> = c.zrange(format!("{ns}{{u1}}:p"), 0, -1).await.unwrap();
@@ -502,7 +508,7 @@ async fn release_with_a_nonce_frees_only_that_acquisition() {
         free(&mut c, &ns, &["old", "new"], "u1", &nonce_for(NONCE2, 0)).await,
         [0, 1]
     );
-    let v: String = c.get(format!("{ns}{{old}}")).await.unwrap();
+    let v = value_of(&mut c, &ns, "old").await.unwrap();
     assert_eq!(
         v,
         format!("u1{}", nonce_for(NONCE, 0)),
@@ -609,7 +615,7 @@ async fn release_all_with_an_owner_visits_only_its_index() {
         .await
         .unwrap();
     assert_eq!(left, 0);
-    let c_val: String = c.get(format!("{ns}{{c}}")).await.unwrap();
+    let c_val = value_of(&mut c, &ns, "c").await.unwrap();
     assert_eq!(c_val, format!("u2{}", nonce_for(NONCE, 0)));
 }
 
@@ -768,8 +774,173 @@ async fn queue_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Vec<Str
     c.lrange(format!("{ns}{{{key}}}:q"), 0, -1).await.unwrap()
 }
 
+/// Lock `key`'s value without its tail (prelude.lua): the core, and the
+/// contended flag if set; reservations as they are.
 async fn value_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Option<String> {
-    c.get(format!("{ns}{{{key}}}")).await.unwrap()
+    let raw: Option<Vec<u8>> = c.get(format!("{ns}{{{key}}}")).await.unwrap();
+    raw.map(|v| {
+        let (core, flagged, _) = split(&v);
+        let mut s = String::from_utf8(core.to_vec()).expect("a UTF-8 core");
+        if flagged {
+            s.push('\u{1}');
+        }
+        s
+    })
+}
+
+/// What a lock's tail records: metadata, token, acquisition time (ms).
+#[derive(Debug, PartialEq)]
+struct Tail {
+    metadata: String,
+    token: u64,
+    acquired_ms: u64,
+}
+
+/// A raw lock value split as prelude.lua's `unflag` does.
+fn split(v: &[u8]) -> (&[u8], bool, Option<Tail>) {
+    let flagged = v.last() == Some(&1);
+    let v = if flagged { &v[..v.len() - 1] } else { v };
+    if v.len() < 16 || v[v.len() - 1] != b'^' {
+        return (v, flagged, None);
+    }
+    let m = v[v.len() - 2] as usize;
+    let nums = &v[v.len() - 16..v.len() - 2];
+    let token = u64::from_be_bytes(nums[..8].try_into().unwrap());
+    let mut ms = [0u8; 8];
+    ms[2..].copy_from_slice(&nums[8..14]);
+    let core_len = v.len() - 16 - m;
+    let tail = Tail {
+        metadata: String::from_utf8(v[core_len..v.len() - 16].to_vec()).unwrap(),
+        token,
+        acquired_ms: u64::from_be_bytes(ms),
+    };
+    (&v[..core_len], flagged, Some(tail))
+}
+
+/// The tail of lock `key`.
+async fn tail_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Tail {
+    let raw: Vec<u8> = c.get(format!("{ns}{{{key}}}")).await.unwrap();
+    split(&raw).2.expect("a tail")
+}
+
+/// The server's clock in ms.
+async fn server_ms(c: &mut MultiplexedConnection) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(c).await.unwrap();
+    s * 1000 + us / 1000
+}
+
+fn with_metadata(metadata: &str) -> Q<'_> {
+    Q {
+        metadata,
+        ..NO_QUEUE
+    }
+}
+
+// Tails (prelude.lua): what inspection reads.
+
+#[tokio::test]
+async fn a_lock_records_its_token_the_servers_clock_and_its_metadata() {
+    let (mut c, ns) = setup().await;
+    let before = server_ms(&mut c).await;
+    // '^' and a NUL-free owner that ends like a tail change nothing: the
+    // tail is read from the end, by its length byte.
+    let meta = "job=nightly^ x";
+    let reply = take_q(
+        &mut c,
+        &ns,
+        &["a", "b"],
+        "u^",
+        NONCE,
+        5_000,
+        with_metadata(meta),
+    )
+    .await;
+    let (tokens, _) = granted(&reply);
+    let after = server_ms(&mut c).await;
+    for (key, token) in ["a", "b"].into_iter().zip(&tokens) {
+        let tail = tail_of(&mut c, &ns, key).await;
+        assert_eq!(tail.token, *token as u64);
+        assert_eq!(tail.metadata, meta);
+        assert!((before..=after).contains(&tail.acquired_ms), "{tail:?}");
+    }
+    assert_eq!(
+        value_of(&mut c, &ns, "a").await.unwrap(),
+        format!("u^{NONCE}")
+    );
+    // The owner still releases it: its core is found whatever the tail holds.
+    assert_eq!(free(&mut c, &ns, &["a", "b"], "u^", "").await, [1, 1]);
+}
+
+#[tokio::test]
+async fn reentry_records_the_new_token_and_keeps_time_and_metadata() {
+    let (mut c, ns) = setup().await;
+    granted(&take_q(&mut c, &ns, &["a"], "u1", NONCE, 0, with_metadata("first")).await);
+    let first = tail_of(&mut c, &ns, "a").await;
+    // Re-entered without a lease, then with one (the permanent lock is
+    // rewritten as a leased one: the tail must survive that too).
+    for ttl in [0, 5_000] {
+        let (t, re) = granted(
+            &take_q(
+                &mut c,
+                &ns,
+                &["a"],
+                "u1",
+                NONCE2,
+                ttl,
+                with_metadata("again"),
+            )
+            .await,
+        );
+        assert_eq!(re, [1]);
+        let tail = tail_of(&mut c, &ns, "a").await;
+        assert_eq!(tail.token, t[0] as u64, "the newest token");
+        assert_eq!(
+            (tail.acquired_ms, tail.metadata.as_str()),
+            (first.acquired_ms, "first")
+        );
+    }
+    assert!(lease_ms(&mut c, &ns, "a").await > 0);
+}
+
+#[tokio::test]
+async fn extend_keeps_the_tail_and_a_handoff_writes_the_successors() {
+    let (mut c, ns) = setup().await;
+    granted(
+        &take_q(
+            &mut c,
+            &ns,
+            &["k"],
+            "a",
+            NONCE,
+            0,
+            with_metadata("holder-a"),
+        )
+        .await,
+    );
+    let before = tail_of(&mut c, &ns, "k").await;
+    assert_eq!(prolong(&mut c, &ns, &["k"], "a", 5_000).await, 0);
+    assert_eq!(
+        tail_of(&mut c, &ns, "k").await,
+        before,
+        "a lease changes no tail"
+    );
+    ints(&take_q(&mut c, &ns, &["k"], "b", NONCE2, 0, queued("p1")).await);
+    let succ = Succ {
+        owner: "b",
+        nonce: NONCE2,
+        ttl: 5_000,
+        pid: "p1",
+        more: false,
+        metadata: "holder-b",
+    };
+    let r = free_full(&mut c, &ns, &["k"], "a", "", Some(succ)).await;
+    assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("b{NONCE2}")));
+    let tail = tail_of(&mut c, &ns, "k").await;
+    assert_eq!(
+        (tail.token, tail.metadata.as_str()),
+        (r[1] as u64, "holder-b")
+    );
+    assert!(tail.token > before.token);
 }
 
 fn queued(pid: &str) -> Q<'_> {
@@ -879,6 +1050,7 @@ async fn a_release_hands_the_lock_straight_to_a_local_successor() {
         ttl: 5_000,
         pid: "p1",
         more: true,
+        metadata: "",
     };
     let r = free_full(&mut c, &ns, &["k"], "a", "", Some(succ)).await;
     assert_eq!(r[0], 1);
@@ -907,6 +1079,7 @@ async fn another_process_queued_first_gets_the_lock_before_a_local_successor() {
         ttl: 0,
         pid: "p1",
         more: false,
+        metadata: "",
     };
     let r = free_full(&mut c, &ns, &["k"], "a", "", Some(succ)).await;
     assert_eq!(r, [1, 0], "no direct grant");

@@ -119,11 +119,13 @@ async fn execute_owners_are_random_and_distinct() {
             .execute("k", ExecuteOptions::new(), |_| {
                 let (mut c, key) = (c.clone(), key.clone());
                 async move {
-                    redis::cmd("GET")
+                    let v = redis::cmd("GET")
                         .arg(key)
-                        .query_async::<String>(&mut c)
+                        .query_async::<Vec<u8>>(&mut c)
                         .await
-                        .unwrap()
+                        .unwrap();
+                    // Without the 16-byte tail (lua/prelude.lua).
+                    String::from_utf8(v[..v.len() - 16].to_vec()).unwrap()
                 }
             })
             .await

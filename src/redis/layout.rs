@@ -83,16 +83,49 @@ impl Layout {
 
     /// A `SCAN MATCH` pattern for every key of the namespace.
     pub(crate) fn scan_pattern(&self) -> String {
-        let mut p = String::with_capacity(self.namespace.len() + 2);
-        for c in self.namespace.chars() {
-            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-                p.push('\\');
-            }
-            p.push(c);
-        }
+        let mut p = glob_escape(&self.namespace);
         p.push('*');
         p
     }
+
+    /// A `SCAN MATCH` pattern for the lock keys of the locks whose names
+    /// start with `prefix` (only lock keys end with the tag's `}`).
+    pub(crate) fn lock_scan_pattern(&self, prefix: &str) -> String {
+        format!(
+            "{}{{{}*}}",
+            glob_escape(&self.namespace),
+            glob_escape(&escape(prefix))
+        )
+    }
+
+    /// The lock's name, for a lock key `ns{esc(key)}` of this namespace.
+    pub(crate) fn key_of(&self, lock_key: &str) -> Option<String> {
+        let inner = lock_key
+            .strip_prefix(self.namespace.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix('}')?;
+        if inner.contains(['{', '}']) {
+            return None;
+        }
+        Some(
+            inner
+                .replace("%7B", "{")
+                .replace("%7D", "}")
+                .replace("%25", "%"),
+        )
+    }
+}
+
+/// `s` with Redis's glob characters escaped.
+fn glob_escape(s: &str) -> String {
+    let mut p = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p
 }
 
 /// A named owner's index, in two parts: its locks with a lease (expiring
@@ -214,6 +247,18 @@ fn base36(mut n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lock_keys_map_back_to_their_names() {
+        let layout = Layout::new("ns:");
+        for key in ["order_1", "a{b}c", "%7B", "50%", "x:q", "é"] {
+            let lock_key = layout.lock_key(key);
+            assert_eq!(layout.key_of(&lock_key).as_deref(), Some(key), "{lock_key}");
+        }
+        assert_eq!(layout.key_of("ns:{a}:q"), None);
+        assert_eq!(layout.key_of("other:{a}"), None);
+        assert_eq!(layout.lock_scan_pattern("a*{"), "ns:{a\\*%7B*}");
+    }
 
     #[test]
     fn crc16_matches_redis() {

@@ -17,6 +17,7 @@
 //! - `acquire/`: an acquisition and its undo guard (`mod.rs`), the ways of
 //!   waiting (`wait.rs`), replica acknowledgement (`replicas.rs`).
 //! - `release.rs`, `extend.rs`, `release_all.rs`: the other operations;
+//!   `inspect.rs`: inspection, listing (`SCAN`) and force-release;
 //!   `nonce.rs`: acquisition-level calls (by nonce) that a Redlock set
 //!   builds on.
 //! - `waiting/`: the registry of local waiters (`mod.rs`), one waiter and a
@@ -32,6 +33,7 @@ pub(crate) mod connect;
 mod connection;
 mod error;
 mod extend;
+mod inspect;
 mod keyset;
 mod layout;
 mod nonce;
@@ -53,6 +55,7 @@ pub use config::{DEFAULT_NAMESPACE, ENV_URL, RedisConfig};
 pub use topology::Deployment;
 
 use crate::error::{ConfigError, LockError};
+use crate::inspect::LockInfo;
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider};
 use connection::Connections;
 use layout::Layout;
@@ -323,6 +326,24 @@ impl LockingProvider for RedisProvider {
 
     fn release_all<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, LockError>> {
         Box::pin(self.release_all_inner(owner))
+    }
+
+    fn inspect<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        Box::pin(self.inspect_inner(keys))
+    }
+
+    fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
+        Box::pin(self.list_inner(prefix))
+    }
+
+    fn force_release<'a>(
+        &'a self,
+        keys: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Option<LockInfo>>, LockError>> {
+        Box::pin(self.force_release_inner(keys))
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

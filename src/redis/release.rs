@@ -197,6 +197,7 @@ impl Handing<'_> {
                 .as_ref()
                 .map(|i| i.part_for(self.waiter.ttl_ms)),
             more: self.more,
+            metadata: &self.waiter.metadata,
         }
     }
 }

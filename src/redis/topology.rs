@@ -340,6 +340,47 @@ impl RedisProvider {
         }
     }
 
+    /// `inspect.lua` for already-mapped lock keys named `names`: one call
+    /// on one server, one per slot on a cluster.
+    pub(crate) async fn run_inspect(
+        &self,
+        lock_keys: &[String],
+        names: &[String],
+    ) -> Result<Vec<crate::inspect::LockInfo>, LockError> {
+        match &self.inner.topology {
+            Topology::Single => self.inspect_group(lock_keys, names).await,
+            #[cfg(feature = "cluster")]
+            Topology::Cluster(_) => self.inspect_by_slot(lock_keys, names).await,
+        }
+    }
+
+    /// Every key matching `pattern` (string keys only), in pages: `SCAN`
+    /// on one server, on every master of a cluster.
+    pub(crate) async fn scan_lock_keys(
+        &self,
+        pattern: &str,
+        count: usize,
+    ) -> Result<Vec<Vec<String>>, LockError> {
+        match &self.inner.topology {
+            Topology::Single => self.scan_single(pattern, count).await,
+            #[cfg(feature = "cluster")]
+            Topology::Cluster(_) => self.scan_cluster(pattern, count).await,
+        }
+    }
+
+    /// The permanent part of `owner`'s index that holds `lock_key`'s entry.
+    pub(crate) fn permanent_index_of(&self, owner: &str, lock_key: &str) -> String {
+        let layout = &self.inner.layout;
+        match &self.inner.topology {
+            Topology::Single => {
+                let _ = lock_key; // one index per owner
+                layout.owner_index(owner).permanent
+            }
+            #[cfg(feature = "cluster")]
+            Topology::Cluster(_) => cluster::slot_index(layout, owner, lock_key).permanent,
+        }
+    }
+
     /// Releases every lock of `owner`, or of the namespace.
     pub(crate) async fn run_release_all(&self, owner: Option<&str>) -> Result<u64, LockError> {
         match &self.inner.topology {

@@ -10,10 +10,12 @@
 //! Medusa's docs; C1-C12: Medusa's own test cases of its locking module),
 //! `d_` for a documented difference from Medusa (the README's "Where
 //! lockstep differs" table), which every provider must show the same way,
-//! or `drop_` for a future dropped at every one of its polls.
+//! `drop_` for a future dropped at every one of its polls, or `i_` for
+//! inspection and force-release (`inspect.rs`).
 #![allow(dead_code)]
 
 pub mod drops;
+pub mod inspect;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
@@ -86,6 +88,11 @@ macro_rules! contract_suite {
             d_execute_releases_when_the_job_panics,
             d_bad_input_is_a_typed_error_and_holds_nothing,
             d_lease_release_and_newly_acquired_keys,
+            i_inspect_reports_holder_token_lease_time_and_waiters,
+            i_reentry_shows_the_newest_token,
+            i_locks_lists_held_locks_oldest_first,
+            i_force_release_frees_fences_and_tells_the_old_holder,
+            i_metadata_is_checked_and_recorded,
             drop_acquire_of_a_free_key,
             drop_acquire_while_waiting,
             drop_release_with_waiters,
@@ -114,6 +121,11 @@ pub use drops::{
     drop_acquire_of_a_free_key, drop_acquire_while_waiting, drop_execute, drop_extend,
     drop_guard_release, drop_lease_release_and_extend, drop_release_all, drop_release_with_waiters,
     drop_workflow_run,
+};
+pub use inspect::{
+    i_force_release_frees_fences_and_tells_the_old_holder,
+    i_inspect_reports_holder_token_lease_time_and_waiters, i_locks_lists_held_locks_oldest_first,
+    i_metadata_is_checked_and_recorded, i_reentry_shows_the_newest_token,
 };
 
 fn owner(o: &str) -> AcquireOptions {

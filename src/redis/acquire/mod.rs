@@ -157,6 +157,7 @@ impl RedisProvider {
             more: queueing.is_some_and(|q| q.more),
             keep_reentered_lease: false,
             token_floor,
+            metadata: request.metadata.as_deref().unwrap_or(""),
         };
         let reply = self.run_attempt(keys, &args).await;
         if reply.as_ref().is_err_and(LockError::is_outcome_unknown) {

@@ -166,7 +166,8 @@ impl RedisProvider {
         let key = &keys.locks()[0];
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl_ms = request.expire.map_or(0, millis_ceil);
-        let waiter = Waiter::new(owner, nonce, ttl_ms, keys.owner_index.clone());
+        let metadata = request.metadata.as_deref().unwrap_or("");
+        let waiter = Waiter::new(owner, nonce, ttl_ms, keys.owner_index.clone(), metadata);
         let (mut attempt_now, withdrawal) = waiting.join_single(key, &waiter);
         let mut guard = LocalGuard {
             provider: self,
@@ -277,7 +278,7 @@ impl RedisProvider {
         nonce: &str,
     ) -> Result<Acquired, LockError> {
         let owner = request.owner.as_deref().unwrap_or("");
-        let waiter = Waiter::new(owner, nonce, 0, None);
+        let waiter = Waiter::new(owner, nonce, 0, None, "");
         // Registered for every key before the first attempt: a release can
         // be published before the reply that says which key was held
         // reaches us, and must not find nobody to wake.

@@ -1,6 +1,7 @@
 //! `release_all` on a cluster: `release_all.lua` on every master, in
 //! slots mode for an owner (each master visits the owner's index of every
-//! slot it serves) and namespace mode otherwise; the counts summed.
+//! slot it serves) and namespace mode otherwise; the counts summed. Also
+//! the per-master `SCAN` that lists locks.
 
 use std::sync::LazyLock;
 
@@ -122,6 +123,47 @@ impl RedisProvider {
             "release_all",
             format!("{} slots kept moving between masters", pending.len()),
         ))
+    }
+
+    /// Every key matching `pattern` (string keys only) on every master,
+    /// in pages: a `SCAN` cursor per master, the masters one after another.
+    /// A slot that moves meanwhile may be seen twice or not at all, as with
+    /// any `SCAN`.
+    pub(crate) async fn scan_cluster(
+        &self,
+        pattern: &str,
+        count: usize,
+    ) -> Result<Vec<Vec<String>>, LockError> {
+        let all: Vec<u16> = (0..slot_tags().len() as u16).collect();
+        let mut pages = Vec::new();
+        for ((host, port), _) in self.slot_masters(&all).await? {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut cmd = redis::cmd("SCAN");
+                cmd.arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(count)
+                    .arg("TYPE")
+                    .arg("string");
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                    host: host.clone(),
+                    port,
+                });
+                let reply = self.route("list", cmd, routing).await?;
+                let (next, keys): (u64, Vec<String>) =
+                    redis::from_redis_value(reply).map_err(|e| unexpected("list", e))?;
+                if !keys.is_empty() {
+                    pages.push(keys);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+        Ok(pages)
     }
 
     /// The masters serving `slots` (by address), with their share of them.

@@ -33,6 +33,9 @@ pub(crate) struct AcquireArgs<'a> {
     /// ARGV[10] (at least; see [`coarse_floor`]): a floor for the fencing
     /// tokens, µs (a Redlock set's clock), or 0.
     pub(crate) token_floor: u64,
+    /// ARGV[11]: the holder's metadata for inspection (`""`: none), checked
+    /// by the module (at most 255 bytes, no control characters).
+    pub(crate) metadata: &'a str,
 }
 
 impl AcquireArgs<'_> {
@@ -49,6 +52,7 @@ impl AcquireArgs<'_> {
             flag(self.more),
             flag(self.keep_reentered_lease),
             self.token_floor.max(coarse_floor()).to_string(),
+            self.metadata.to_owned(),
         ]
     }
 }

@@ -13,6 +13,7 @@
 
 pub(crate) mod acquire;
 pub(crate) mod extend;
+pub(crate) mod inspect;
 pub(crate) mod release;
 pub(crate) mod release_all;
 pub(crate) mod withdraw;
@@ -57,9 +58,25 @@ pub(crate) static RELEASE_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(R
 pub(crate) static WITHDRAW: LazyLock<Script> =
     LazyLock::new(|| Script::new(with_prelude!("withdraw.lua")));
 
+/// `lua/inspect.lua`: what each lock looks like (reads only).
+pub(crate) static INSPECT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("inspect.lua")));
+
+/// `lua/force_release.lua`: an operator frees a lock whoever holds it.
+pub(crate) static FORCE_RELEASE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(with_prelude!("force_release.lua")));
+
 /// Every script, to load them up front.
-pub(crate) fn all() -> [&'static Script; 5] {
-    [&ACQUIRE, &RELEASE, &EXTEND, &RELEASE_ALL, &WITHDRAW]
+pub(crate) fn all() -> [&'static Script; 7] {
+    [
+        &ACQUIRE,
+        &RELEASE,
+        &EXTEND,
+        &RELEASE_ALL,
+        &WITHDRAW,
+        &INSPECT,
+        &FORCE_RELEASE,
+    ]
 }
 
 /// Runs `script` with `keys` and `args` by its hash, loading it on

@@ -21,6 +21,8 @@ pub(crate) struct Successor<'a> {
     pub(crate) index: Option<&'a str>,
     /// ARGV[12]: more local waiters come after it.
     pub(crate) more: bool,
+    /// ARGV[14]: its holder metadata (`""`: none).
+    pub(crate) metadata: &'a str,
 }
 
 /// One call of `release.lua`.
@@ -76,6 +78,7 @@ impl ReleaseArgs<'_> {
             flag(s.is_some_and(|s| s.more)),
             // ARGV[13]: a queue the handoff touches outlives two claims.
             (2 * self.claim_ms + 1000).to_string(),
+            s.map_or("", |s| s.metadata).to_owned(),
         ]
     }
 

@@ -401,7 +401,7 @@ mod tests {
     use super::*;
 
     fn waiter(n: &str) -> Arc<Waiter> {
-        Waiter::new(n, "0123456789abcdef", 1000, None)
+        Waiter::new(n, "0123456789abcdef", 1000, None, "")
     }
 
     #[test]

@@ -16,6 +16,8 @@ pub(crate) struct Waiter {
     pub(crate) nonce: String,
     pub(crate) ttl_ms: u64,
     pub(crate) index: Option<OwnerIndex>,
+    /// Its holder metadata for inspection (`""`: none).
+    pub(crate) metadata: String,
     state: Mutex<State>,
     notify: Notify,
 }
@@ -48,12 +50,14 @@ impl Waiter {
         nonce: &str,
         ttl_ms: u64,
         index: Option<OwnerIndex>,
+        metadata: &str,
     ) -> Arc<Waiter> {
         Arc::new(Waiter {
             owner: owner.to_owned(),
             nonce: nonce.to_owned(),
             ttl_ms,
             index,
+            metadata: metadata.to_owned(),
             state: Mutex::default(),
             notify: Notify::new(),
         })
