@@ -67,8 +67,8 @@ pub(crate) struct RunArgs {
     /// whole wait (75 is EX_TEMPFAIL of sysexits.h: try again later).
     #[arg(long, default_value_t = EXIT_CONFLICT, value_name = "N")]
     pub(crate) conflict_exit_code: u8,
-    /// Tell on stderr what happens: the lock taken (and its fencing token),
-    /// the lease lost, signals passed on.
+    /// Tell on stderr what happens: the wait for the lock, the lock taken
+    /// (and its fencing token), the lease lost, signals passed on.
     #[arg(long, short)]
     pub(crate) verbose: bool,
     #[command(flatten)]
@@ -125,6 +125,17 @@ async fn run_locked(args: &RunArgs, module: &LockingModule) -> CommandResult {
         supervise(args, held, &phase)
     });
     tokio::pin!(execution);
+    if args.verbose {
+        if args.wait.is_zero() {
+            eprintln!("lockstep: taking the lock on {:?} (one attempt)", args.key);
+        } else {
+            eprintln!(
+                "lockstep: taking the lock on {:?} (waiting up to {})",
+                args.key,
+                show(args.wait)
+            );
+        }
+    }
     let outcome = loop {
         let signal = tokio::select! {
             outcome = &mut execution => break outcome,
