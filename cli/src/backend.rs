@@ -228,7 +228,8 @@ impl Node {
     }
 }
 
-fn missing() -> String {
+/// What to give when no backend was given.
+pub(crate) fn missing() -> String {
     "give --redis-url (or LOCKING_REDIS_URL), --cluster, --sentinel with --sentinel-master, or --redlock"
         .to_owned()
 }

@@ -5,6 +5,8 @@
 //! # Layout
 //!
 //! - `main.rs`: the commands, `check` and `release-all`.
+//! - `run.rs`: `run`, a command run under a lock (like `flock(1)` across
+//!   machines), its exit statuses and the duration flags' parser.
 //! - `failure.rs`: exit statuses and the one result type of every command.
 //! - `backend.rs`: the flags that pick a backend (`--redis-url`,
 //!   `--cluster`, `--sentinel`, `--redlock`) and connecting to it.
@@ -25,6 +27,7 @@ mod backend;
 mod bench;
 mod demo;
 mod failure;
+mod run;
 mod torture;
 
 use std::process::ExitCode;
@@ -70,6 +73,28 @@ enum Command {
     /// Measure throughput, latency, fairness and cost against a real Redis
     /// (workloads w1, w2, w3, mem, waiters); prints JSON lines.
     Bench(bench::BenchArgs),
+    /// Run a command while holding a lock: runs with the same KEY never
+    /// overlap, on any machine (`flock(1)` across machines).
+    ///
+    /// The lock is taken within --wait, renewed every third of --ttl while
+    /// the command runs, and released when it ends. The command gets
+    /// LOCKSTEP_KEY and LOCKSTEP_FENCING_TOKEN (a number that grows with
+    /// every acquisition: pass it with writes the lock guards, and have the
+    /// store refuse lower ones). If the lease is lost (Redis found the lock
+    /// gone, or did not answer until the lease ran out), the command gets
+    /// SIGTERM, then SIGKILL after --grace. SIGINT and SIGTERM sent to
+    /// `lockstep run` are passed on to the command, and the lock is held
+    /// until it ends.
+    ///
+    /// Exit status: the command's (128 + N when signal N ended it); 75
+    /// (--conflict-exit-code) when the lock stayed held by someone else for
+    /// the whole wait; 76 when the lease was lost while the command ran,
+    /// whatever its status; 126 when the command cannot be run, 127 when it
+    /// is not found; 2 on bad usage or an unreachable backend.
+    ///
+    /// Example: lockstep run --redis-url redis://db:6379 --ttl 1m nightly --
+    /// ./backup.sh
+    Run(run::RunArgs),
     /// Connect to Redis, load the scripts, and time a lock round trip.
     Check {
         #[command(flatten)]
@@ -96,6 +121,7 @@ async fn main() -> ExitCode {
         Command::Hold(args) => torture::hold::hold(args).await,
         Command::Torture(args) => torture::torture(args).await,
         Command::TortureWorker(args) => torture::torture_worker(args).await,
+        Command::Run(args) => run::run(args).await,
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };
