@@ -5,6 +5,7 @@
 //! # Layout
 //!
 //! - `main.rs`: the commands, `check` and `release-all`.
+//! - `locks.rs`: `locks list | show | force-release` (inspection).
 //! - `run.rs`: `run`, a command run under a lock (like `flock(1)` across
 //!   machines), its exit statuses and the duration flags' parser.
 //! - `failure.rs`: exit statuses and the one result type of every command.
@@ -27,6 +28,7 @@ mod backend;
 mod bench;
 mod demo;
 mod failure;
+mod locks;
 mod run;
 mod torture;
 
@@ -95,6 +97,11 @@ enum Command {
     /// Example: lockstep run --redis-url redis://db:6379 --ttl 1m nightly --
     /// ./backup.sh
     Run(run::RunArgs),
+    /// Who holds which lock: `locks list [--prefix P] [--owner O] [--json]`,
+    /// `locks show KEY...`, and `locks force-release KEY... [--yes]`, which
+    /// frees locks whoever holds them (the old holder's next renewal fails
+    /// as a lost lease; the next holder's fencing token is higher).
+    Locks(locks::LocksArgs),
     /// Connect to Redis, load the scripts, and time a lock round trip.
     Check {
         #[command(flatten)]
@@ -122,6 +129,7 @@ async fn main() -> ExitCode {
         Command::Torture(args) => torture::torture(args).await,
         Command::TortureWorker(args) => torture::torture_worker(args).await,
         Command::Run(args) => run::run(args).await,
+        Command::Locks(args) => locks::locks(args).await,
         Command::Check { redis } => check(&redis).await,
         Command::ReleaseAll { redis, owner } => release_all(&redis, owner).await,
     };

@@ -24,6 +24,7 @@ use std::cell::Cell;
 use std::ffi::OsString;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::{ExecuteOptions, Held, LockError, LockingModule};
@@ -85,10 +86,39 @@ pub(crate) async fn run(args: RunArgs) -> CommandResult {
             backend::missing()
         )));
     }
-    let module = args.backend.connect().await.map_err(Failure::usage)?.module;
+    let connected = args.backend.connect().await.map_err(Failure::usage)?.module;
+    // The same provider, recording this host and pid with the lock, so that
+    // `lockstep locks list` shows who runs what.
+    let module = LockingModule::builder()
+        .provider_arc("run", Arc::clone(connected.provider(None)?), true)
+        .record_holder(true)
+        .build()
+        .map_err(|e| Failure::usage(e.to_string()))?;
     let result = run_locked(&args, &module).await;
     module.shutdown().await;
     result
+}
+
+/// `cmd=<the command line>` for the lock's metadata: control characters
+/// as spaces, cut to 160 bytes (the library's limit is 255, with the host
+/// and pid before it).
+fn describe(command: &[OsString]) -> String {
+    let line: Vec<String> = command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let mut d: String = format!("cmd={}", line.join(" "))
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if d.len() > 160 {
+        let mut end = 160;
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        d.truncate(end);
+    }
+    d
 }
 
 /// Where the command is, for the signals `lockstep run` receives.
@@ -120,7 +150,10 @@ async fn run_locked(args: &RunArgs, module: &LockingModule) -> CommandResult {
     // sets `Running` right after the spawn and `Ended` right after the
     // child was reaped, without yielding in between.
     let phase = Cell::new(Phase::Acquiring);
-    let options = ExecuteOptions::new().expire(args.ttl).timeout(args.wait);
+    let options = ExecuteOptions::new()
+        .expire(args.ttl)
+        .timeout(args.wait)
+        .metadata(describe(&args.command));
     let execution = module.execute(args.key.as_str(), options, |held| {
         supervise(args, held, &phase)
     });
