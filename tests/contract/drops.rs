@@ -20,7 +20,10 @@ use lockstep::workflow::{
     AcquireLockInput, Container, ReleaseLockInput, StepError, acquire_lock_step, create_step,
     create_workflow, release_lock_step,
 };
-use lockstep::{AcquireOptions, ExecuteOptions, ExtendOptions, LockingModule, ReleaseOptions};
+use lockstep::{
+    AcquireOptions, ExecuteOptions, ExtendOptions, InspectOptions, ListOptions, LockingModule,
+    ReleaseOptions,
+};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -338,6 +341,61 @@ pub async fn drop_release_with_waiters(f: &Fixture) {
         completed
     })
     .await;
+}
+
+/// `force_release` of a lock with waiters dropped at every poll: the lock
+/// is freed (by it, or by its holder after it) and the waiters get it.
+pub async fn drop_force_release_with_waiters(f: &Fixture) {
+    let base = &baseline(f).await;
+    every_poll("force_release", |k| async move {
+        let key = format!("force-{k}");
+        f.module
+            .acquire(key.as_str(), owner("stuck").expire(Duration::from_secs(30)))
+            .await
+            .unwrap();
+        let before = (f.residue.local)();
+        let local = waiter(&f.module, &key, "local");
+        queued(f, before).await;
+        let remote = waiter(&f.peer, &key, "remote");
+        queued(f, before).await;
+        let force = f.module.force_release(key.as_str(), InspectOptions::new());
+        let completed = poll_then_drop(force, k).await.is_some();
+        // If the dropped one never freed the lock, its holder's release
+        // does (a second force-release could free a waiter's turn instead).
+        let _ = f.module.release(key.as_str(), by("stuck")).await.unwrap();
+        local.await.unwrap();
+        remote.await.unwrap();
+        becomes_free(
+            &f.peer,
+            &key,
+            SETTLE,
+            &format!("force_release dropped at {k}"),
+        )
+        .await;
+        settled(f, base, &format!("force_release dropped at {k}")).await;
+        completed
+    })
+    .await;
+}
+
+/// `inspect` and `locks` dropped at every poll: they change nothing.
+pub async fn drop_inspect_and_locks(f: &Fixture) {
+    let base = &baseline(f).await;
+    let lease = f.module.acquire("seen", owner("holder")).await.unwrap();
+    every_poll("inspect", |k| async move {
+        let inspect = f.module.inspect(["seen", "unseen"], InspectOptions::new());
+        poll_then_drop(inspect, k).await.is_some()
+    })
+    .await;
+    every_poll("locks", |k| async move {
+        poll_then_drop(f.module.locks(ListOptions::new()), k)
+            .await
+            .is_some()
+    })
+    .await;
+    assert!(!is_free(&f.peer, "seen").await, "inspection freed a lock");
+    assert!(lease.release().await.unwrap());
+    settled(f, base, "inspect dropped").await;
 }
 
 /// `extend` dropped at every poll: the lock is still the owner's, with the

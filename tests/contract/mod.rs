@@ -97,6 +97,8 @@ macro_rules! contract_suite {
             drop_acquire_while_waiting,
             drop_release_with_waiters,
             drop_extend,
+            drop_force_release_with_waiters,
+            drop_inspect_and_locks,
             drop_release_all,
             drop_execute,
             drop_lease_release_and_extend,
@@ -119,8 +121,8 @@ pub(crate) use contract_suite;
 
 pub use drops::{
     drop_acquire_of_a_free_key, drop_acquire_while_waiting, drop_execute, drop_extend,
-    drop_guard_release, drop_lease_release_and_extend, drop_release_all, drop_release_with_waiters,
-    drop_workflow_run,
+    drop_force_release_with_waiters, drop_guard_release, drop_inspect_and_locks,
+    drop_lease_release_and_extend, drop_release_all, drop_release_with_waiters, drop_workflow_run,
 };
 pub use inspect::{
     i_force_release_frees_fences_and_tells_the_old_holder,
