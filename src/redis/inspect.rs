@@ -43,6 +43,7 @@ impl RedisProvider {
     }
 
     /// `inspect.lua` per hash slot, the results back in the keys' order.
+    #[cfg(feature = "cluster")]
     pub(crate) async fn inspect_by_slot(
         &self,
         lock_keys: &[String],
