@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::LockError;
 use crate::keys::Keys;
 use crate::lease::Lease;
+use crate::metrics;
 use crate::module::{LockingModule, acquire_traced, extend_traced, wait_of};
 use crate::options::{DEFAULT_EXECUTE_LEASE, ExecuteOptions, check_lease};
 use crate::provider::{AcquireRequest, LockingProvider, Wait};
@@ -181,6 +182,7 @@ impl LockingModule {
             owner: request.owner.clone(),
             expire: Some(lease),
             sent_at: acquired.sent_at,
+            acquired_at: metrics::Acquired::now(),
             provider_id: id.to_owned(),
             provider: Arc::clone(provider),
         }
@@ -204,6 +206,7 @@ impl LockingModule {
                 error = &mut renewal, if lease_lost.is_none() => {
                     tracing::warn!(provider = id, keys = ?keys, "{error}");
                     lost.cancel();
+                    metrics::lease_lost(id);
                     lease_lost = Some(error);
                 }
             }
@@ -253,18 +256,26 @@ async fn keep_alive(
         let sent = Instant::now();
         match timeout_at(deadline, extend_traced(id, provider, keys, owner, lease)).await {
             Ok(Ok(())) => {
+                metrics::renewal(id, true);
                 valid_from = sent;
                 next = sent + interval;
             }
-            Ok(Err(error)) if error.is_lost() => return lost(),
+            Ok(Err(error)) if error.is_lost() => {
+                metrics::renewal(id, false);
+                return lost();
+            }
             Ok(Err(error)) => {
+                metrics::renewal(id, false);
                 tracing::debug!(provider = id, "lease renewal failed, retrying: {error}");
                 next = (Instant::now() + retry).min(deadline);
                 if Instant::now() >= deadline {
                     return lost();
                 }
             }
-            Err(_elapsed) => return lost(),
+            Err(_elapsed) => {
+                metrics::renewal(id, false);
+                return lost();
+            }
         }
     }
 }

@@ -32,6 +32,8 @@ pub struct Lease {
     pub(crate) owner: Option<String>,
     pub(crate) expire: Option<Duration>,
     pub(crate) sent_at: Instant,
+    /// When it was acquired (for `lockstep_hold_seconds`).
+    pub(crate) acquired_at: crate::metrics::Acquired,
     pub(crate) provider_id: String,
     pub(crate) provider: Arc<dyn LockingProvider>,
 }
@@ -133,6 +135,7 @@ impl Lease {
             .provider
             .release(&self.keys, self.owner.as_deref())
             .await?;
+        self.acquired_at.released(&self.provider_id);
         Ok(released.iter().all(|r| *r))
     }
 

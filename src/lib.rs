@@ -28,6 +28,9 @@
 //! - `backoff.rs`: the one jittered backoff every retry loop uses;
 //!   `retry.rs`: riding out transient failures for releases; `token.rs`:
 //!   random owners and run ids.
+//! - `metrics.rs` (feature `metrics`): the metric names, their labels, and
+//!   the one-line recording helpers the call sites use (no-ops without the
+//!   feature).
 //!
 //! Names: a *lease* is how long a lock lives unless extended; Medusa calls
 //! it `expire` in the module's options and `ttl` in the lock steps, and
@@ -66,6 +69,10 @@
 //! - `cluster`: Redis Cluster, locks sharded by hash slot
 //!   (`RedisConfig::from_cluster`).
 //! - `redlock`: [`RedlockProvider`], a quorum of independent masters.
+//! - `metrics`: acquisition, hold, renewal, lease-loss, waiting, wake-up and
+//!   script-reload series (`lockstep_*`) through the `metrics` facade, into
+//!   the recorder the program installs; labels are bounded (provider id,
+//!   outcome, cause, script name). Without it nothing is compiled in.
 //!
 //! The command line (`lockstep demo`, `bench`, `torture`, ...) is the
 //! `lockstep-cli` package of this repository: a program that uses the
@@ -84,6 +91,7 @@ mod inspect;
 mod keys;
 mod lease;
 mod memory;
+mod metrics;
 mod module;
 mod options;
 pub mod provider;

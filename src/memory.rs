@@ -11,6 +11,7 @@ use tracing::Instrument;
 
 use crate::error::LockError;
 use crate::inspect::{LockHolder, LockInfo, LockState};
+use crate::metrics::{self, Wakeup};
 use crate::options::DEFAULT_WAIT_TIMEOUT;
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider, Wait};
 
@@ -183,6 +184,7 @@ impl InMemoryProvider {
     }
 
     async fn acquire_inner(&self, request: &AcquireRequest) -> Result<Acquired, LockError> {
+        let mut counted = None::<metrics::Waiting>;
         loop {
             self.check_open()?;
             let (registered, expires_at) = {
@@ -204,7 +206,10 @@ impl InMemoryProvider {
                     }
                 }
             };
-            registered.wait(request.wait, expires_at).await;
+            counted.get_or_insert_with(|| metrics::Waiting::start("in-memory"));
+            if let Some(cause) = registered.wait(request.wait, expires_at).await {
+                metrics::wakeup("in-memory", cause);
+            }
             drop(registered);
             if let Wait::Until(at) = request.wait
                 && Instant::now() >= at
@@ -232,9 +237,12 @@ struct Registered<'a> {
 
 impl Registered<'_> {
     /// Sleeps until the key's holder changes (a release, a new lease, a
-    /// shutdown), its lease as last seen runs out, or the deadline.
-    async fn wait(&self, wait: Wait, expires_at: Option<Instant>) {
-        let Some(notify) = &self.notify else { return };
+    /// shutdown), its lease as last seen runs out, or the deadline. Returns
+    /// what woke it, `None` for the deadline (or a lock already free).
+    async fn wait(&self, wait: Wait, expires_at: Option<Instant>) -> Option<Wakeup> {
+        let Some(notify) = &self.notify else {
+            return None;
+        };
         // Register interest before anything else can run: a release between
         // here and the await below is not lost, because `notify_waiters`
         // wakes every `Notified` created before it.
@@ -251,30 +259,34 @@ impl Registered<'_> {
                 .is_some_and(|h| h.is_live(Instant::now()))
         };
         if !still_held {
-            return;
+            return None;
         }
         let deadline = match wait {
             Wait::Until(at) => Some(at),
             _ => None,
         };
-        let wake_at = match (deadline, expires_at) {
-            (Some(d), Some(e)) => Some(d.min(e)),
-            (d, e) => d.or(e),
+        let (wake_at, timer) = match (deadline, expires_at) {
+            (Some(d), Some(e)) if e < d => (Some(e), Some(Wakeup::Expiry)),
+            (Some(d), _) => (Some(d), None),
+            (None, e) => (e, Some(Wakeup::Expiry)),
         };
         let span = tracing::trace_span!("lockstep.wait", provider = "in-memory", key = %self.key);
         async {
             match wake_at {
                 Some(at) => {
                     tokio::select! {
-                        _ = &mut notified => {}
-                        _ = sleep_until(at) => {}
+                        _ = &mut notified => Some(Wakeup::Notification),
+                        _ = sleep_until(at) => timer,
                     }
                 }
-                None => notified.await,
+                None => {
+                    notified.await;
+                    Some(Wakeup::Notification)
+                }
             }
         }
         .instrument(span)
-        .await;
+        .await
     }
 }
 

@@ -12,6 +12,7 @@ use crate::inspect::{combine, validate_metadata};
 use crate::keys::{Keys, validate_owner};
 use crate::lease::Lease;
 use crate::memory::InMemoryProvider;
+use crate::metrics;
 use crate::options::{
     AcquireOptions, ExtendOptions, Patience, ReleaseOptions, check_lease, check_max,
 };
@@ -171,6 +172,7 @@ impl LockingModule {
             owner: request.owner,
             expire,
             sent_at: acquired.sent_at,
+            acquired_at: metrics::Acquired::now(),
             provider_id: id.to_owned(),
             provider: Arc::clone(provider),
         })
@@ -353,17 +355,19 @@ pub(crate) async fn acquire_traced(
 ) -> Result<Acquired, LockError> {
     let span = op_span("lockstep.acquire", id, request.keys.len());
     let started = Instant::now();
-    let result = provider.acquire(request).instrument(span.clone()).await;
-    span.record("wait_us", started.elapsed().as_micros() as u64);
-    span.record(
-        "outcome",
-        match &result {
-            Ok(_) => "acquired",
-            Err(LockError::Contended { .. }) => "contended",
-            Err(LockError::TimedOut { .. }) => "timed_out",
-            Err(_) => "error",
-        },
-    );
+    let result = metrics::scoped(id, provider.acquire(request))
+        .instrument(span.clone())
+        .await;
+    let took = started.elapsed();
+    span.record("wait_us", took.as_micros() as u64);
+    let outcome = match &result {
+        Ok(_) => "acquired",
+        Err(LockError::Contended { .. }) => "contended",
+        Err(LockError::TimedOut { .. }) => "timed_out",
+        Err(_) => "error",
+    };
+    span.record("outcome", outcome);
+    metrics::acquisition(id, outcome, took);
     result
 }
 

@@ -29,6 +29,7 @@ mod bench;
 mod demo;
 mod failure;
 mod locks;
+mod metrics;
 mod run;
 mod torture;
 

@@ -54,6 +54,14 @@ pub(crate) struct DemoArgs {
     /// acquire_lock_step ttl, ms.
     #[arg(long, default_value_t = 10_000)]
     ttl_ms: u64,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while the demo
+    /// runs. Only this process's: with Redis, the worker processes' locks
+    /// are not included.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
+    /// Keep serving metrics this long (ms) after the demo ends.
+    #[arg(long, default_value_t = 0, hide = true)]
+    metrics_linger_ms: u64,
 }
 
 impl DemoArgs {
@@ -113,6 +121,9 @@ struct Report {
 
 pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let plan = args.plan()?;
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::serve(addr).await?;
+    }
     let started = Instant::now();
     let progress = Arc::new(AtomicU64::new(0));
     let display = Progress::start(Arc::clone(&progress), plan.total_attempts() as u64);
@@ -125,6 +136,9 @@ pub(crate) async fn demo(args: DemoArgs) -> Result<u8, Failure> {
     let (provider, mode, stats, charges) = outcome?;
     let report = report(&plan, provider, mode, stats, &charges, started.elapsed());
     print_report(&report, args.json);
+    if args.metrics_addr.is_some() && args.metrics_linger_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(args.metrics_linger_ms)).await;
+    }
     Ok(exit_status(&report))
 }
 

@@ -109,6 +109,11 @@ pub(crate) struct TortureArgs {
     /// every lock: shows that the checker does see two holders at once.
     #[arg(long)]
     no_persistence: bool,
+    /// Serve Prometheus metrics at http://HOST:PORT/metrics while it runs.
+    /// Only this process's: the workers, which take the locks, are other
+    /// processes and are not included.
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -167,6 +172,9 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
         return Err(Failure::usage(
             "--workers and --keys must be at least 1, --lease-ms at least 100",
         ));
+    }
+    if let Some(addr) = args.metrics_addr {
+        crate::metrics::serve(addr).await?;
     }
     let started = Instant::now();
     if let Some(bin) = &args.redis_server_bin {

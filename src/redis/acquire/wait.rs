@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::{Queueing, foreign, keep_trying, wait_span};
 use crate::backoff::Backoff;
 use crate::error::LockError;
+use crate::metrics::{self, Wakeup};
 use crate::provider::{AcquireRequest, Acquired, Wait};
 use crate::redis::RedisProvider;
 use crate::redis::keyset::Keyset;
@@ -25,6 +26,10 @@ const RETRY: (Duration, Duration) = (Duration::from_millis(5), Duration::from_mi
 
 /// The longest a wait queue is kept alive by one waiter without news.
 const QUEUE_TTL_MAX: Duration = Duration::from_secs(3600);
+
+/// The provider label of a call made to the provider directly (not
+/// through a module).
+const PROVIDER: &str = "locking-redis";
 
 fn retry_backoff() -> Backoff {
     Backoff::new(RETRY.0, RETRY.1)
@@ -125,6 +130,7 @@ impl RedisProvider {
     ) -> Result<Acquired, LockError> {
         let mut backoff = retry_backoff();
         let mut span = None::<tracing::Span>;
+        let mut counted = None::<metrics::Waiting>;
         loop {
             let sent_at = Instant::now();
             let (index, pttl) = match self.attempt(request, keys, nonce, None, 0).await {
@@ -149,6 +155,7 @@ impl RedisProvider {
                 nap = nap.min(r);
             }
             let span = span.get_or_insert_with(|| wait_span(key));
+            counted.get_or_insert_with(|| metrics::Waiting::start(PROVIDER));
             sleep(nap).instrument(span.clone()).await;
             self.inner.conns.check_open()?;
         }
@@ -182,6 +189,7 @@ impl RedisProvider {
         let mut backoff = retry_backoff();
         let mut last_error = None::<LockError>;
         let mut handoff_deadline = None::<Instant>;
+        let mut counted = None::<metrics::Waiting>;
         loop {
             if let Some((token, sent_at)) = waiter.granted() {
                 guard.acquired();
@@ -211,6 +219,9 @@ impl RedisProvider {
             }
             let now = Instant::now();
             let mut until = now + self.quiet_period(waiting, &mut backoff);
+            // What ends the sleep if nothing wakes the waiter (None: the
+            // deadline, which is no wake-up).
+            let mut timer = Some(Wakeup::Fallback);
             if let Wait::Until(deadline) = request.wait
                 && now >= deadline
             {
@@ -227,15 +238,30 @@ impl RedisProvider {
                         .unwrap_or_else(|| request.wait.give_up(&request.keys[0])));
                 }
                 until = grace;
+                timer = None;
             } else {
-                if let Some(at) = holder_expiry.filter(|_| waiting.is_first(key, &waiter)) {
-                    until = until.min(at);
+                if let Some(at) = holder_expiry.filter(|_| waiting.is_first(key, &waiter))
+                    && at < until
+                {
+                    until = at;
+                    timer = Some(Wakeup::Expiry);
                 }
-                if let Wait::Until(deadline) = request.wait {
-                    until = until.min(deadline);
+                if let Wait::Until(deadline) = request.wait
+                    && deadline < until
+                {
+                    until = deadline;
+                    timer = None;
                 }
             }
-            waiter.sleep_until(until).instrument(span.clone()).await;
+            counted.get_or_insert_with(|| metrics::Waiting::start(PROVIDER));
+            let notified = waiter.sleep_until(until).instrument(span.clone()).await;
+            if let Some(cause) = if notified {
+                Some(Wakeup::Notification)
+            } else {
+                timer
+            } {
+                metrics::wakeup(PROVIDER, cause);
+            }
             waiter.take_woken();
             self.inner.conns.check_open()?;
             // Only the first local waiter speaks for the process; the
@@ -299,6 +325,7 @@ impl RedisProvider {
         let entry = format!("~{}", waiting.pid);
         let mut span = None::<tracing::Span>;
         let mut backoff = retry_backoff();
+        let mut counted = None::<metrics::Waiting>;
         loop {
             let queueing = Queueing {
                 pid: &waiting.pid,
@@ -333,14 +360,30 @@ impl RedisProvider {
             }
             let fallback = self.quiet_period(waiting, &mut backoff);
             let mut until = now + fallback;
+            let mut timer = Some(Wakeup::Fallback);
             if pttl > 0 {
-                until = until.min(now + Duration::from_millis(pttl as u64 + 1));
+                let expiry = now + Duration::from_millis(pttl as u64 + 1);
+                if expiry < until {
+                    until = expiry;
+                    timer = Some(Wakeup::Expiry);
+                }
             }
-            if let Some(r) = remaining {
-                until = until.min(now + r);
+            if let Some(r) = remaining
+                && now + r < until
+            {
+                until = now + r;
+                timer = None;
             }
             let span = span.get_or_insert_with(|| wait_span(&request.keys[index]));
-            waiter.sleep_until(until).instrument(span.clone()).await;
+            counted.get_or_insert_with(|| metrics::Waiting::start(PROVIDER));
+            let notified = waiter.sleep_until(until).instrument(span.clone()).await;
+            if let Some(cause) = if notified {
+                Some(Wakeup::Notification)
+            } else {
+                timer
+            } {
+                metrics::wakeup(PROVIDER, cause);
+            }
             waiter.take_woken();
             self.inner.conns.check_open()?;
         }

@@ -311,6 +311,7 @@ impl RedisProvider {
                     {
                         // A restarted or promoted master: load, then again.
                         ACQUIRE.load_async(&mut conn).await?;
+                        crate::metrics::script_reloaded("acquire");
                         pipe.query_async(&mut conn).await
                     }
                     other => other,

@@ -79,6 +79,23 @@ pub(crate) fn all() -> [&'static Script; 7] {
     ]
 }
 
+/// The name of one of the scripts (its file's stem), for metrics.
+pub(crate) fn name(script: &Script) -> &'static str {
+    let names = [
+        "acquire",
+        "release",
+        "extend",
+        "release_all",
+        "withdraw",
+        "inspect",
+        "force_release",
+    ];
+    all()
+        .iter()
+        .position(|s| std::ptr::eq(*s, script) || s.get_hash() == script.get_hash())
+        .map_or("other", |i| names[i])
+}
+
 /// Runs `script` with `keys` and `args` by its hash, loading it on
 /// `NOSCRIPT` and sending it once more.
 ///
@@ -99,6 +116,7 @@ pub(crate) async fn evalsha<C: ConnectionLike>(
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
             script.prepare_invoke().load_async(conn).await?;
+            crate::metrics::script_reloaded(name(script));
             cmd.query_async(conn).await
         }
         other => other,

@@ -79,11 +79,12 @@ impl Waiter {
         self.notify.notify_one();
     }
 
-    /// Waits until woken, granted, or `until`.
-    pub(crate) async fn sleep_until(&self, until: Instant) {
+    /// Waits until woken, granted, or `until`. Returns whether it was
+    /// notified (woken or granted) rather than reaching `until`.
+    pub(crate) async fn sleep_until(&self, until: Instant) -> bool {
         tokio::select! {
-            _ = self.notify.notified() => {}
-            _ = tokio::time::sleep_until(until) => {}
+            _ = self.notify.notified() => true,
+            _ = tokio::time::sleep_until(until) => false,
         }
     }
 
