@@ -2,8 +2,6 @@
 //! and `lua/force_release.lua`, and the `SCAN` that lists a namespace's
 //! locks without blocking the server.
 
-use futures_util::future::try_join_all;
-
 use super::RedisProvider;
 use super::scripts::inspect::{decode, force_release_argv, keys};
 use super::scripts::{FORCE_RELEASE, INSPECT};
@@ -58,6 +56,8 @@ impl RedisProvider {
                 None => groups.push((slot, vec![i])),
             }
         }
+        use futures_util::future::try_join_all;
+
         let calls = groups.iter().map(|(_, g)| {
             let keys: Vec<String> = g.iter().map(|&i| lock_keys[i].clone()).collect();
             let names: Vec<String> = g.iter().map(|&i| names[i].clone()).collect();
