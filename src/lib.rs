@@ -28,9 +28,9 @@
 //! - `backoff.rs`: the one jittered backoff every retry loop uses;
 //!   `retry.rs`: riding out transient failures for releases; `token.rs`:
 //!   random owners and run ids.
-//! - `metrics.rs` (feature `metrics`): the metric names, their labels, and
-//!   the one-line recording helpers the call sites use (no-ops without the
-//!   feature).
+//! - [`metrics`] (`metrics.rs`, feature `metrics`): the metric names and
+//!   their labels (its docs are the reference), and the one-line recording
+//!   helpers the call sites use (no-ops without the feature).
 //!
 //! Names: a *lease* is how long a lock lives unless extended; Medusa calls
 //! it `expire` in the module's options and `ttl` in the lock steps, and
@@ -70,7 +70,8 @@
 //!   (`RedisConfig::from_cluster`).
 //! - `redlock`: [`RedlockProvider`], a quorum of independent masters.
 //! - `metrics`: acquisition, hold, renewal, lease-loss, waiting, wake-up and
-//!   script-reload series (`lockstep_*`) through the `metrics` facade, into
+//!   script-reload series (`lockstep_*`, listed in [`metrics`]) through the
+//!   `metrics` facade, into
 //!   the recorder the program installs; labels are bounded (provider id,
 //!   outcome, cause, script name). Without it nothing is compiled in.
 //!
@@ -91,7 +92,7 @@ mod inspect;
 mod keys;
 mod lease;
 mod memory;
-mod metrics;
+pub mod metrics;
 mod module;
 mod options;
 pub mod provider;

@@ -1,5 +1,6 @@
 //! Metrics, through the [`metrics`](https://docs.rs/metrics) facade
-//! (feature `metrics`).
+//! (feature `metrics`). This module has nothing to call: it documents the
+//! series; install any `metrics` recorder (an exporter) to receive them.
 //!
 //! With the feature on, lockstep records the series below into whatever
 //! recorder the program installs (an exporter of its choice); with no
@@ -35,26 +36,26 @@ use std::future::Future;
 use std::time::Duration;
 
 /// `lockstep_acquire_seconds`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const ACQUIRE_SECONDS: &str = "lockstep_acquire_seconds";
+#[cfg(feature = "metrics")]
+const ACQUIRE_SECONDS: &str = "lockstep_acquire_seconds";
 /// `lockstep_hold_seconds`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const HOLD_SECONDS: &str = "lockstep_hold_seconds";
+#[cfg(feature = "metrics")]
+const HOLD_SECONDS: &str = "lockstep_hold_seconds";
 /// `lockstep_leases_lost_total`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const LEASES_LOST_TOTAL: &str = "lockstep_leases_lost_total";
+#[cfg(feature = "metrics")]
+const LEASES_LOST_TOTAL: &str = "lockstep_leases_lost_total";
 /// `lockstep_renewals_total`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const RENEWALS_TOTAL: &str = "lockstep_renewals_total";
+#[cfg(feature = "metrics")]
+const RENEWALS_TOTAL: &str = "lockstep_renewals_total";
 /// `lockstep_waiting`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const WAITING: &str = "lockstep_waiting";
+#[cfg(feature = "metrics")]
+const WAITING: &str = "lockstep_waiting";
 /// `lockstep_wakeups_total`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const WAKEUPS_TOTAL: &str = "lockstep_wakeups_total";
+#[cfg(feature = "metrics")]
+const WAKEUPS_TOTAL: &str = "lockstep_wakeups_total";
 /// `lockstep_script_reloads_total`.
-#[cfg_attr(not(feature = "metrics"), allow(dead_code))]
-pub(crate) const SCRIPT_RELOADS_TOTAL: &str = "lockstep_script_reloads_total";
+#[cfg(all(feature = "metrics", feature = "redis"))]
+const SCRIPT_RELOADS_TOTAL: &str = "lockstep_script_reloads_total";
 
 /// Why a waiting acquisition woke to try again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,16 +65,18 @@ pub(crate) enum Wakeup {
     Notification,
     /// The holder's lease, as last seen, ran out.
     Expiry,
-    /// The fallback check (no news for a while).
+    /// The fallback check (no news for a while; Redis only).
+    #[cfg(feature = "redis")]
     Fallback,
 }
 
 impl Wakeup {
-    #[cfg_attr(not(feature = "metrics"), allow(dead_code))]
+    #[cfg(feature = "metrics")]
     fn label(self) -> &'static str {
         match self {
             Wakeup::Notification => "notification",
             Wakeup::Expiry => "expiry",
+            #[cfg(feature = "redis")]
             Wakeup::Fallback => "fallback",
         }
     }
@@ -186,6 +189,7 @@ pub(crate) fn wakeup(fallback_provider: &'static str, cause: Wakeup) {
 }
 
 /// A script was loaded again after `NOSCRIPT`.
+#[cfg(feature = "redis")]
 #[inline]
 pub(crate) fn script_reloaded(script: &'static str) {
     #[cfg(feature = "metrics")]
