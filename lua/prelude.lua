@@ -41,6 +41,21 @@ local FLAG = '\1'
 local TAIL_LEN = 16
 local TAIL_END = 94 -- '^'
 
+-- The server's clock in microseconds, read once per script call (TIME).
+local clock_us
+local function now_us()
+  if not clock_us then
+    local now = redis.call('TIME')
+    clock_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  end
+  return clock_us
+end
+
+-- The server's clock in milliseconds.
+local function now_ms()
+  return math.floor(now_us() / 1000)
+end
+
 -- The value v split into its core (nil for no value, v itself for a value
 -- without a tail: a reservation, or a key of another writer), whether it
 -- had the contended flag, and its tail ('' if none).
@@ -60,15 +75,6 @@ local function unflag(v)
   return string.sub(v, 1, core_len), flagged, string.sub(v, core_len + 1, len)
 end
 
--- The server's clock in milliseconds, read once per script call.
-local clock_ms
-local function now_ms()
-  if not clock_ms then
-    local now = redis.call('TIME')
-    clock_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-  end
-  return clock_ms
-end
 
 -- The tail of a lock taken now with fencing token `token` by a holder
 -- described by `meta` ('' for none; the caller checked it: at most 255
@@ -105,8 +111,7 @@ end
 local function next_token(f, floor)
   local t = redis.call('INCR', f)
   if t == 1 then
-    local now = redis.call('TIME')
-    local us = tonumber(now[1]) * 1000000 + tonumber(now[2])
+    local us = now_us()
     if us > floor then
       floor = us
     end
