@@ -9,6 +9,11 @@
 //!   killed when dropped or when the process exits; and [`shared_url`], the
 //!   Redis one test binary shares (`REDIS_URL`, else a spawned server, else
 //!   Docker with the `testcontainers` feature).
+//! - [`PostgresServer`] (`postgres.rs`): a private PostgreSQL (initdb into
+//!   a fresh directory, `postgres` on a free loopback port, run as the
+//!   `postgres` user when we are root), killed when dropped or when the
+//!   process exits; and [`shared_postgres_url`], the PostgreSQL one test
+//!   binary shares (`LOCKSTEP_POSTGRES_URL`, else a spawned server).
 //! - [`cluster::Cluster`] (`cluster.rs`): a local Redis Cluster.
 //! - [`sentinel::SentinelSet`] (`sentinel.rs`): a master, replicas and
 //!   three sentinels.
@@ -18,7 +23,8 @@
 //! - Waiting helpers: [`eventually`], [`wait_until_in_sync`], and
 //!   [`raw_connection`] for looking at keys directly.
 //!
-//! Nothing here knows lockstep's types: it depends only on redis and tokio,
+//! Nothing here knows lockstep's types: it depends only on redis and tokio
+//! (PostgreSQL is driven through its own binaries, std::process only),
 //! so that the library's tests can use it without building lockstep twice.
 
 #![forbid(unsafe_code)]
@@ -27,12 +33,14 @@
 pub mod cluster;
 #[cfg(feature = "testcontainers")]
 mod docker;
+mod postgres;
 mod proxy;
 pub mod sentinel;
 mod server;
 
 use std::time::Duration;
 
+pub use postgres::{PostgresServer, missing_postgres_help, pg_bin_dir, shared_postgres_url};
 pub use proxy::Proxy;
 pub use server::{
     RedisServer, free_port, missing_redis_help, server_bin, set_server_bin, shared_url,
