@@ -68,6 +68,11 @@ pub(crate) struct RunArgs {
     /// whole wait (75 is EX_TEMPFAIL of sysexits.h: try again later).
     #[arg(long, default_value_t = EXIT_CONFLICT, value_name = "N")]
     pub(crate) conflict_exit_code: u8,
+    /// What `lockstep locks list` shows about this run, after its host and
+    /// pid (default: cmd=<program name>; never the arguments, which may
+    /// hold secrets).
+    #[arg(long, value_name = "TEXT")]
+    pub(crate) label: Option<String>,
     /// Tell on stderr what happens: the wait for the lock, the lock taken
     /// (and its fencing token), the lease lost, signals passed on.
     #[arg(long, short)]
@@ -99,26 +104,24 @@ pub(crate) async fn run(args: RunArgs) -> CommandResult {
     result
 }
 
-/// `cmd=<the command line>` for the lock's metadata: control characters
-/// as spaces, cut to 160 bytes (the library's limit is 255, with the host
-/// and pid before it).
-fn describe(command: &[OsString]) -> String {
-    let line: Vec<String> = command
-        .iter()
-        .map(|a| a.to_string_lossy().into_owned())
-        .collect();
-    let mut d: String = format!("cmd={}", line.join(" "))
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
-    if d.len() > 160 {
-        let mut end = 160;
-        while !d.is_char_boundary(end) {
-            end -= 1;
-        }
-        d.truncate(end);
+/// What the lock records about this run: `--label` if given, else
+/// `cmd=<program>` (the program's file name only: arguments can hold
+/// secrets, and anyone who can list the locks reads this).
+fn describe(args: &RunArgs) -> String {
+    if let Some(label) = &args.label {
+        return label.clone();
     }
-    d
+    let program = args.command.first().map(std::path::Path::new);
+    let name = program
+        .and_then(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .take(100)
+        .collect();
+    format!("cmd={name}")
 }
 
 /// Where the command is, for the signals `lockstep run` receives.
@@ -153,7 +156,7 @@ async fn run_locked(args: &RunArgs, module: &LockingModule) -> CommandResult {
     let options = ExecuteOptions::new()
         .expire(args.ttl)
         .timeout(args.wait)
-        .metadata(describe(&args.command));
+        .metadata(describe(args));
     let execution = module.execute(args.key.as_str(), options, |held| {
         supervise(args, held, &phase)
     });
