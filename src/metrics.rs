@@ -188,6 +188,20 @@ pub(crate) fn wakeup(fallback_provider: &'static str, cause: Wakeup) {
     let _ = (fallback_provider, cause);
 }
 
+/// A sleeping waiter woke: by a notification if `notified`, else by the
+/// timer it slept on (`None`: its deadline, which is no wake-up).
+#[cfg(feature = "redis")]
+#[inline]
+pub(crate) fn woke(fallback_provider: &'static str, notified: bool, timer: Option<Wakeup>) {
+    if let Some(cause) = if notified {
+        Some(Wakeup::Notification)
+    } else {
+        timer
+    } {
+        wakeup(fallback_provider, cause);
+    }
+}
+
 /// A script was loaded again after `NOSCRIPT`.
 #[cfg(feature = "redis")]
 #[inline]

@@ -1,16 +1,17 @@
 //! A private PostgreSQL server for tests, and the PostgreSQL shared by one
 //! test binary. The model is the redis-server launcher (`server.rs`).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::free_port;
+use crate::server::{guard_handshake, ready_within};
 
 /// A PostgreSQL server (a postmaster and its children) with its own data
 /// directory, stopped when dropped.
@@ -184,14 +185,7 @@ impl PostgresServer {
         let mut guard = command
             .spawn()
             .map_err(|e| format!("cannot run the guard sh: {e}"))?;
-        let stdin = guard.stdin.take();
-        let mut stdout = BufReader::new(guard.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
-        let pid: u32 = line
-            .trim()
-            .parse()
-            .map_err(|_| format!("no pid from the guard: {line:?}"))?;
+        let (stdin, pid) = guard_handshake(&mut guard)?;
         let mut server = PostgresServer {
             guard: Some(guard),
             stdin,
@@ -201,15 +195,8 @@ impl PostgresServer {
             bin: bin.to_owned(),
             user: user.map(str::to_owned),
         };
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        while Instant::now() < deadline {
-            if ping(port) {
-                return Ok(server);
-            }
-            if !server.is_running() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if ready_within(STARTUP_DEADLINE, || ping(port), || server.is_running()) {
+            return Ok(server);
         }
         let log = server.log();
         // Keep the directory: the caller retries on another port or
@@ -546,6 +533,8 @@ pub fn shared_postgres_url() -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     fn gone_within(pid: u32, deadline: Duration) -> bool {

@@ -151,14 +151,7 @@ impl RedisServer {
             .stdout(Stdio::piped())
             .stderr(Stdio::null());
         let mut guard = command.spawn().map_err(|e| format!("cannot run sh: {e}"))?;
-        let stdin = guard.stdin.take();
-        let mut stdout = BufReader::new(guard.stdout.take().expect("piped stdout"));
-        let mut line = String::new();
-        stdout.read_line(&mut line).map_err(|e| e.to_string())?;
-        let pid: u32 = line
-            .trim()
-            .parse()
-            .map_err(|_| format!("no pid from the guard: {line:?}"))?;
+        let (stdin, pid) = guard_handshake(&mut guard)?;
         let mut server = RedisServer {
             guard: Some(guard),
             stdin,
@@ -168,15 +161,8 @@ impl RedisServer {
             args: args.to_vec(),
             conf: conf.map(str::to_owned),
         };
-        let deadline = Instant::now() + STARTUP_DEADLINE;
-        while Instant::now() < deadline {
-            if ping(port) {
-                return Ok(server);
-            }
-            if !server.is_running() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if ready_within(STARTUP_DEADLINE, || ping(port), || server.is_running()) {
+            return Ok(server);
         }
         let log = server.log();
         server.stop();
@@ -385,4 +371,38 @@ pub fn shared_url() -> String {
         #[cfg(feature = "testcontainers")]
         Shared::Container { url, .. } => url.clone(),
     }
+}
+
+/// Our end of a guard's stdin (closing it stops the server) and the pid
+/// the guard printed first, for a guard spawned with both piped.
+pub(crate) fn guard_handshake(guard: &mut Child) -> Result<(Option<ChildStdin>, u32), String> {
+    let stdin = guard.stdin.take();
+    let mut stdout = BufReader::new(guard.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).map_err(|e| e.to_string())?;
+    let pid = line
+        .trim()
+        .parse()
+        .map_err(|_| format!("no pid from the guard: {line:?}"))?;
+    Ok((stdin, pid))
+}
+
+/// Polls `ready` every 10 ms until it holds (true), the process is gone
+/// (`alive` false) or `limit` has passed (false).
+pub(crate) fn ready_within(
+    limit: Duration,
+    mut ready: impl FnMut() -> bool,
+    mut alive: impl FnMut() -> bool,
+) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if ready() {
+            return true;
+        }
+        if !alive() {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
 }

@@ -255,13 +255,7 @@ impl RedisProvider {
             }
             counted.get_or_insert_with(|| metrics::Waiting::start(PROVIDER));
             let notified = waiter.sleep_until(until).instrument(span.clone()).await;
-            if let Some(cause) = if notified {
-                Some(Wakeup::Notification)
-            } else {
-                timer
-            } {
-                metrics::wakeup(PROVIDER, cause);
-            }
+            metrics::woke(PROVIDER, notified, timer);
             waiter.take_woken();
             self.inner.conns.check_open()?;
             // Only the first local waiter speaks for the process; the
@@ -377,13 +371,7 @@ impl RedisProvider {
             let span = span.get_or_insert_with(|| wait_span(&request.keys[index]));
             counted.get_or_insert_with(|| metrics::Waiting::start(PROVIDER));
             let notified = waiter.sleep_until(until).instrument(span.clone()).await;
-            if let Some(cause) = if notified {
-                Some(Wakeup::Notification)
-            } else {
-                timer
-            } {
-                metrics::wakeup(PROVIDER, cause);
-            }
+            metrics::woke(PROVIDER, notified, timer);
             waiter.take_woken();
             self.inner.conns.check_open()?;
         }
