@@ -21,6 +21,9 @@
 //! - [`RedisProvider`] (`redis/`, feature `redis`): locks in Redis for many
 //!   processes, on one server, a Sentinel-managed master or a Redis
 //!   Cluster; `redis/mod.rs` maps its files.
+//! - `PostgresProvider` (`postgres/`, feature `postgres`): locks in a
+//!   PostgreSQL table, one plpgsql function call per operation;
+//!   `postgres/mod.rs` maps its files.
 //! - [`RedlockProvider`] (`redlock.rs`, feature `redlock`): one lock across
 //!   a majority of independent Redis masters.
 //! - [`workflow`] (`workflow/`): a small workflow engine with compensation,
@@ -69,6 +72,8 @@
 //! - `cluster`: Redis Cluster, locks sharded by hash slot
 //!   (`RedisConfig::from_cluster`).
 //! - `redlock`: [`RedlockProvider`], a quorum of independent masters.
+//! - `postgres`: `PostgresProvider`, locks in PostgreSQL (tokio-postgres and
+//!   deadpool-postgres); waiters woken by LISTEN/NOTIFY.
 //! - `metrics`: acquisition, hold, renewal, lease-loss, waiting, wake-up and
 //!   script-reload series (`lockstep_*`, listed in [`metrics`]) through the
 //!   `metrics` facade, into
@@ -95,6 +100,8 @@ mod memory;
 pub mod metrics;
 mod module;
 mod options;
+#[cfg(feature = "postgres")]
+mod postgres;
 pub mod provider;
 #[cfg(feature = "redis")]
 mod redis;
@@ -104,6 +111,9 @@ mod retry;
 mod token;
 pub mod workflow;
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use deadpool_postgres;
 pub use error::{BackendError, BackendErrorKind, ConfigError, InvalidInput, LockError};
 pub use execute::Held;
 pub use inspect::{LockHolder, LockInfo, LockState, MAX_METADATA_LEN};
@@ -115,6 +125,9 @@ pub use options::{
     AcquireOptions, DEFAULT_EXECUTE_LEASE, DEFAULT_WAIT_TIMEOUT, ExecuteOptions, ExtendOptions,
     InspectOptions, ListOptions, MAX_DURATION, ReleaseOptions,
 };
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use postgres::{DEFAULT_SCHEMA, ENV_POSTGRES_URL, PostgresConfig, PostgresProvider};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::{DEFAULT_NAMESPACE, Deployment, ENV_URL, RedisConfig, RedisProvider};

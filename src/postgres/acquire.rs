@@ -1,0 +1,277 @@
+//! Acquisition: one attempt (one statement), the guard that undoes an
+//! attempt whose outcome is unknown, and the wait loop.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use deadpool_postgres::Object;
+use tokio::time::{Instant, sleep};
+use tokio_postgres::types::ToSql;
+
+use super::{Inner, error};
+use crate::error::LockError;
+use crate::provider::{AcquireRequest, Acquired, Wait};
+
+/// The longest a waiter sleeps without news: covers lost notifications and
+/// a LISTEN connection that is down.
+const FALLBACK: Duration = Duration::from_secs(1);
+
+/// The pauses between background undo attempts on fresh connections.
+const UNDO_PAUSES: [Duration; 5] = [
+    Duration::ZERO,
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+];
+
+/// What one attempt found.
+enum Attempt {
+    Acquired(Acquired),
+    /// The index of the first key held by someone else, and its lease left
+    /// (`None`: no expiry).
+    Held(usize, Option<Duration>),
+}
+
+/// A fresh nonce per attempt: what the attempt's rows are undone by.
+fn nonce() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+impl Inner {
+    pub(super) async fn acquire(
+        self: &Arc<Self>,
+        request: &AcquireRequest,
+    ) -> Result<Acquired, LockError> {
+        self.check_open()?;
+        // Interest is registered before the first attempt, so that a
+        // release between an attempt and the sleep is not missed.
+        let registration = (request.wait != Wait::Once).then(|| self.register(&request.keys));
+        let mut failures = 0u32;
+        loop {
+            self.check_open()?;
+            let mut notified: Vec<_> = registration
+                .iter()
+                .flat_map(|r| r.notifies.iter())
+                .map(|n| Box::pin(n.notified()))
+                .collect();
+            let nap = match self.attempt(request).await {
+                Ok(Attempt::Acquired(a)) => return Ok(a),
+                Ok(Attempt::Held(index, lease_left)) => {
+                    failures = 0;
+                    let remaining = request.wait.remaining();
+                    if remaining == Some(Duration::ZERO) {
+                        return Err(request.wait.give_up(&request.keys[index]));
+                    }
+                    let mut nap = FALLBACK;
+                    if let Some(left) = lease_left {
+                        nap = nap.min(left + Duration::from_millis(1));
+                    }
+                    if let Some(r) = remaining {
+                        nap = nap.min(r);
+                    }
+                    if index < notified.len() {
+                        let woken = notified.swap_remove(index);
+                        tokio::select! {
+                            () = woken => {}
+                            () = sleep(nap) => {}
+                        }
+                    } else {
+                        sleep(nap).await;
+                    }
+                    continue;
+                }
+                Err(e) if e.is_transient() && request.wait != Wait::Once => {
+                    // Waiting acquisitions ride out transient failures
+                    // until their deadline.
+                    let remaining = request.wait.remaining();
+                    if remaining == Some(Duration::ZERO) {
+                        return Err(e);
+                    }
+                    failures += 1;
+                    let pause = Duration::from_millis(50 * u64::from(failures.min(10)));
+                    remaining.map_or(pause, |r| r.min(pause))
+                }
+                Err(e) => return Err(e),
+            };
+            sleep(nap).await;
+        }
+    }
+
+    /// One attempt, with a nonce of its own. Whatever happens to the future,
+    /// an attempt that may have taken effect without a reply is undone.
+    async fn attempt(self: &Arc<Self>, request: &AcquireRequest) -> Result<Attempt, LockError> {
+        const OP: &str = "acquire";
+        let client = self.client(OP).await?;
+        let statement = client
+            .prepare_cached(&self.sql.acquire)
+            .await
+            .map_err(|e| error::prepare(OP, e))?;
+        let ttl_ms: i64 = request.expire.map_or(0, |d| {
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+        });
+        let nonce = nonce();
+        let mut undo = Undo {
+            inner: Arc::clone(self),
+            client: Some(client),
+            keys: request.keys.clone(),
+            owner: request.owner.clone(),
+            nonce,
+            armed: true,
+        };
+        let sent_at = Instant::now();
+        let result = {
+            let client = undo.client.as_ref().expect("set above");
+            let params: [&(dyn ToSql + Sync); 5] = [
+                &request.keys,
+                &request.owner,
+                &undo.nonce,
+                &ttl_ms,
+                &request.metadata,
+            ];
+            tokio::time::timeout(self.client_timeout(), client.query(&statement, &params)).await
+        };
+        let rows = match result {
+            // The guard undoes it when dropped below.
+            Err(_) => return Err(error::timed_out(OP, self.client_timeout())),
+            Ok(Err(e)) => {
+                let e = error::statement(OP, e);
+                // A server's error rolled the statement back.
+                undo.armed = e.is_outcome_unknown();
+                return Err(e);
+            }
+            Ok(Ok(rows)) => {
+                undo.armed = false;
+                rows
+            }
+        };
+        let parse = || -> Result<Attempt, tokio_postgres::Error> {
+            if let [row] = rows.as_slice()
+                && row.try_get::<_, Option<i64>>(1)?.is_none()
+            {
+                let index: i32 = row.try_get(0)?;
+                let lease_ms: Option<i64> = row.try_get(3)?;
+                return Ok(Attempt::Held(
+                    usize::try_from(index).unwrap_or(0),
+                    lease_ms.map(|ms| Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+                ));
+            }
+            let mut tokens = Vec::with_capacity(rows.len());
+            let mut reentered = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let token: Option<i64> = row.try_get(1)?;
+                tokens.push(u64::try_from(token.unwrap_or(0)).unwrap_or(0));
+                reentered.push(row.try_get::<_, Option<bool>>(2)?.unwrap_or(false));
+            }
+            Ok(Attempt::Acquired(Acquired::new(tokens, reentered, sent_at)))
+        };
+        match parse() {
+            Ok(Attempt::Acquired(a)) if a.tokens.len() != request.keys.len() => Err(
+                error::unexpected(OP, "acquire returned the wrong number of rows"),
+            ),
+            Ok(a) => Ok(a),
+            Err(e) => Err(error::unexpected(OP, e.to_string())),
+        }
+    }
+
+    /// Undoes the attempt `nonce`: first on its own connection (queued
+    /// after the attempt, so it runs once that has committed), then on
+    /// fresh connections with pauses. When it could not run on the same
+    /// connection, it is repeated once more after a second: the attempt's
+    /// backend may still have been running it.
+    async fn undo(
+        &self,
+        client: Option<Object>,
+        keys: &[String],
+        owner: Option<&str>,
+        nonce: &str,
+    ) {
+        if let Some(client) = client {
+            let done = async {
+                let statement = client.prepare_cached(&self.sql.release).await.ok()?;
+                let params: [&(dyn ToSql + Sync); 3] = [&keys, &owner, &nonce];
+                tokio::time::timeout(self.client_timeout(), client.query(&statement, &params))
+                    .await
+                    .ok()?
+                    .ok()
+            }
+            .await
+            .is_some();
+            if done {
+                return;
+            }
+            // Broken or stuck: never back into the pool.
+            drop(Object::take(client));
+        }
+        let mut undone = false;
+        for pause in UNDO_PAUSES {
+            sleep(pause).await;
+            match self.release(keys, owner, nonce).await {
+                Ok(_) => {
+                    undone = true;
+                    break;
+                }
+                Err(LockError::Shutdown { .. }) => break,
+                Err(e) => tracing::debug!(error = %e, "lockstep postgres: undo failed, retrying"),
+            }
+        }
+        if undone {
+            sleep(FALLBACK).await;
+            let _ = self.release(keys, owner, nonce).await;
+        } else {
+            tracing::warn!(
+                ?keys,
+                "lockstep postgres: could not undo an acquisition whose outcome is unknown; \
+                 its leases (if any) will run out"
+            );
+        }
+    }
+}
+
+/// Undoes an attempt in the background unless disarmed: its outcome was
+/// unknown, or its future was dropped while the statement may have been
+/// sent. Holds the attempt's pooled connection, so the undo is queued on
+/// it behind the attempt.
+struct Undo {
+    inner: Arc<Inner>,
+    client: Option<Object>,
+    keys: Vec<String>,
+    owner: Option<String>,
+    nonce: String,
+    armed: bool,
+}
+
+/// Counts a background undo for as long as its task lives.
+struct Pending(Arc<Inner>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.undos.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Undo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!(keys = ?self.keys, "lockstep postgres: no runtime to undo an acquisition");
+            return;
+        };
+        self.inner.undos.fetch_add(1, Ordering::AcqRel);
+        let pending = Pending(Arc::clone(&self.inner));
+        let client = self.client.take();
+        let keys = std::mem::take(&mut self.keys);
+        let owner = self.owner.take();
+        let nonce = std::mem::take(&mut self.nonce);
+        runtime.spawn(async move {
+            pending
+                .0
+                .undo(client, &keys, owner.as_deref(), &nonce)
+                .await;
+            drop(pending);
+        });
+    }
+}

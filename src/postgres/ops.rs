@@ -1,0 +1,172 @@
+//! Release, extend, release_all, force_release, inspect and list: one
+//! statement each.
+
+use std::time::{Duration, SystemTime};
+
+use tokio_postgres::Row;
+
+use super::{Inner, error};
+use crate::error::LockError;
+use crate::inspect::{LockHolder, LockInfo, LockState};
+
+fn ms(v: i64) -> Duration {
+    Duration::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+fn token(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+impl Inner {
+    /// Releases `keys` of `owner`; with a `nonce` other than `""` only what
+    /// that acquisition took.
+    pub(super) async fn release(
+        &self,
+        keys: &[String],
+        owner: Option<&str>,
+        nonce: &str,
+    ) -> Result<Vec<bool>, LockError> {
+        const OP: &str = "release";
+        let rows = self
+            .query(OP, &self.sql.release, &[&keys, &owner, &nonce])
+            .await?;
+        let released: Vec<bool> = single(OP, &rows)?;
+        if released.len() != keys.len() {
+            return Err(error::unexpected(OP, "one flag per key expected"));
+        }
+        Ok(released)
+    }
+
+    pub(super) async fn extend(
+        &self,
+        keys: &[String],
+        owner: Option<&str>,
+        lease: Duration,
+    ) -> Result<(), LockError> {
+        const OP: &str = "extend";
+        let ttl_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1);
+        let rows = self
+            .query(OP, &self.sql.extend, &[&keys, &owner, &ttl_ms])
+            .await?;
+        let missing: i32 = single(OP, &rows)?;
+        match usize::try_from(missing) {
+            Ok(i) => Err(LockError::NotOwner {
+                key: keys.get(i).cloned().unwrap_or_default(),
+            }),
+            Err(_) => Ok(()),
+        }
+    }
+
+    pub(super) async fn release_all(&self, owner: Option<&str>) -> Result<u64, LockError> {
+        const OP: &str = "release_all";
+        let rows = self.query(OP, &self.sql.release_all, &[&owner]).await?;
+        let n: i64 = single(OP, &rows)?;
+        Ok(token(n))
+    }
+
+    pub(super) async fn force_release(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<LockInfo>>, LockError> {
+        const OP: &str = "force_release";
+        let rows = self.query(OP, &self.sql.force_release, &[&keys]).await?;
+        let mut freed = vec![None; keys.len()];
+        for row in rows {
+            let parse = || -> Result<(usize, LockHolder), tokio_postgres::Error> {
+                let index: i32 = row.try_get(0)?;
+                let holder = LockHolder::new(
+                    row.try_get(1)?,
+                    token(row.try_get(2)?),
+                    row.try_get::<_, SystemTime>(3)?,
+                    ms(row.try_get(4)?),
+                )
+                .with_lease_left(row.try_get::<_, Option<i64>>(5)?.map(ms))
+                .with_metadata(row.try_get(6)?);
+                Ok((usize::try_from(index).unwrap_or(usize::MAX), holder))
+            };
+            let (index, holder) = parse().map_err(|e| error::unexpected(OP, e.to_string()))?;
+            let Some(slot) = freed.get_mut(index) else {
+                return Err(error::unexpected(OP, "a key index out of range"));
+            };
+            *slot = Some(LockInfo::new(
+                keys[index].clone(),
+                LockState::Held(holder),
+                self.local_waiters(&keys[index]),
+            ));
+        }
+        Ok(freed)
+    }
+
+    pub(super) async fn inspect(&self, keys: &[String]) -> Result<Vec<LockInfo>, LockError> {
+        const OP: &str = "inspect";
+        let rows = self.query(OP, &self.sql.inspect, &[&keys]).await?;
+        let mut held = std::collections::HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let (key, holder) = holder(OP, row)?;
+            held.insert(key, holder);
+        }
+        Ok(keys
+            .iter()
+            .map(|k| {
+                let state = held.remove(k).map_or(LockState::Free, LockState::Held);
+                LockInfo::new(k.clone(), state, self.local_waiters(k))
+            })
+            .collect())
+    }
+
+    pub(super) async fn list(&self, prefix: &str) -> Result<Vec<LockInfo>, LockError> {
+        const OP: &str = "list";
+        let rows = self.query(OP, &self.sql.list, &[&prefix]).await?;
+        rows.iter()
+            .map(|row| {
+                let (key, holder) = holder(OP, row)?;
+                let waiting = self.local_waiters(&key);
+                Ok(LockInfo::new(key, LockState::Held(holder), waiting))
+            })
+            .collect()
+    }
+
+    pub(super) async fn shut_down(&self) {
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        self.shutdown.cancel();
+        self.wake_all();
+        // Let undos under way finish (bounded), then close the pool.
+        let end = tokio::time::Instant::now() + Duration::from_secs(3);
+        while self.undos.load(std::sync::atomic::Ordering::Acquire) > 0
+            && tokio::time::Instant::now() < end
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.pool.close();
+    }
+}
+
+/// The one value of a one-row, one-column reply.
+fn single<T>(operation: &'static str, rows: &[Row]) -> Result<T, LockError>
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    match rows {
+        [row] => row
+            .try_get(0)
+            .map_err(|e| error::unexpected(operation, e.to_string())),
+        _ => Err(error::unexpected(operation, "one row expected")),
+    }
+}
+
+/// A row of the inspect/list query: the key and its holder.
+fn holder(operation: &'static str, row: &Row) -> Result<(String, LockHolder), LockError> {
+    let parse = || -> Result<(String, LockHolder), tokio_postgres::Error> {
+        let holder = LockHolder::new(
+            row.try_get(1)?,
+            token(row.try_get(2)?),
+            row.try_get::<_, SystemTime>(3)?,
+            ms(row.try_get(4)?),
+        )
+        .with_lease_left(row.try_get::<_, Option<i64>>(5)?.map(ms))
+        .with_metadata(row.try_get(6)?);
+        Ok((row.try_get(0)?, holder))
+    };
+    parse().map_err(|e| error::unexpected(operation, e.to_string()))
+}

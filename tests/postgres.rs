@@ -1,0 +1,176 @@
+//! PostgreSQL-specific behaviour of the provider, beyond the contract
+//! suite (`tests/postgres_contract.rs`).
+
+use std::time::Duration;
+
+use lockstep::{AcquireOptions, ConfigError, LockingModule, PostgresConfig, PostgresProvider};
+use lockstep_testkit::{PostgresServer, shared_postgres_url};
+use tokio::time::Instant;
+
+fn unique_schema() -> String {
+    let n = uuid_like();
+    format!("lockstep_pgtest_{n}")
+}
+
+fn uuid_like() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(N.fetch_add(1, Ordering::Relaxed));
+    format!("{:016x}", h.finish())
+}
+
+async fn provider(url: &str, schema: &str) -> PostgresProvider {
+    PostgresProvider::connect(PostgresConfig::from_url(url).schema(schema))
+        .await
+        .expect("connect to the test PostgreSQL")
+}
+
+fn module(p: PostgresProvider) -> LockingModule {
+    LockingModule::builder()
+        .default_provider("locking-postgres", p)
+        .build()
+        .unwrap()
+}
+
+/// Two providers (two processes' views) taking the same keys in opposite
+/// orders, many rounds: never "deadlock detected", never a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opposite_key_orders_never_deadlock() {
+    let url = shared_postgres_url();
+    let schema = unique_schema();
+    let a = module(provider(&url, &schema).await);
+    let b = module(provider(&url, &schema).await);
+    let keys = ["x", "y", "z", "w"];
+    let mut reversed = keys;
+    reversed.reverse();
+    let run = |m: LockingModule, keys: [&'static str; 4], who: &'static str| {
+        tokio::spawn(async move {
+            for round in 0..150 {
+                let lease = m
+                    .acquire(
+                        keys.to_vec(),
+                        AcquireOptions::new()
+                            .owner_id(format!("{who}-{round}"))
+                            .expire(Duration::from_secs(10))
+                            .timeout(Duration::from_secs(10)),
+                    )
+                    .await
+                    .unwrap_or_else(|e| panic!("{who} round {round}: {e}"));
+                assert!(lease.release().await.expect("release"));
+            }
+        })
+    };
+    let (ra, rb) = tokio::join!(run(a, keys, "a"), run(b, reversed, "b"));
+    ra.unwrap();
+    rb.unwrap();
+}
+
+/// Fencing tokens come from a sequence: they keep growing across a server
+/// crash and restart, and the provider's pool recovers by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fencing_tokens_grow_across_a_server_restart() {
+    let mut server = PostgresServer::start();
+    let url = server.url();
+    let m = module(provider(&url, "lockstep").await);
+    let mut last = 0;
+    for _ in 0..3 {
+        let lease = m.acquire("k", AcquireOptions::new()).await.unwrap();
+        assert!(lease.fencing_token() > last);
+        last = lease.fencing_token();
+        assert!(lease.release().await.unwrap());
+    }
+    server.kill();
+    server.restart();
+    // The pooled connections died with the server: retried until fresh
+    // ones come.
+    let end = Instant::now() + Duration::from_secs(20);
+    let lease = loop {
+        match m.acquire("k", AcquireOptions::new()).await {
+            Ok(l) => break l,
+            Err(e) if e.is_backend() && Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("after the restart: {e}"),
+        }
+    };
+    assert!(
+        lease.fencing_token() > last,
+        "token {} after the restart, {last} before",
+        lease.fencing_token()
+    );
+    assert!(lease.release().await.unwrap());
+}
+
+/// The DDL is idempotent: connecting again (and several providers at once)
+/// on an existing schema works, and they share the locks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ddl_is_idempotent() {
+    let url = shared_postgres_url();
+    let schema = unique_schema();
+    let first = module(provider(&url, &schema).await);
+    let lease = first
+        .acquire("k", AcquireOptions::new().owner_id("o"))
+        .await
+        .unwrap();
+    let again: Vec<_> = (0..4)
+        .map(|_| {
+            let (url, schema) = (url.clone(), schema.clone());
+            tokio::spawn(async move { provider(&url, &schema).await })
+        })
+        .collect();
+    for p in again {
+        let m = module(p.await.unwrap());
+        let e = m
+            .acquire("k", AcquireOptions::new().owner_id("other"))
+            .await
+            .unwrap_err();
+        assert!(e.is_contended(), "{e}");
+    }
+    assert!(lease.release().await.unwrap());
+}
+
+/// A schema name that is not `[a-z_][a-z0-9_]*` of at most 63 bytes is a
+/// typed error, before anything is sent.
+#[tokio::test]
+async fn a_bad_schema_name_is_a_typed_error() {
+    for bad in [
+        "Locks",
+        "a-b",
+        "x\"; DROP TABLE y; --",
+        "",
+        "9a",
+        &"a".repeat(64),
+    ] {
+        let e = PostgresProvider::connect(
+            PostgresConfig::from_url("postgres://127.0.0.1:1/db").schema(bad),
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            matches!(e, ConfigError::InvalidSetting { name: "schema", .. }),
+            "{bad:?}: {e}"
+        );
+    }
+}
+
+/// A bad URL is `InvalidUrl`; a server that does not answer is
+/// `Unreachable`, within the connect timeout.
+#[tokio::test]
+async fn bad_urls_and_unreachable_servers_are_config_errors() {
+    let e = PostgresProvider::connect(PostgresConfig::from_url("postgres://h:notaport/db"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ConfigError::InvalidUrl { .. }), "{e}");
+    let start = Instant::now();
+    let e = PostgresProvider::connect(
+        PostgresConfig::from_url("postgres://u:secret@127.0.0.1:1/db")
+            .connect_timeout(Duration::from_millis(500)),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, ConfigError::Unreachable { .. }), "{e}");
+    assert!(!e.to_string().contains("secret"), "{e}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
