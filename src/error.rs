@@ -13,6 +13,16 @@ use std::error::Error as StdError;
 use std::fmt;
 use std::time::Duration;
 
+/// What kind of server a URL in a message names: PostgreSQL for
+/// `postgres://` and `postgresql://`, else Redis.
+fn server_kind(url: &str) -> &'static str {
+    if url.starts_with("postgres") {
+        "PostgreSQL"
+    } else {
+        "Redis"
+    }
+}
+
 /// A boxed error, used as the `source()` of backend failures.
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync + 'static>;
 
@@ -318,7 +328,7 @@ pub enum ConfigError {
     },
     /// The Redis URL could not be used. The message never contains the
     /// password.
-    #[error("invalid Redis URL {url}: {reason}")]
+    #[error("invalid {} URL {url}: {reason}", server_kind(url))]
     InvalidUrl {
         /// The URL with its password replaced by `***`.
         url: String,
@@ -335,7 +345,7 @@ pub enum ConfigError {
     },
     /// Redis could not be reached, or did not answer, within the connect
     /// timeout.
-    #[error("cannot reach Redis at {url} within {timeout:?}: {reason}")]
+    #[error("cannot reach {} at {url} within {timeout:?}: {reason}", server_kind(url))]
     Unreachable {
         /// The URL with its password replaced by `***`.
         url: String,
@@ -348,7 +358,7 @@ pub enum ConfigError {
         source: Option<BoxError>,
     },
     /// Redis refused the credentials.
-    #[error("Redis at {url} refused the credentials: {reason}")]
+    #[error("{} at {url} refused the credentials: {reason}", server_kind(url))]
     AuthFailed {
         /// The URL with its password replaced by `***`.
         url: String,
