@@ -343,9 +343,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
-    /// Redis could not be reached, or did not answer, within the connect
+    /// The server could not be reached, or did not answer, within the connect
     /// timeout.
-    #[error("cannot reach {} at {url} within {timeout:?}: {reason}", server_kind(url))]
+    #[error(
+        "cannot reach {} at {url} within {timeout:?}: {reason}",
+        server_kind(url)
+    )]
     Unreachable {
         /// The URL with its password replaced by `***`.
         url: String,

@@ -173,6 +173,9 @@ async fn bad_urls_and_unreachable_servers_are_config_errors() {
     .unwrap_err();
     assert!(matches!(e, ConfigError::Unreachable { .. }), "{e}");
     assert!(!e.to_string().contains("secret"), "{e}");
-    assert!(e.to_string().starts_with("cannot reach PostgreSQL at"), "{e}");
+    assert!(
+        e.to_string().starts_with("cannot reach PostgreSQL at"),
+        "{e}"
+    );
     assert!(start.elapsed() < Duration::from_secs(3));
 }
