@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lockstep::provider::LockingProvider;
-use lockstep::{LockingModule, RedisConfig, RedisProvider, RedlockProvider};
+use lockstep::{
+    LockingModule, PostgresConfig, PostgresProvider, RedisConfig, RedisProvider, RedlockProvider,
+};
 
 /// Connection flags shared by the commands that talk to Redis.
 #[derive(Debug, Clone, clap::Args)]
@@ -45,6 +47,14 @@ pub(crate) struct BackendArgs {
     /// Key namespace.
     #[arg(long, default_value = lockstep::DEFAULT_NAMESPACE)]
     pub(crate) namespace: String,
+    /// PostgreSQL instead of Redis, e.g. postgres://user@host/db (the
+    /// provider creates its schema if missing). Not yet for demo, bench
+    /// and torture.
+    #[arg(long, value_name = "URL", conflicts_with_all = ["redis_url", "cluster", "sentinels", "redlock", "wait_for_replicas"])]
+    pub(crate) postgres_url: Option<String>,
+    /// The schema of --postgres-url's locks.
+    #[arg(long, default_value = lockstep::DEFAULT_SCHEMA, value_name = "NAME")]
+    pub(crate) pg_schema: String,
 }
 
 /// A connected backend.
@@ -60,7 +70,8 @@ pub(crate) struct Connected {
 impl BackendArgs {
     /// Whether any Redis was given (the demo runs in memory otherwise).
     pub(crate) fn is_given(&self) -> bool {
-        self.redis_url.is_some()
+        self.postgres_url.is_some()
+            || self.redis_url.is_some()
             || !self.cluster.is_empty()
             || !self.sentinels.is_empty()
             || !self.redlock.is_empty()
@@ -94,6 +105,17 @@ impl BackendArgs {
         &self,
         tune: impl FnOnce(RedisConfig) -> RedisConfig,
     ) -> Result<Connected, String> {
+        if let Some(url) = &self.postgres_url {
+            let config = PostgresConfig::from_url(url).schema(&self.pg_schema);
+            let provider = PostgresProvider::connect(config)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok(Connected {
+                module: module("locking-postgres", Arc::new(provider)),
+                redis: None,
+                kind: "locking-postgres",
+            });
+        }
         if !self.redlock.is_empty() {
             let urls: Vec<&str> = self.redlock.iter().map(String::as_str).collect();
             let base = RedisConfig::default().namespace(&self.namespace);
@@ -155,7 +177,21 @@ impl BackendArgs {
             ]);
         }
         args.extend(["--namespace".to_owned(), self.namespace.clone()]);
+        if let Some(url) = &self.postgres_url {
+            args.extend(["--postgres-url".to_owned(), url.clone()]);
+            args.extend(["--pg-schema".to_owned(), self.pg_schema.clone()]);
+        }
         args
+    }
+
+    /// A usage error for a command that cannot use PostgreSQL yet.
+    pub(crate) fn redis_only(&self, command: &str) -> Result<(), String> {
+        match self.postgres_url {
+            Some(_) => Err(format!(
+                "{command} does not run on PostgreSQL yet: give --redis-url, --cluster, --sentinel or --redlock"
+            )),
+            None => Ok(()),
+        }
     }
 
     /// The servers that hold locks: the server, the cluster's masters, the
@@ -230,7 +266,7 @@ impl Node {
 
 /// What to give when no backend was given.
 pub(crate) fn missing() -> String {
-    "give --redis-url (or LOCKING_REDIS_URL), --cluster, --sentinel with --sentinel-master, or --redlock"
+    "give --redis-url (or LOCKING_REDIS_URL), --cluster, --sentinel with --sentinel-master, --redlock, or --postgres-url"
         .to_owned()
 }
 

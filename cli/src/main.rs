@@ -103,7 +103,8 @@ enum Command {
     /// frees locks whoever holds them (the old holder's next renewal fails
     /// as a lost lease; the next holder's fencing token is higher).
     Locks(locks::LocksArgs),
-    /// Connect to Redis, load the scripts, and time a lock round trip.
+    /// Connect to the backend (Redis: load the scripts), and time a lock
+    /// round trip.
     Check {
         #[command(flatten)]
         redis: BackendArgs,
@@ -155,10 +156,13 @@ async fn check(args: &BackendArgs) -> CommandResult {
         .await?;
     let token = lease.fencing_token();
     lease.release().await?;
+    let place = match &args.postgres_url {
+        Some(_) => format!("schema {:?}", args.pg_schema),
+        None => format!("namespace {:?}", args.namespace),
+    };
     println!(
-        "ok: acquire + release in {:?} (fencing token {token}), namespace {:?}",
-        started.elapsed(),
-        args.namespace
+        "ok: acquire + release in {:?} (fencing token {token}), {place}",
+        started.elapsed()
     );
     module.shutdown().await;
     Ok(EXIT_OK)

@@ -112,6 +112,7 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
+    args.backend.redis_only("bench").map_err(Failure::usage)?;
     let mut backend = args.backend.clone();
     if let Some(bin) = &args.redis_server_bin {
         lockstep_testkit::set_server_bin(bin);

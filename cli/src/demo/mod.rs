@@ -207,7 +207,7 @@ impl Servers {
             (Some(url), _) => Ok(url.clone()),
             (None, Some(url)) if self.backend.is_single() => Ok(url.clone()),
             _ => Err(Failure::usage(
-                "give --ledger-url: with --cluster, --sentinel or --redlock the ledger lives on a plain Redis of its own",
+                "give --ledger-url: with --cluster, --sentinel, --redlock or --postgres-url the ledger lives on a plain Redis of its own",
             )),
         }
     }

@@ -1,0 +1,154 @@
+//! The command line on PostgreSQL (`--postgres-url`): `check`, `run`,
+//! `locks`, `release-all`, and the checkout demo with its ledger on a
+//! private Redis. Each test works in a schema of its own on the test
+//! kit's PostgreSQL (`LOCKSTEP_POSTGRES_URL`, else a private server).
+
+#[path = "../../tests/support/mod.rs"]
+mod support;
+
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// `lockstep <args> --postgres-url <shared> --pg-schema <schema>`, the
+/// backend flags before a `--` if there is one (what follows it is the
+/// command of `run`).
+fn lockstep(schema: &str, args: &[&str]) -> Command {
+    let split = args.iter().position(|a| *a == "--").unwrap_or(args.len());
+    let mut c = Command::new(env!("CARGO_BIN_EXE_lockstep"));
+    c.args(&args[..split])
+        .args(["--postgres-url", &lockstep_testkit::shared_postgres_url()])
+        .args(["--pg-schema", schema])
+        .args(&args[split..])
+        .stdin(Stdio::null());
+    c
+}
+
+fn output(schema: &str, args: &[&str]) -> Output {
+    lockstep(schema, args).output().expect("run lockstep")
+}
+
+fn text(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn schema() -> String {
+    format!(
+        "cli_{}",
+        support::unique_namespace()
+            .trim_end_matches(':')
+            .replace([':', '-'], "_")
+    )
+    .to_lowercase()
+}
+
+#[test]
+fn check_run_locks_and_release_all_work_on_postgres() {
+    let schema = schema();
+    let out = output(&schema, &["check"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        text(&out).starts_with("ok: acquire + release"),
+        "{}",
+        text(&out)
+    );
+
+    // A run holds its lock while its command waits for a file.
+    let dir = std::env::temp_dir().join(&schema);
+    std::fs::create_dir_all(&dir).unwrap();
+    let gate = dir.join("gate");
+    let script = format!("while [ ! -e {} ]; do sleep 0.05; done", gate.display());
+    let mut run = lockstep(&schema, &["run", "nightly", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let held: Value = loop {
+        let out = output(&schema, &["locks", "list", "--json"]);
+        if let Some(line) = text(&out).lines().next() {
+            break serde_json::from_str(line).unwrap();
+        }
+        assert!(Instant::now() < deadline, "the run never took its lock");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(held["key"], "nightly");
+    assert!(
+        held["metadata"].as_str().unwrap().ends_with("cmd=sh"),
+        "{held}"
+    );
+    // A second run finds it held: the conflict status.
+    let out = output(&schema, &["run", "nightly", "--wait", "0s", "--", "true"]);
+    assert_eq!(out.status.code(), Some(75), "{out:?}");
+
+    std::fs::write(&gate, "").unwrap();
+    assert!(run.wait().unwrap().success());
+    let out = output(&schema, &["locks", "show", "nightly"]);
+    assert!(text(&out).contains("(free)"), "{}", text(&out));
+
+    // release-all, and tokens that keep growing.
+    let token = |o: &Output| -> u64 {
+        let line = String::from_utf8_lossy(&o.stdout);
+        line.split("fencing token ")
+            .nth(1)
+            .unwrap()
+            .split(')')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let first = output(&schema, &["check"]);
+    let out = output(&schema, &["release-all"]);
+    assert!(text(&out).contains("released 0 lock(s)"), "{}", text(&out));
+    let second = output(&schema, &["check"]);
+    assert!(token(&second) > token(&first), "tokens grow");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_demo_on_postgres_never_double_charges() {
+    let ledger = support::RedisServer::start(&[]);
+    let schema = schema();
+    let args = [
+        "demo",
+        "--ledger-url",
+        &ledger.url(),
+        "--instances",
+        "4",
+        "--orders",
+        "100",
+        "--json",
+    ];
+    let out = output(&schema, &args);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{out:?}"));
+    assert_eq!(out.status.code(), Some(0), "{r}");
+    assert_eq!(r["provider"], "locking-postgres", "{r}");
+    assert_eq!(r["mode"], "processes");
+    assert_eq!(r["double_charges"], 0, "{r}");
+    assert_eq!(r["uncharged_orders"], 0, "{r}");
+
+    let mut unlocked = args.to_vec();
+    unlocked.push("--no-lock");
+    let out = output(&schema, &unlocked);
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        r["double_charges"].as_u64().unwrap() > 0,
+        "the race shows: {r}"
+    );
+}
+
+#[test]
+fn commands_that_need_redis_say_so() {
+    let out = output(&schema(), &["bench", "--workload", "w1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not run on PostgreSQL yet"),
+        "{out:?}"
+    );
+    let out = output(&schema(), &["demo", "--instances", "2"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--ledger-url"),
+        "{out:?}"
+    );
+}
