@@ -69,7 +69,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = EXIT_CONFLICT, value_name = "N")]
     pub(crate) conflict_exit_code: u8,
     /// What `lockstep locks list` shows about this run, after its host and
-    /// pid (default: cmd=<program name>; never the arguments, which may
+    /// pid (default: `cmd=<program name>`; never the arguments, which may
     /// hold secrets).
     #[arg(long, value_name = "TEXT")]
     pub(crate) label: Option<String>,
