@@ -184,16 +184,6 @@ impl BackendArgs {
         args
     }
 
-    /// A usage error for a command that cannot use PostgreSQL yet.
-    pub(crate) fn redis_only(&self, command: &str) -> Result<(), String> {
-        match self.postgres_url {
-            Some(_) => Err(format!(
-                "{command} does not run on PostgreSQL yet: give --redis-url, --cluster, --sentinel or --redlock"
-            )),
-            None => Ok(()),
-        }
-    }
-
     /// The servers that hold locks: the server, the cluster's masters, the
     /// master the sentinels name, or the Redlock masters. Looked up now (a
     /// cluster's or Sentinel's view may change). Their URLs keep the

@@ -138,13 +138,30 @@ fn the_demo_on_postgres_never_double_charges() {
 }
 
 #[test]
-fn commands_that_need_redis_say_so() {
-    let out = output(&schema(), &["bench", "--workload", "w1"]);
+fn what_needs_redis_says_so_and_the_bench_measures_postgres() {
+    let out = output(&schema(), &["bench", "--workload", "mem"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("does not run on PostgreSQL yet"),
+        String::from_utf8_lossy(&out.stderr).contains("measures w1, w2 and w3"),
         "{out:?}"
     );
+    let out = output(
+        &schema(),
+        &[
+            "bench",
+            "--workload",
+            "w2",
+            "--duration",
+            "1",
+            "--concurrency",
+            "4",
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    let run: Value = serde_json::from_str(text(&out).lines().next().unwrap()).unwrap();
+    let r = &run["results"];
+    assert!(r["acq_per_s"].as_f64().unwrap() > 0.0, "{run}");
+    assert_eq!(r["violations"], 0.0, "{run}");
     let out = output(&schema(), &["demo", "--instances", "2"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(

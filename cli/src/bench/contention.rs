@@ -265,7 +265,13 @@ pub(super) async fn contention(
         client_cpu_us: cpu_after.1.zip(cpu_before.1).map(|(a, b)| a - b),
     };
     let mut results = measured.results(shape, nodes);
-    if shape == Shape::OneKey && backend.is_single() {
+    if shape == Shape::OneKey && backend.postgres_url.is_some() && args.hold_us > 0 {
+        // The holders counter is in this process: the serial limit is the
+        // hold alone, with a lock that cost nothing.
+        let limit = 1e6 / args.hold_us as f64;
+        results["serial_limit_per_s"] = json!(round2(limit));
+        results["of_serial_limit"] = json!(round2(measured.per_s() / limit));
+    } else if shape == Shape::OneKey && backend.is_single() && !nodes.admins.is_empty() {
         // The serial limit: one holder at a time, each paying the hold and
         // the two harness round trips (INCR, DECR) at PING speed, with a
         // lock that cost nothing.

@@ -67,6 +67,11 @@ pub(crate) struct BenchArgs {
     /// Start a Redis Cluster of N masters of our own on free loopback ports.
     #[arg(long, value_name = "N", conflicts_with_all = ["spawn_redis", "redis_url", "cluster", "sentinels", "redlock"])]
     spawn_cluster: Option<usize>,
+    /// Start a PostgreSQL of our own (the test kit's: initdb in a temporary
+    /// directory, a free loopback port) and measure the Postgres provider
+    /// (w1-w3 only, no bare lock).
+    #[arg(long, conflicts_with_all = ["spawn_redis", "spawn_cluster", "redis_url", "cluster", "sentinels", "redlock", "postgres_url"])]
+    spawn_postgres: bool,
     /// The redis-server binary for --spawn-redis and --spawn-cluster
     /// (default: `LOCKSTEP_REDIS_SERVER_BIN`, else redis-server in PATH).
     #[arg(long)]
@@ -112,7 +117,6 @@ pub(crate) struct BenchArgs {
 }
 
 pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
-    args.backend.redis_only("bench").map_err(Failure::usage)?;
     let mut backend = args.backend.clone();
     if let Some(bin) = &args.redis_server_bin {
         lockstep_testkit::set_server_bin(bin);
@@ -120,7 +124,21 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
     // Servers started here, stopped when this returns.
     let mut _single = None;
     let mut _cluster = None;
-    if args.spawn_redis {
+    let mut _postgres = None;
+    if args.spawn_postgres {
+        let server = lockstep_testkit::PostgresServer::try_start().map_err(Failure::usage)?;
+        backend.postgres_url = Some(server.url());
+        _postgres = Some(server);
+    }
+    if backend.postgres_url.is_some() {
+        // Its own schema, as Redis gets the `bench:` namespace.
+        backend.pg_schema = "lockstep_bench".to_owned();
+        if args.baseline || !matches!(args.workload, Workload::W1 | Workload::W2 | Workload::W3) {
+            return Err(Failure::usage(
+                "on PostgreSQL the bench measures w1, w2 and w3, without --baseline",
+            ));
+        }
+    } else if args.spawn_redis {
         let server = RedisServer::try_start_with(None, None, &[]).map_err(Failure::usage)?;
         backend.redis_url = Some(server.url());
         _single = Some(server);
@@ -137,7 +155,7 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
         _cluster = Some(cluster);
     } else if !backend.is_given() {
         return Err(Failure::usage(
-            "give --spawn-redis, --spawn-cluster N, --redis-url URL, --cluster, --sentinel or --redlock",
+            "give --spawn-redis, --spawn-cluster N, --spawn-postgres, --redis-url URL, --cluster, --sentinel, --redlock or --postgres-url",
         ));
     }
     let spawned = _single.is_some() || _cluster.is_some();

@@ -19,6 +19,13 @@ pub(super) struct Nodes {
 impl Nodes {
     pub(super) async fn connect(backend: &BackendArgs) -> Result<Nodes, Failure> {
         let mut admins = Vec::new();
+        if backend.postgres_url.is_some() {
+            // No Redis: no command counts, no server CPU from INFO.
+            return Ok(Nodes {
+                admins,
+                first_url: String::new(),
+            });
+        }
         let nodes = backend.data_nodes().await.map_err(Failure::usage)?;
         for node in &nodes {
             // plain() sets no response timeout: flushing millions of keys
@@ -90,11 +97,16 @@ impl Nodes {
 pub(super) enum Counter {
     Plain(redis::aio::MultiplexedConnection),
     Cluster(redis::cluster_async::ClusterConnection),
+    /// In this process (PostgreSQL: no Redis; the workers are all here).
+    Local(std::sync::Arc<std::sync::atomic::AtomicI64>),
 }
 
 impl Counter {
     pub(super) async fn connect(backend: &BackendArgs, nodes: &Nodes) -> Result<Counter, Failure> {
         let fail = |e: redis::RedisError| Failure::usage(e.to_string());
+        if backend.postgres_url.is_some() {
+            return Ok(Counter::Local(Default::default()));
+        }
         if !backend.cluster.is_empty() {
             let client =
                 redis::cluster::ClusterClient::new(backend.cluster.clone()).map_err(fail)?;
@@ -112,6 +124,9 @@ impl Counter {
         let result = match self {
             Counter::Plain(c) => c.incr("holders", by).await,
             Counter::Cluster(c) => c.incr("holders", by).await,
+            Counter::Local(n) => {
+                return n.fetch_add(by, std::sync::atomic::Ordering::SeqCst) + by;
+            }
         };
         result.unwrap_or(i64::MIN)
     }
