@@ -221,6 +221,8 @@ async fn in_memory_sequence_records_each_series() {
                 .await
         }
     });
+    // Paused time on one thread: the sleep ends only once every other task
+    // is idle, so the waiter is asleep in its wait by then.
     tokio::time::sleep(Duration::from_millis(10)).await;
     assert_eq!(gauge("lockstep_waiting", &[("provider", MEM)]), Some(1.0));
     assert!(n.release().await.unwrap());

@@ -8,7 +8,9 @@ mod support;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use lockstep::{AcquireOptions, ExtendOptions, LockingModule, RedisConfig, RedisProvider};
+use lockstep::{
+    AcquireOptions, ExtendOptions, InspectOptions, LockingModule, RedisConfig, RedisProvider,
+};
 use support::RedisServer;
 
 const NS: &str = "locks-cli:";
@@ -37,14 +39,27 @@ async fn module(server: &RedisServer) -> LockingModule {
 async fn locks_list_and_show_tell_who_holds_what() {
     let server = RedisServer::start(&[]);
     let m = module(&server).await;
+    // The older lock has the later name: the table's order is by age.
     let a = m
         .acquire(
-            "jobs/a",
+            "jobs/z",
             AcquireOptions::new().owner_id("o1").metadata("nightly"),
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    let taken = m.inspect("jobs/z", InspectOptions::new()).await.unwrap()[0]
+        .holder()
+        .unwrap()
+        .acquired_at;
+    // Times are in the server's milliseconds: the next lock in a later one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::SystemTime::now() <= taken + Duration::from_millis(2) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the clock stood still"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let b = m
         .acquire(
             "jobs/b",
@@ -63,7 +78,7 @@ async fn locks_list_and_show_tell_who_holds_what() {
         "{table}"
     );
     assert!(
-        lines[1].starts_with("jobs/a") && lines[1].contains("o1"),
+        lines[1].starts_with("jobs/z") && lines[1].contains("o1"),
         "oldest first: {table}"
     );
     assert!(lines[1].contains(&a.fencing_token().to_string()) && lines[1].ends_with("nightly"));
@@ -78,7 +93,7 @@ async fn locks_list_and_show_tell_who_holds_what() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(json.len(), 1, "{json:?}");
-    assert_eq!(json[0]["key"], "jobs/a");
+    assert_eq!(json[0]["key"], "jobs/z");
     assert_eq!(json[0]["state"], "held");
     assert_eq!(json[0]["fencing_token"], a.fencing_token());
     assert_eq!(json[0]["lease_left_ms"], serde_json::Value::Null);

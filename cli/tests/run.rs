@@ -135,6 +135,22 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("UTF-8 path")
 }
 
+/// A `lockstep run` holding `key` with a command that runs until the
+/// returned file exists; returned once the command runs.
+fn hold_until_told(server: &RedisServer, key: &str) -> (Run, PathBuf) {
+    let (started, done) = (file(server, "started"), file(server, "done"));
+    let script = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
+        path(&started),
+        path(&done)
+    );
+    let holder = Run::start(server, &[key, "--", "sh", "-c", &script]);
+    eventually(Duration::from_secs(20), "the holder's command runs", || {
+        started.exists()
+    });
+    (holder, done)
+}
+
 /// Polls `check` every 10 ms until it holds; panics with `what` after
 /// `deadline`.
 fn eventually(deadline: Duration, what: &str, mut check: impl FnMut() -> bool) {
@@ -241,20 +257,8 @@ fn the_command_gets_the_token_and_its_status_is_passed_through() {
 #[test]
 fn a_held_key_gives_the_conflict_status() {
     let server = RedisServer::start(&[]);
-    let (started, done, ran) = (
-        file(&server, "started"),
-        file(&server, "done"),
-        file(&server, "ran"),
-    );
-    let holder_script = format!(
-        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
-        path(&started),
-        path(&done)
-    );
-    let holder = Run::start(&server, &["busy", "--", "sh", "-c", &holder_script]);
-    eventually(Duration::from_secs(20), "the holder's command runs", || {
-        started.exists()
-    });
+    let (holder, done) = hold_until_told(&server, "busy");
+    let ran = file(&server, "ran");
     let ran = path(&ran);
 
     let began = Instant::now();
@@ -423,20 +427,8 @@ fn sigterm_is_passed_on_to_the_command() {
 #[test]
 fn sigint_while_waiting_gives_up_without_running_the_command() {
     let server = RedisServer::start(&[]);
-    let (started, done, ran) = (
-        file(&server, "started"),
-        file(&server, "done"),
-        file(&server, "ran"),
-    );
-    let holder_script = format!(
-        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
-        path(&started),
-        path(&done)
-    );
-    let holder = Run::start(&server, &["queue", "--", "sh", "-c", &holder_script]);
-    eventually(Duration::from_secs(20), "the holder's command runs", || {
-        started.exists()
-    });
+    let (holder, done) = hold_until_told(&server, "queue");
+    let ran = file(&server, "ran");
     let waiter = Run::start(
         &server,
         &["-v", "--wait", "60s", "queue", "--", "touch", path(&ran)],

@@ -71,20 +71,9 @@ impl Inner {
         const OP: &str = "force_release";
         let rows = self.query(OP, &self.sql.force_release, &[&keys]).await?;
         let mut freed = vec![None; keys.len()];
-        for row in rows {
-            let parse = || -> Result<(usize, LockHolder), tokio_postgres::Error> {
-                let index: i32 = row.try_get(0)?;
-                let holder = LockHolder::new(
-                    row.try_get(1)?,
-                    token(row.try_get(2)?),
-                    row.try_get::<_, SystemTime>(3)?,
-                    ms(row.try_get(4)?),
-                )
-                .with_lease_left(row.try_get::<_, Option<i64>>(5)?.map(ms))
-                .with_metadata(row.try_get(6)?);
-                Ok((usize::try_from(index).unwrap_or(usize::MAX), holder))
-            };
-            let (index, holder) = parse().map_err(|e| error::unexpected(OP, e.to_string()))?;
+        for row in &rows {
+            let (index, holder) = holder::<i32>(OP, row)?;
+            let index = usize::try_from(index).unwrap_or(usize::MAX);
             let Some(slot) = freed.get_mut(index) else {
                 return Err(error::unexpected(OP, "a key index out of range"));
             };
@@ -102,7 +91,7 @@ impl Inner {
         let rows = self.query(OP, &self.sql.inspect, &[&keys]).await?;
         let mut held = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
-            let (key, holder) = holder(OP, row)?;
+            let (key, holder) = holder::<String>(OP, row)?;
             held.insert(key, holder);
         }
         Ok(keys
@@ -119,7 +108,7 @@ impl Inner {
         let rows = self.query(OP, &self.sql.list, &[&prefix]).await?;
         rows.iter()
             .map(|row| {
-                let (key, holder) = holder(OP, row)?;
+                let (key, holder) = holder::<String>(OP, row)?;
                 let waiting = self.local_waiters(&key);
                 Ok(LockInfo::new(key, LockState::Held(holder), waiting))
             })
@@ -155,9 +144,13 @@ where
     }
 }
 
-/// A row of the inspect/list query: the key and its holder.
-fn holder(operation: &'static str, row: &Row) -> Result<(String, LockHolder), LockError> {
-    let parse = || -> Result<(String, LockHolder), tokio_postgres::Error> {
+/// A row of the inspect, list or force_release query: its first column
+/// (the key, or the key's index) and the holder in the six after it.
+fn holder<K>(operation: &'static str, row: &Row) -> Result<(K, LockHolder), LockError>
+where
+    K: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    let parse = || -> Result<(K, LockHolder), tokio_postgres::Error> {
         let holder = LockHolder::new(
             row.try_get(1)?,
             token(row.try_get(2)?),

@@ -158,9 +158,13 @@ impl RedisProvider {
             let info = decode("force_release", reply, std::slice::from_ref(name))?
                 .pop()
                 .filter(|i| i.holder().is_some());
-            if let Some(owner) = info.as_ref().and_then(|i| i.holder()?.owner.as_deref()) {
-                // A lock without expiry has an entry in its owner's
-                // permanent index, which nothing else would remove.
+            // A lock without expiry has an entry in its owner's permanent
+            // index, which nothing else would remove (a leased lock's entry
+            // expires with the index or is trimmed).
+            if let Some(h) = info.as_ref().and_then(|i| i.holder())
+                && h.lease_left.is_none()
+                && let Some(owner) = &h.owner
+            {
                 self.forget_permanent(owner, &lock_key).await;
             }
             freed.push(info);

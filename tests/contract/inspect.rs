@@ -154,11 +154,22 @@ pub async fn i_reentry_shows_the_newest_token(f: &Fixture) {
 /// `locks` lists held locks oldest first, by key prefix and by owner.
 pub async fn i_locks_lists_held_locks_oldest_first(f: &Fixture) {
     let m = &f.module;
-    let a = m.acquire("jobs/a", owner("o1")).await.unwrap();
-    // Acquisition times are in milliseconds: let them differ.
-    sleep(Duration::from_millis(5)).await;
-    let b = m
-        .acquire("jobs/b", owner("o2").expire(Duration::from_secs(30)))
+    // The oldest has the last name, so that the order by age is not the
+    // order by key (which breaks ties).
+    let z = m.acquire("jobs/z", owner("o1")).await.unwrap();
+    let taken = m.inspect("jobs/z", any()).await.unwrap()[0]
+        .holder()
+        .unwrap()
+        .acquired_at;
+    // Acquisition times are in milliseconds (this host's clock, which the
+    // backends here share): the next one must fall in a later one.
+    until(
+        "the clock passes the first acquisition's millisecond",
+        async || SystemTime::now() > taken + Duration::from_millis(2),
+    )
+    .await;
+    let a = m
+        .acquire("jobs/a", owner("o2").expire(Duration::from_secs(30)))
         .await
         .unwrap();
     let c = m.acquire("other/c", owner("o1")).await.unwrap();
@@ -167,12 +178,12 @@ pub async fn i_locks_lists_held_locks_oldest_first(f: &Fixture) {
 
     let keys = |l: Vec<lockstep::LockInfo>| l.into_iter().map(|i| i.key).collect::<Vec<_>>();
     let jobs = m.locks(ListOptions::new().prefix("jobs/")).await.unwrap();
-    assert_eq!(keys(jobs), ["jobs/a", "jobs/b"]);
+    assert_eq!(keys(jobs), ["jobs/z", "jobs/a"]);
     let o1 = m.locks(ListOptions::new().owner_id("o1")).await.unwrap();
-    assert_eq!(keys(o1), ["jobs/a", "other/c"]);
+    assert_eq!(keys(o1), ["jobs/z", "other/c"]);
     let all = m.locks(ListOptions::new()).await.unwrap();
-    assert_eq!(keys(all), ["jobs/a", "jobs/b", "other/c"]);
-    for l in [a, b, c] {
+    assert_eq!(keys(all), ["jobs/z", "jobs/a", "other/c"]);
+    for l in [z, a, c] {
         assert!(l.release().await.unwrap());
     }
     assert!(m.locks(ListOptions::new()).await.unwrap().is_empty());
