@@ -179,3 +179,76 @@ async fn bad_urls_and_unreachable_servers_are_config_errors() {
     );
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+/// Waiters in three providers (three processes' views) are served in the
+/// order they queued, and a provider with two waiters serves them in
+/// arrival order, behind the others that queued before its second
+/// (round robin): A1, B, C, then A2 (A's entry went to the back when A1
+/// had its turn).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_served_in_queue_order_across_providers() {
+    let url = shared_postgres_url();
+    let schema = unique_schema();
+    let holder = module(provider(&url, &schema).await);
+    let a = module(provider(&url, &schema).await);
+    let b = module(provider(&url, &schema).await);
+    let c = module(provider(&url, &schema).await);
+    let lease = holder
+        .acquire("fifo", AcquireOptions::new().owner_id("holder"))
+        .await
+        .unwrap();
+    let order = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let wait = |m: &LockingModule, who: &'static str| {
+        let (m, order) = (m.clone(), std::sync::Arc::clone(&order));
+        tokio::spawn(async move {
+            let lease = m
+                .acquire(
+                    "fifo",
+                    AcquireOptions::new()
+                        .owner_id(who)
+                        .timeout(Duration::from_secs(20)),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{who}: {e}"));
+            order.lock().unwrap().push(who);
+            // Held briefly, so that the next one really waits for it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(lease.release().await.unwrap());
+        })
+    };
+    // Each waiter starts once the one before it is queued: the holder's
+    // view counts the providers queued for the key (and its own waiters).
+    let queued = |n: u64| {
+        let holder = holder.clone();
+        async move {
+            let end = Instant::now() + Duration::from_secs(10);
+            loop {
+                let info = holder.inspect("fifo", Default::default()).await.unwrap();
+                if info[0].waiting >= n {
+                    return;
+                }
+                assert!(Instant::now() < end, "never {n} queued");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let mut tasks = vec![wait(&a, "a1")];
+    queued(1).await;
+    // A's second waiter lines up behind its first, in A's memory.
+    let a_local = a.clone();
+    tasks.push(wait(&a, "a2"));
+    let end = Instant::now() + Duration::from_secs(10);
+    while a_local.inspect("fifo", Default::default()).await.unwrap()[0].waiting < 2 {
+        assert!(Instant::now() < end, "a2 never waited");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tasks.push(wait(&b, "b"));
+    queued(2).await;
+    tasks.push(wait(&c, "c"));
+    queued(3).await;
+    assert!(lease.release().await.unwrap());
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), ["a1", "b", "c", "a2"]);
+}

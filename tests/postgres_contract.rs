@@ -50,7 +50,7 @@ async fn fixture() -> Fixture {
         .build()
         .unwrap();
     let providers = [provider.clone(), peer_provider.clone()];
-    let table = format!("\"{schema}\".locks");
+    let (table, queue) = (format!("\"{schema}\".locks"), format!("\"{schema}\".queue"));
     Fixture {
         module: module(provider.clone()),
         peer: module(peer_provider),
@@ -63,14 +63,21 @@ async fn fixture() -> Fixture {
                     .sum()
             }),
             stored: Arc::new(move || {
-                let (pool, table) = (pool.clone(), table.clone());
+                let (pool, table, queue) = (pool.clone(), table.clone(), queue.clone());
                 Box::pin(async move {
                     let client = pool.get().await.expect("residue connection");
                     let rows = client
                         .query(
+                            // Locks, reservations and queue entries (as
+                            // "{key}:q", the shape the drop cases look for).
                             &format!(
-                                "SELECT key || CASE WHEN expires_at <= now() \
-                                 THEN ' (expired)' ELSE '' END FROM {table} ORDER BY key"
+                                "SELECT key || CASE WHEN reserved_for IS NOT NULL \
+                                 THEN ' (reserved)' ELSE '' END \
+                                 || CASE WHEN expires_at <= now() \
+                                 THEN ' (expired)' ELSE '' END FROM {table} \
+                                 UNION ALL SELECT '{{' || key || '}}:q' || CASE \
+                                 WHEN expires_at <= now() THEN ' (expired)' ELSE '' END \
+                                 FROM {queue} ORDER BY 1"
                             ),
                             &[],
                         )
@@ -80,7 +87,7 @@ async fn fixture() -> Fixture {
                 })
             }),
         },
-        fifo: false,
+        fifo: true,
     }
 }
 

@@ -9,6 +9,7 @@ use deadpool_postgres::Object;
 use tokio::time::{Instant, sleep};
 use tokio_postgres::types::ToSql;
 
+use super::queue::QueueArgs;
 use super::{Inner, error};
 use crate::error::LockError;
 use crate::provider::{AcquireRequest, Acquired, Wait};
@@ -16,6 +17,14 @@ use crate::provider::{AcquireRequest, Acquired, Wait};
 /// The longest a waiter sleeps without news: covers lost notifications and
 /// a LISTEN connection that is down.
 const FALLBACK: Duration = Duration::from_secs(1);
+
+/// The least time a waiting call's attempt gets, however close its
+/// deadline.
+const MIN_ATTEMPT: Duration = Duration::from_millis(50);
+
+/// How long a queue entry lives unless refreshed (each attempt of a
+/// waiter refreshes its provider's entry, at least every FALLBACK).
+const QUEUE_MS: i64 = 5_000;
 
 /// The pauses between background undo attempts on fresh connections.
 const UNDO_PAUSES: [Duration; 5] = [
@@ -45,19 +54,27 @@ impl Inner {
         request: &AcquireRequest,
     ) -> Result<Acquired, LockError> {
         self.check_open()?;
-        // Interest is registered before the first attempt, so that a
-        // release between an attempt and the sleep is not missed.
-        let registration = (request.wait != Wait::Once).then(|| self.register(&request.keys));
+        if request.wait == Wait::Once {
+            return match self.attempt(request, None).await? {
+                Attempt::Acquired(a) => Ok(a),
+                Attempt::Held(index, _) => Err(request.wait.give_up(&request.keys[index])),
+            };
+        }
+        // The call joins its keys' local queues before its first attempt,
+        // so that a reservation announced in between finds it.
+        let (mut registration, pending) = self.register(&request.keys);
+        for w in pending {
+            w.finished(self.client_timeout()).await;
+        }
         let mut failures = 0u32;
         loop {
             self.check_open()?;
-            let mut notified: Vec<_> = registration
-                .iter()
-                .flat_map(|r| r.notifies.iter())
-                .map(|n| Box::pin(n.notified()))
-                .collect();
-            let nap = match self.attempt(request).await {
-                Ok(Attempt::Acquired(a)) => return Ok(a),
+            let args = registration.queue_args(self.listening.load(Ordering::Acquire));
+            let nap = match self.attempt(request, Some(args)).await {
+                Ok(Attempt::Acquired(a)) => {
+                    registration.took(args);
+                    return Ok(a);
+                }
                 Ok(Attempt::Held(index, lease_left)) => {
                     failures = 0;
                     let remaining = request.wait.remaining();
@@ -71,18 +88,16 @@ impl Inner {
                     if let Some(r) = remaining {
                         nap = nap.min(r);
                     }
-                    if index < notified.len() {
-                        let woken = notified.swap_remove(index);
-                        tokio::select! {
-                            () = woken => {}
-                            () = sleep(nap) => {}
-                        }
-                    } else {
-                        sleep(nap).await;
+                    // Woken when it is this call's turn (a reservation for
+                    // the provider, passed to its first local waiter), or
+                    // told to retry.
+                    tokio::select! {
+                        () = registration.waiter.notify.notified() => {}
+                        () = sleep(nap) => {}
                     }
                     continue;
                 }
-                Err(e) if e.is_transient() && request.wait != Wait::Once => {
+                Err(e) if e.is_transient() => {
                     // Waiting acquisitions ride out transient failures
                     // until their deadline.
                     let remaining = request.wait.remaining();
@@ -101,7 +116,14 @@ impl Inner {
 
     /// One attempt, with a nonce of its own. Whatever happens to the future,
     /// an attempt that may have taken effect without a reply is undone.
-    async fn attempt(self: &Arc<Self>, request: &AcquireRequest) -> Result<Attempt, LockError> {
+    ///
+    /// `queue`: how the attempt takes part in the wait queue (`None`: a
+    /// single attempt, which never queues).
+    async fn attempt(
+        self: &Arc<Self>,
+        request: &AcquireRequest,
+        queue: Option<QueueArgs>,
+    ) -> Result<Attempt, LockError> {
         const OP: &str = "acquire";
         let client = self.client(OP).await?;
         let statement = client
@@ -120,19 +142,62 @@ impl Inner {
             nonce,
             armed: true,
         };
+        // A waiting call's attempt is bounded by its deadline too (not
+        // tighter than MIN_ATTEMPT, so that a last attempt can succeed).
+        let (bound, by_deadline) = match request.wait {
+            Wait::Until(_) => {
+                let left = request
+                    .wait
+                    .remaining()
+                    .unwrap_or_default()
+                    .max(MIN_ATTEMPT);
+                if left < self.client_timeout() {
+                    (left, true)
+                } else {
+                    (self.client_timeout(), false)
+                }
+            }
+            _ => (self.client_timeout(), false),
+        };
         let sent_at = Instant::now();
         let result = {
             let client = undo.client.as_ref().expect("set above");
-            let params: [&(dyn ToSql + Sync); 5] = [
+            let pid = queue.map(|_| self.pid.as_str());
+            let q = queue.unwrap_or(QueueArgs {
+                handoff: false,
+                queue: false,
+                claim: false,
+                more: false,
+            });
+            let params: [&(dyn ToSql + Sync); 11] = [
                 &request.keys,
                 &request.owner,
                 &undo.nonce,
                 &ttl_ms,
                 &request.metadata,
+                &pid,
+                &q.handoff,
+                &q.queue,
+                &q.claim,
+                &q.more,
+                &QUEUE_MS,
             ];
-            tokio::time::timeout(self.client_timeout(), client.query(&statement, &params)).await
+            tokio::time::timeout(bound, client.query(&statement, &params)).await
         };
         let rows = match result {
+            // The wait's deadline came first (the statement is blocked on
+            // the server, behind another call's advisory lock): the server
+            // is asked to cancel it, and the guard undoes whatever it did,
+            // on the same connection, behind it.
+            Err(_) if by_deadline => {
+                if let Some(client) = undo.client.as_ref() {
+                    let cancel = client.cancel_token();
+                    tokio::spawn(async move {
+                        let _ = cancel.cancel_query(tokio_postgres::NoTls).await;
+                    });
+                }
+                return Err(request.wait.give_up(&request.keys[0]));
+            }
             // The guard undoes it when dropped below.
             Err(_) => return Err(error::timed_out(OP, self.client_timeout())),
             Ok(Err(e)) => {
@@ -181,7 +246,7 @@ impl Inner {
     /// connection, it is repeated once more after a second: the attempt's
     /// backend may still have been running it.
     async fn undo(
-        &self,
+        self: &Arc<Self>,
         client: Option<Object>,
         keys: &[String],
         owner: Option<&str>,
@@ -190,15 +255,17 @@ impl Inner {
         if let Some(client) = client {
             let done = async {
                 let statement = client.prepare_cached(&self.sql.release).await.ok()?;
-                let params: [&(dyn ToSql + Sync); 3] = [&keys, &owner, &nonce];
+                let claim_ms = self.claim_ms();
+                let params: [&(dyn ToSql + Sync); 5] =
+                    [&keys, &owner, &nonce, &self.pid, &claim_ms];
                 tokio::time::timeout(self.client_timeout(), client.query(&statement, &params))
                     .await
                     .ok()?
                     .ok()
             }
-            .await
-            .is_some();
-            if done {
+            .await;
+            if let Some(rows) = done {
+                self.released(keys, &rows);
                 return;
             }
             // Broken or stuck: never back into the pool.
@@ -242,15 +309,6 @@ struct Undo {
     armed: bool,
 }
 
-/// Counts a background undo for as long as its task lives.
-struct Pending(Arc<Inner>);
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        self.0.undos.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 impl Drop for Undo {
     fn drop(&mut self) {
         if !self.armed {
@@ -260,17 +318,14 @@ impl Drop for Undo {
             tracing::warn!(keys = ?self.keys, "lockstep postgres: no runtime to undo an acquisition");
             return;
         };
-        self.inner.undos.fetch_add(1, Ordering::AcqRel);
-        let pending = Pending(Arc::clone(&self.inner));
+        let pending = self.inner.pending();
         let client = self.client.take();
         let keys = std::mem::take(&mut self.keys);
         let owner = self.owner.take();
         let nonce = std::mem::take(&mut self.nonce);
+        let inner = Arc::clone(&self.inner);
         runtime.spawn(async move {
-            pending
-                .0
-                .undo(client, &keys, owner.as_deref(), &nonce)
-                .await;
+            inner.undo(client, &keys, owner.as_deref(), &nonce).await;
             drop(pending);
         });
     }

@@ -29,6 +29,7 @@ pub struct PostgresConfig {
     pub(crate) statement_timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) pool_size: usize,
+    pub(crate) synchronous_commit: bool,
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -41,6 +42,7 @@ impl std::fmt::Debug for PostgresConfig {
             .field("statement_timeout", &self.statement_timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("pool_size", &self.pool_size)
+            .field("synchronous_commit", &self.synchronous_commit)
             .finish()
     }
 }
@@ -67,6 +69,7 @@ impl PostgresConfig {
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             pool_size: 16,
+            synchronous_commit: false,
         }
     }
 
@@ -112,6 +115,28 @@ impl PostgresConfig {
         self
     }
 
+    /// Whether each lock operation waits for its commit to reach the disk
+    /// (`synchronous_commit`, default **false** on the provider's own
+    /// connections: an operation's commit is written by the WAL writer
+    /// within a few hundred milliseconds instead).
+    ///
+    /// Off, a server *crash* (not a clean restart, not a failover with the
+    /// WAL shipped) can lose the lock operations of its last moments: a lock
+    /// taken then is gone after recovery (its holder's next renewal fails
+    /// with `NotOwner`, as after any lost lease), a released one is back
+    /// until its lease ends. Fencing tokens still grow: after every server
+    /// start the token sequence is floored at the server's clock in
+    /// microseconds before any token is handed out. On this project's
+    /// measurements it roughly doubles single-lock throughput on a disk with
+    /// a 0.15 ms fsync. On, every lock survives a crash once acquired.
+    ///
+    /// Applies to the pool `connect` builds; a pool given to
+    /// [`from_pool`](PostgresProvider::from_pool) keeps its own setting.
+    pub fn synchronous_commit(mut self, on: bool) -> Self {
+        self.synchronous_commit = on;
+        self
+    }
+
     /// The parsed connection settings, with the timeouts applied.
     fn pg_config(&self) -> Result<tokio_postgres::Config, ConfigError> {
         let url = self.url.as_deref().ok_or(ConfigError::InvalidSetting {
@@ -126,8 +151,9 @@ impl PostgresConfig {
                 })?;
         pg.connect_timeout(self.connect_timeout);
         pg.options(format!(
-            "-c statement_timeout={}",
-            self.statement_timeout.as_millis().max(1)
+            "-c statement_timeout={} -c synchronous_commit={}",
+            self.statement_timeout.as_millis().max(1),
+            if self.synchronous_commit { "on" } else { "off" }
         ));
         if pg.get_application_name().is_none() {
             pg.application_name("lockstep");
@@ -182,25 +208,18 @@ pub(crate) fn check_schema(schema: &str) -> Result<(), ConfigError> {
 pub(crate) struct Names {
     /// The quoted schema identifier.
     pub(crate) schema: String,
-    /// The NOTIFY channel: `lockstep_<schema>`, cut to 63 bytes (two
-    /// schemas sharing a long prefix share a channel: spurious wake-ups).
-    pub(crate) channel: String,
 }
 
 impl Names {
     pub(crate) fn new(schema: &str) -> Self {
-        let mut channel = format!("lockstep_{schema}");
-        channel.truncate(63);
         Names {
             schema: format!("\"{schema}\""),
-            channel,
         }
     }
 
     /// The DDL with the names substituted.
     pub(crate) fn ddl(&self, raw_schema: &str) -> String {
         DDL.replace("@SCHEMA_LIT@", &format!("'{raw_schema}'"))
-            .replace("@CHANNEL@", &format!("'{}'", self.channel))
             .replace("@SCHEMA@", &self.schema)
     }
 }
@@ -326,7 +345,7 @@ impl PostgresProvider {
             }
         }
         drop(client);
-        let inner = Arc::new(Inner::new(pool, names, config));
+        let inner = Arc::new(Inner::new(pool, &names, config));
         let listener = Listener::start(pg, Arc::clone(&inner)).await;
         Ok(PostgresProvider::assemble(inner, listener))
     }

@@ -9,14 +9,16 @@
 //! - `config.rs`: [`PostgresConfig`], `connect` / `from_pool`, the schema
 //!   name's checks and the DDL's substitution.
 //! - `schema.sql`: the DDL (idempotent): schema, `locks` table, owner
-//!   index, `tokens` sequence, and the functions `acquire`, `release`,
-//!   `extend`, `release_all`, `force_release` (and `lock_keys`, the sorted
-//!   advisory locks they all take first).
+//!   index, `queue` table, `tokens` sequence and its `floor`, and the
+//!   functions `acquire`, `release`, `extend`, `release_all`,
+//!   `force_release`, `withdraw` (and `lock_keys`, the sorted advisory
+//!   locks they all take first, `serve_queue`, `floor_tokens`).
 //! - `acquire.rs`: one attempt, the drop guard that undoes an attempt whose
 //!   outcome is unknown (by its nonce, on the same connection first), and
 //!   the wait loop.
-//! - `listen.rs`: the LISTEN connection (reconnected in the background) and
-//!   the local registry of waiters it wakes.
+//! - `queue.rs`: the provider's local waiters per key (behind its one
+//!   queue entry) and the withdrawal of that entry when the last leaves.
+//! - `listen.rs`: the LISTEN connection (reconnected in the background).
 //! - `ops.rs`: release, extend, release_all, force_release, inspect, list.
 //! - `error.rs`: tokio-postgres and pool failures as `BackendError`s.
 //!
@@ -25,28 +27,42 @@
 //! A row of `<schema>.locks` is a lock: key, owner (NULL: anonymous), the
 //! nonce of the acquisition that took it, the newest fencing token (from
 //! the sequence `<schema>.tokens`, global, so tokens of a key grow across
-//! releases, expiries and restarts), when it was taken, when it expires
-//! (NULL: never; by the server's clock only) and the holder's metadata.
+//! releases and expiries, and floored at the server's clock after each
+//! server start, so they grow across crashes too), when it was taken, when
+//! it expires (NULL: never; by the server's clock only) and the holder's
+//! metadata. A row with `reserved_for` set is a *reservation*: the lock was
+//! released to the waiting provider at the head of the key's queue, which
+//! claims it with its next attempt (it lapses after a second unclaimed).
 //! Each function runs in its statement's own transaction and first takes
 //! `pg_advisory_xact_lock` on the hashes of its keys in ascending order:
 //! released at commit, never left open, and opposite key orders cannot
 //! deadlock.
 //!
-//! Waiters sleep on a local `Notify` per key, woken by the provider's
-//! LISTEN connection when a function sends `pg_notify` for a key it
-//! released or whose lease it changed, or when the holder's lease as the
-//! attempt saw it runs out, or after one second (lost notifications, a
-//! dropped LISTEN connection). No pooled connection is held while waiting.
-//! Waiters are **not** served in arrival order across processes.
+//! Waiting is FIFO across processes: a single-key waiter that finds the
+//! lock held queues its provider (one entry per provider and key, in
+//! `<schema>.queue`; further local waiters line up behind it in memory). A
+//! release reserves the lock for the first queued provider and tells it on
+//! its own channel (`NOTIFY "lockstep.<pid>"`, or in the release's reply
+//! when it is the releasing provider), and that provider's first local
+//! waiter claims it: providers are served in arrival order (a provider with
+//! more waiters goes to the back after each turn), each provider's waiters
+//! in theirs. Multi-key waiters queue wake-only entries and retry when a
+//! release tells them. Nothing relies on a message: a waiter also retries
+//! when the lease it saw ends and after one second (lost messages, a
+//! LISTEN connection that is down, during which it does not queue). No
+//! pooled connection is held while waiting; a wait's deadline also bounds
+//! the statement of its attempt (cancelled on the server when it is
+//! blocked).
 //!
-//! `LockInfo::waiting` counts this provider's own waiting calls on the key
-//! (other processes' waiters are not visible).
+//! `LockInfo::waiting` counts the other providers queued for the key and
+//! this provider's own waiting calls.
 
 mod acquire;
 mod config;
 mod error;
 mod listen;
 mod ops;
+mod queue;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -54,7 +70,6 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use deadpool_postgres::{Object, Pool};
-use tokio::sync::Notify;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
@@ -66,9 +81,15 @@ use crate::inspect::LockInfo;
 use crate::provider::{AcquireRequest, Acquired, BoxFuture, LockingProvider};
 use config::Names;
 use listen::Listener;
+use queue::KeyWaiters;
 
 /// The provider's identifier.
 const IDENTIFIER: &str = "locking-postgres";
+
+/// How long a released lock stays reserved for the waiting provider at the
+/// head of its queue before it lapses unclaimed (that provider died, or
+/// missed the message). A claim takes one round trip.
+const CLAIM: Duration = Duration::from_secs(1);
 
 /// Locks in PostgreSQL, shared by every process whose provider uses the
 /// same database and schema.
@@ -77,7 +98,8 @@ const IDENTIFIER: &str = "locking-postgres";
 #[derive(Clone, Debug)]
 pub struct PostgresProvider {
     inner: Arc<Inner>,
-    listener: Arc<Listener>,
+    /// Kept for its drop: the last clone stops the LISTEN task.
+    _listener: Arc<Listener>,
 }
 
 /// The SQL of each call, with the schema substituted.
@@ -88,6 +110,7 @@ struct Sql {
     extend: String,
     release_all: String,
     force_release: String,
+    withdraw: String,
     inspect: String,
     list: String,
 }
@@ -102,19 +125,33 @@ impl Sql {
         let live = "(l.expires_at IS NULL OR l.expires_at > now())";
         Sql {
             acquire: format!(
-                "SELECT idx, token, reentered, lease_ms FROM {s}.acquire($1, $2, $3, $4, $5)"
+                "SELECT idx, token, reentered, lease_ms \
+                 FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
-            release: format!("SELECT {s}.release($1, $2, $3)"),
+            release: format!("SELECT {s}.release($1, $2, $3, $4, $5)"),
             extend: format!("SELECT {s}.extend($1, $2, $3)"),
-            release_all: format!("SELECT {s}.release_all($1)"),
+            release_all: format!("SELECT {s}.release_all($1, $2)"),
             force_release: format!(
                 "SELECT idx, owner, token, acquired_at, held_ms, lease_ms, metadata \
-                 FROM {s}.force_release($1)"
+                 FROM {s}.force_release($1, $2)"
             ),
-            inspect: format!("SELECT {holder} FROM {s}.locks l WHERE l.key = ANY ($1) AND {live}"),
+            withdraw: format!("SELECT {s}.withdraw($1, $2, $3)"),
+            // Every key: its lock or reservation if live (else NULLs), and
+            // the other providers queued for it.
+            inspect: format!(
+                "SELECT k.key, l.owner, l.token, l.acquired_at, \
+                 greatest(0, floor(extract(epoch FROM now() - l.acquired_at) * 1000))::bigint, \
+                 CASE WHEN l.expires_at IS NOT NULL THEN \
+                   greatest(0, floor(extract(epoch FROM l.expires_at - now()) * 1000))::bigint END, \
+                 l.metadata, l.reserved_for IS NOT NULL, \
+                 (SELECT count(*) FROM {s}.queue q \
+                   WHERE q.key = k.key AND q.pid <> $2 AND q.expires_at > now()) \
+                 FROM unnest($1::text[]) AS k(key) \
+                 LEFT JOIN {s}.locks l ON l.key = k.key AND {live}"
+            ),
             list: format!(
                 "SELECT {holder} FROM {s}.locks l \
-                 WHERE left(l.key, length($1)) = $1 AND {live}"
+                 WHERE left(l.key, length($1)) = $1 AND l.reserved_for IS NULL AND {live}"
             ),
         }
     }
@@ -123,30 +160,35 @@ impl Sql {
 #[derive(Debug)]
 struct Inner {
     pool: Pool,
-    names: Names,
     sql: Sql,
     wait_timeout: Duration,
     /// The server's statement timeout.
     statement_timeout: Duration,
     closed: AtomicBool,
     shutdown: CancellationToken,
-    /// One `Notify` per key that a call of this provider waits for; removed
-    /// when its last waiter leaves.
-    waiters: Mutex<HashMap<String, Arc<Notify>>>,
+    /// This provider's random id in the server's wait queues; its NOTIFY
+    /// channel is `lockstep.<pid>`.
+    pid: String,
+    /// Whether the LISTEN connection is up (only then does a waiter queue).
+    listening: AtomicBool,
+    /// The local waiters of each key some call of this provider waits for;
+    /// removed when the last one leaves and nothing is left to withdraw.
+    waiters: Mutex<HashMap<String, KeyWaiters>>,
     /// Background undos under way.
     undos: AtomicUsize,
 }
 
 impl Inner {
-    fn new(pool: Pool, names: Names, config: &PostgresConfig) -> Self {
+    fn new(pool: Pool, names: &Names, config: &PostgresConfig) -> Self {
         Inner {
             pool,
             sql: Sql::new(&names.schema),
-            names,
             wait_timeout: config.wait_timeout,
             statement_timeout: config.statement_timeout,
             closed: AtomicBool::new(false),
             shutdown: CancellationToken::new(),
+            pid: uuid::Uuid::new_v4().simple().to_string(),
+            listening: AtomicBool::new(false),
             waiters: Mutex::new(HashMap::new()),
             undos: AtomicUsize::new(0),
         }
@@ -167,7 +209,18 @@ impl Inner {
         Ok(())
     }
 
-    fn waiters(&self) -> MutexGuard<'_, HashMap<String, Arc<Notify>>> {
+    /// How long a lock reserved for a waiting provider stays reserved
+    /// unclaimed, in ms.
+    fn claim_ms(&self) -> i64 {
+        i64::try_from(CLAIM.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The NOTIFY channel of this provider.
+    fn channel(&self) -> String {
+        format!("lockstep.{}", self.pid)
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, HashMap<String, KeyWaiters>> {
         // Every critical section is a few infallible map operations.
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -213,20 +266,25 @@ impl PostgresProvider {
     fn assemble(inner: Arc<Inner>, listener: Listener) -> Self {
         PostgresProvider {
             inner,
-            listener: Arc::new(listener),
+            _listener: Arc::new(listener),
         }
     }
 }
 
 /// Diagnostics: for operators, tests and the bench.
 impl PostgresProvider {
-    /// The number of keys this provider's calls wait for right now (each
-    /// has one registry entry, removed when its last waiter leaves).
+    /// The number of keys this provider's calls wait for right now.
     pub fn waiting_keys(&self) -> usize {
-        self.inner.waiters().len()
+        self.inner
+            .waiters()
+            .values()
+            .filter(|s| s.len() > 0)
+            .count()
     }
 
-    /// Undos of acquisitions with an unknown outcome still under way.
+    /// Background work still under way: undos of acquisitions with an
+    /// unknown outcome, and withdrawals of this provider's queue entries
+    /// (its last waiter for a key left without the lock).
     pub fn pending_undos(&self) -> usize {
         self.inner.undos.load(Ordering::Acquire)
     }
@@ -234,7 +292,7 @@ impl PostgresProvider {
     /// Whether the LISTEN connection is up (waiters poll once a second
     /// while it is not).
     pub fn is_listening(&self) -> bool {
-        self.listener.is_up()
+        self.inner.listening.load(Ordering::Acquire)
     }
 
     /// The pool, e.g. for metrics of its own.

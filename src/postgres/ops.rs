@@ -1,6 +1,7 @@
 //! Release, extend, release_all, force_release, inspect and list: one
 //! statement each.
 
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio_postgres::Row;
@@ -21,20 +22,42 @@ impl Inner {
     /// Releases `keys` of `owner`; with a `nonce` other than `""` only what
     /// that acquisition took.
     pub(super) async fn release(
-        &self,
+        self: &Arc<Self>,
         keys: &[String],
         owner: Option<&str>,
         nonce: &str,
     ) -> Result<Vec<bool>, LockError> {
         const OP: &str = "release";
+        let claim_ms = self.claim_ms();
         let rows = self
-            .query(OP, &self.sql.release, &[&keys, &owner, &nonce])
+            .query(
+                OP,
+                &self.sql.release,
+                &[&keys, &owner, &nonce, &self.pid, &claim_ms],
+            )
             .await?;
-        let released: Vec<bool> = single(OP, &rows)?;
-        if released.len() != keys.len() {
-            return Err(error::unexpected(OP, "one flag per key expected"));
+        self.released(keys, &rows)
+            .ok_or_else(|| error::unexpected(OP, "one flag per key expected"))
+    }
+
+    /// Reads a release's reply (flags per key: 1 released, 2 reserved for
+    /// this provider, 4 this provider's multi-key waiters should retry),
+    /// passes each lock reserved for this provider to its first local
+    /// waiter and wakes the multi-key ones.
+    pub(super) fn released(self: &Arc<Self>, keys: &[String], rows: &[Row]) -> Option<Vec<bool>> {
+        let flags: Vec<i32> = single("release", rows).ok()?;
+        if flags.len() != keys.len() {
+            return None;
         }
-        Ok(released)
+        for (key, flag) in keys.iter().zip(&flags) {
+            if flag & 2 != 0 {
+                self.wake(key, true);
+            }
+            if flag & 4 != 0 {
+                self.wake(key, false);
+            }
+        }
+        Some(flags.iter().map(|f| f & 1 != 0).collect())
     }
 
     pub(super) async fn extend(
@@ -59,7 +82,10 @@ impl Inner {
 
     pub(super) async fn release_all(&self, owner: Option<&str>) -> Result<u64, LockError> {
         const OP: &str = "release_all";
-        let rows = self.query(OP, &self.sql.release_all, &[&owner]).await?;
+        let claim_ms = self.claim_ms();
+        let rows = self
+            .query(OP, &self.sql.release_all, &[&owner, &claim_ms])
+            .await?;
         let n: i64 = single(OP, &rows)?;
         Ok(token(n))
     }
@@ -69,7 +95,10 @@ impl Inner {
         keys: &[String],
     ) -> Result<Vec<Option<LockInfo>>, LockError> {
         const OP: &str = "force_release";
-        let rows = self.query(OP, &self.sql.force_release, &[&keys]).await?;
+        let claim_ms = self.claim_ms();
+        let rows = self
+            .query(OP, &self.sql.force_release, &[&keys, &claim_ms])
+            .await?;
         let mut freed = vec![None; keys.len()];
         for row in &rows {
             let (index, holder) = holder::<i32>(OP, row)?;
@@ -88,17 +117,40 @@ impl Inner {
 
     pub(super) async fn inspect(&self, keys: &[String]) -> Result<Vec<LockInfo>, LockError> {
         const OP: &str = "inspect";
-        let rows = self.query(OP, &self.sql.inspect, &[&keys]).await?;
-        let mut held = std::collections::HashMap::with_capacity(rows.len());
+        let rows = self
+            .query(OP, &self.sql.inspect, &[&keys, &self.pid])
+            .await?;
+        let mut found = std::collections::HashMap::with_capacity(rows.len());
         for row in &rows {
-            let (key, holder) = holder::<String>(OP, row)?;
-            held.insert(key, holder);
+            let parse = || -> Result<(String, bool, i64), tokio_postgres::Error> {
+                // A NULL token: no live lock or reservation.
+                let present = row.try_get::<_, Option<i64>>(2)?.is_some();
+                Ok((row.try_get(0)?, present, row.try_get(8)?))
+            };
+            let (key, present, others) =
+                parse().map_err(|e| error::unexpected(OP, e.to_string()))?;
+            let state = if !present {
+                LockState::Free
+            } else if row
+                .try_get::<_, bool>(7)
+                .map_err(|e| error::unexpected(OP, e.to_string()))?
+            {
+                let lease_left: Option<i64> = row
+                    .try_get(5)
+                    .map_err(|e| error::unexpected(OP, e.to_string()))?;
+                LockState::Reserved {
+                    lease_left: lease_left.map(ms),
+                }
+            } else {
+                LockState::Held(holder::<String>(OP, row)?.1)
+            };
+            found.insert(key, (state, token(others)));
         }
         Ok(keys
             .iter()
             .map(|k| {
-                let state = held.remove(k).map_or(LockState::Free, LockState::Held);
-                LockInfo::new(k.clone(), state, self.local_waiters(k))
+                let (state, others) = found.remove(k).unwrap_or((LockState::Free, 0));
+                LockInfo::new(k.clone(), state, others + self.local_waiters(k))
             })
             .collect())
     }

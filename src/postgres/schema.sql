@@ -5,8 +5,7 @@
 --
 -- Placeholders, substituted by config.rs after validating the schema name
 -- ([a-z_][a-z0-9_]*, at most 63 bytes): @SCHEMA@ (the quoted identifier),
--- @SCHEMA_LIT@ (the name as a string literal), @CHANNEL@ (the NOTIFY
--- channel, a string literal).
+-- @SCHEMA_LIT@ (the name as a string literal).
 --
 -- Every function is called as ONE statement: its own transaction, one round
 -- trip. Mutating functions first take transaction-level advisory locks on
@@ -19,20 +18,60 @@ SELECT pg_advisory_xact_lock(hashtext('lockstep-ddl'));
 CREATE SCHEMA IF NOT EXISTS @SCHEMA@;
 
 CREATE TABLE IF NOT EXISTS @SCHEMA@.locks (
-    key         text PRIMARY KEY,
-    owner       text NULL,        -- NULL: anonymous
-    nonce       text NOT NULL,    -- the acquisition that took it
-    token       bigint NOT NULL,  -- the newest fencing token (re-entries too)
-    acquired_at timestamptz NOT NULL,
-    expires_at  timestamptz NULL, -- NULL: no expiry
-    metadata    text NULL
+    key          text PRIMARY KEY,
+    owner        text NULL,        -- NULL: anonymous (or a reservation)
+    nonce        text NOT NULL,    -- the acquisition that took it ('' for a reservation)
+    token        bigint NOT NULL,  -- the newest fencing token (re-entries too)
+    acquired_at  timestamptz NOT NULL,
+    expires_at   timestamptz NULL, -- NULL: no expiry
+    metadata     text NULL,
+    -- Not NULL: no lock but a reservation, for the waiting provider (pid)
+    -- at the head of the key's queue, until expires_at.
+    reserved_for text NULL
 );
+ALTER TABLE @SCHEMA@.locks ADD COLUMN IF NOT EXISTS reserved_for text NULL;
 
 CREATE INDEX IF NOT EXISTS locks_owner ON @SCHEMA@.locks (owner) WHERE owner IS NOT NULL;
 
+-- The wait queues: which providers (processes, by their random pid, which
+-- names their NOTIFY channel "lockstep.<pid>") wait for a key, in arrival
+-- order (seq). At most one entry per provider, key and kind: a handoff
+-- entry (a single-key waiter: a release reserves the lock for the first
+-- such provider) or a wake-only one (multi-key waiters, told to retry). A
+-- provider's further waiters for the key queue in its memory, behind its
+-- entry. An entry lives until expires_at unless refreshed: a provider that
+-- dies leaves nothing that outlasts it by much.
+CREATE TABLE IF NOT EXISTS @SCHEMA@.queue (
+    key        text NOT NULL,
+    pid        text NOT NULL,
+    handoff    boolean NOT NULL,
+    seq        bigint NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (key, pid, handoff)
+);
+
+CREATE INDEX IF NOT EXISTS queue_order ON @SCHEMA@.queue (key, seq);
+
+CREATE SEQUENCE IF NOT EXISTS @SCHEMA@.queue_seq AS bigint;
+
 -- Fencing tokens: one sequence for every key, so a key's tokens grow across
--- release, expiry and server restarts (a sequence never goes back).
+-- release and expiry. Across a crash (a commit of the last moments lost with
+-- the sequence's advance, under synchronous_commit off) the sequence is
+-- floored at the server's clock in microseconds once per server start, before
+-- any token is handed out: see floor_tokens.
 CREATE SEQUENCE IF NOT EXISTS @SCHEMA@.tokens AS bigint;
+
+-- The postmaster start the tokens were last floored for.
+CREATE TABLE IF NOT EXISTS @SCHEMA@.floor (
+    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
+    started timestamptz NOT NULL
+);
+
+-- Old signatures (before the wait queues), so that only one of each remains.
+DROP FUNCTION IF EXISTS @SCHEMA@.acquire(text[], text, text, bigint, text);
+DROP FUNCTION IF EXISTS @SCHEMA@.release(text[], text, text);
+DROP FUNCTION IF EXISTS @SCHEMA@.release_all(text);
+DROP FUNCTION IF EXISTS @SCHEMA@.force_release(text[]);
 
 -- Takes the advisory locks of `keys`, sorted by hash.
 CREATE OR REPLACE FUNCTION @SCHEMA@.lock_keys(keys text[]) RETURNS void
@@ -47,12 +86,91 @@ BEGIN
 END;
 $$;
 
+-- Once per backend (a session setting caches it; every backend after a
+-- restart is new): if the server started since the tokens were last floored,
+-- moves the sequence up to the clock in microseconds. Tokens handed out
+-- before are below it: fewer than one per microsecond since the last floor.
+CREATE OR REPLACE FUNCTION @SCHEMA@.floor_tokens() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    started timestamptz;
+BEGIN
+    IF current_setting('lockstep.floored_' || @SCHEMA_LIT@, true) = 'y' THEN
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), 0);
+    SELECT f.started INTO started FROM @SCHEMA@.floor f;
+    IF started IS DISTINCT FROM pg_postmaster_start_time() THEN
+        PERFORM setval(@SCHEMA_LIT@ || '.tokens', greatest(
+            (SELECT last_value FROM @SCHEMA@.tokens),
+            floor(extract(epoch FROM clock_timestamp()) * 1000000)::bigint));
+        INSERT INTO @SCHEMA@.floor AS f (started) VALUES (pg_postmaster_start_time())
+        ON CONFLICT (one) DO UPDATE SET started = excluded.started;
+    END IF;
+    PERFORM set_config('lockstep.floored_' || @SCHEMA_LIT@, 'y', false);
+END;
+$$;
+
+-- Serves the queue of the free key `k`: takes entries from its head,
+-- skipping expired ones, tells each wake-only provider to retry, and
+-- reserves the lock (until t + claim_ms) for the first handoff entry's
+-- provider, which it tells too. `me` (the caller's provider) is not told:
+-- the result says what it would have heard, 1 (reserved for it) + 2 (its
+-- multi-key waiters should retry), so that the reply carries it.
+CREATE OR REPLACE FUNCTION @SCHEMA@.serve_queue(k text, t timestamptz, claim_ms bigint, me text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    e record;
+    mine integer := 0;
+BEGIN
+    LOOP
+        DELETE FROM @SCHEMA@.queue q
+         WHERE (q.key, q.pid, q.handoff) IN (
+             SELECT h.key, h.pid, h.handoff FROM @SCHEMA@.queue h
+              WHERE h.key = k ORDER BY h.seq LIMIT 1)
+        RETURNING q.pid, q.handoff, q.expires_at INTO e;
+        IF NOT FOUND THEN
+            RETURN mine;
+        END IF;
+        CONTINUE WHEN e.expires_at <= t;
+        IF me IS NOT DISTINCT FROM e.pid THEN
+            mine := mine | CASE WHEN e.handoff THEN 1 ELSE 2 END;
+        ELSE
+            PERFORM pg_notify('lockstep.' || e.pid, CASE WHEN e.handoff THEN 'r' ELSE 'w' END || k);
+        END IF;
+        IF e.handoff THEN
+            INSERT INTO @SCHEMA@.locks AS l
+                   (key, owner, nonce, token, acquired_at, expires_at, metadata, reserved_for)
+            VALUES (k, NULL, '', 0, t, t + claim_ms * interval '1 millisecond', NULL, e.pid)
+            ON CONFLICT (key) DO UPDATE
+               SET owner = NULL, nonce = '', token = 0, acquired_at = excluded.acquired_at,
+                   expires_at = excluded.expires_at, metadata = NULL,
+                   reserved_for = excluded.reserved_for;
+            RETURN mine;
+        END IF;
+    END LOOP;
+END;
+$$;
+
 -- All or nothing. Success: one row per key, in order, with its token and
--- whether it was re-entered. A key held by someone else: one row with the
--- key's index (0-based), a NULL token, and the holder's lease left in ms
--- (NULL: no expiry); nothing is written.
+-- whether it was re-entered. A key held by someone else (or reserved for
+-- another provider): one row with the key's index (0-based), a NULL token,
+-- and the lease (or reservation) left in ms (NULL: no expiry); no lock is
+-- written, but with p_queue the provider p_pid is queued for that key, once,
+-- with an entry of kind p_handoff (an entry it has keeps its place and lives
+-- on until now + queue_ms). p_pid NULL: no queue at all (a single attempt).
+--
+-- p_claim: the caller is p_pid's first local waiter for the (single) key: a
+-- reservation for p_pid counts as free. On success of a claim or of a
+-- multi-key call, p_pid's entries of its kind for the keys go, unless
+-- p_more (p_pid has more local waiters of that kind): then a handoff entry
+-- moves to the back of the queue (round robin between providers).
 CREATE OR REPLACE FUNCTION @SCHEMA@.acquire(
-    keys text[], p_owner text, p_nonce text, ttl_ms bigint, p_metadata text
+    keys text[], p_owner text, p_nonce text, ttl_ms bigint, p_metadata text,
+    p_pid text, p_handoff boolean, p_queue boolean, p_claim boolean, p_more boolean,
+    queue_ms bigint
 ) RETURNS TABLE (idx integer, token bigint, reentered boolean, lease_ms bigint)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -67,12 +185,21 @@ BEGIN
     PERFORM @SCHEMA@.lock_keys(keys);
     t := clock_timestamp();
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
-        SELECT l.owner, l.expires_at INTO r FROM @SCHEMA@.locks l WHERE l.key = keys[i];
-        IF NOT FOUND OR (r.expires_at IS NOT NULL AND r.expires_at <= t) THEN
+        SELECT l.owner, l.expires_at, l.reserved_for INTO r
+          FROM @SCHEMA@.locks l WHERE l.key = keys[i];
+        IF NOT FOUND OR (r.expires_at IS NOT NULL AND r.expires_at <= t)
+           OR (p_claim AND r.reserved_for = p_pid) THEN
             re := re || false;
-        ELSIF p_owner IS NOT NULL AND r.owner = p_owner THEN
+        ELSIF r.reserved_for IS NULL AND p_owner IS NOT NULL AND r.owner = p_owner THEN
             re := re || true;
         ELSE
+            IF p_pid IS NOT NULL AND p_queue THEN
+                INSERT INTO @SCHEMA@.queue AS q (key, pid, handoff, seq, expires_at)
+                VALUES (keys[i], p_pid, p_handoff, nextval(@SCHEMA_LIT@ || '.queue_seq'),
+                        t + queue_ms * interval '1 millisecond')
+                ON CONFLICT (key, pid, handoff) DO UPDATE
+                   SET expires_at = greatest(q.expires_at, excluded.expires_at);
+            END IF;
             idx := i - 1;
             lease_ms := CASE WHEN r.expires_at IS NOT NULL
                 THEN ceil(extract(epoch FROM r.expires_at - t) * 1000)::bigint END;
@@ -80,24 +207,21 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
+    PERFORM @SCHEMA@.floor_tokens();
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         tok := nextval(@SCHEMA_LIT@ || '.tokens');
         IF re[i] THEN
             UPDATE @SCHEMA@.locks l
                SET token = tok, expires_at = coalesce(t + lease, l.expires_at)
              WHERE l.key = keys[i];
-            IF lease IS NOT NULL THEN
-                -- Waiters sleep until the lease they saw: a new one wakes them.
-                PERFORM pg_notify(@CHANNEL@, keys[i]);
-            END IF;
         ELSE
             INSERT INTO @SCHEMA@.locks AS l
-                   (key, owner, nonce, token, acquired_at, expires_at, metadata)
-            VALUES (keys[i], p_owner, p_nonce, tok, t, t + lease, p_metadata)
+                   (key, owner, nonce, token, acquired_at, expires_at, metadata, reserved_for)
+            VALUES (keys[i], p_owner, p_nonce, tok, t, t + lease, p_metadata, NULL)
             ON CONFLICT (key) DO UPDATE
                SET owner = excluded.owner, nonce = excluded.nonce, token = excluded.token,
                    acquired_at = excluded.acquired_at, expires_at = excluded.expires_at,
-                   metadata = excluded.metadata;
+                   metadata = excluded.metadata, reserved_for = NULL;
         END IF;
         idx := i - 1;
         token := tok;
@@ -105,35 +229,74 @@ BEGIN
         lease_ms := NULL;
         RETURN NEXT;
     END LOOP;
+    IF p_pid IS NOT NULL AND (p_claim OR NOT p_handoff) THEN
+        IF NOT p_more THEN
+            DELETE FROM @SCHEMA@.queue q
+             WHERE q.key = ANY (keys) AND q.pid = p_pid AND q.handoff = p_handoff;
+        ELSIF p_handoff THEN
+            INSERT INTO @SCHEMA@.queue AS q (key, pid, handoff, seq, expires_at)
+            VALUES (keys[1], p_pid, true, nextval(@SCHEMA_LIT@ || '.queue_seq'),
+                    t + queue_ms * interval '1 millisecond')
+            ON CONFLICT (key, pid, handoff) DO UPDATE
+               SET seq = excluded.seq, expires_at = excluded.expires_at;
+        END IF;
+    END IF;
+END;
+$$;
+
+-- A provider's waiters for `keys` are gone: its queue entries go, and a
+-- lock reserved for it is passed on (serve_queue).
+CREATE OR REPLACE FUNCTION @SCHEMA@.withdraw(keys text[], p_pid text, claim_ms bigint)
+RETURNS void
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    t timestamptz;
+    k text;
+BEGIN
+    PERFORM @SCHEMA@.lock_keys(keys);
+    t := clock_timestamp();
+    DELETE FROM @SCHEMA@.queue q WHERE q.key = ANY (keys) AND q.pid = p_pid;
+    FOR k IN
+        DELETE FROM @SCHEMA@.locks l WHERE l.key = ANY (keys) AND l.reserved_for = p_pid
+        RETURNING l.key
+    LOOP
+        PERFORM @SCHEMA@.serve_queue(k, t, claim_ms, NULL);
+    END LOOP;
 END;
 $$;
 
 -- Releases the keys held by `p_owner` (NULL: anonymous locks only); with a
 -- nonce other than '' only what that acquisition took (an undo). Per key,
--- whether a live lock was released. Notifies each released key.
-CREATE OR REPLACE FUNCTION @SCHEMA@.release(keys text[], p_owner text, p_nonce text)
-RETURNS boolean[]
+-- flags: 1 a live lock was released (not: not held by the owner, or
+-- expired), 2 the key is now reserved for `me` (the caller's provider: its
+-- next local waiter claims it), 4 `me`'s multi-key waiters should retry.
+-- Every key whose row went has its queue served.
+CREATE OR REPLACE FUNCTION @SCHEMA@.release(
+    keys text[], p_owner text, p_nonce text, me text, claim_ms bigint
+) RETURNS integer[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     t timestamptz;
-    out boolean[] := '{}';
+    out integer[] := '{}';
     live boolean;
     i integer;
 BEGIN
     PERFORM @SCHEMA@.lock_keys(keys);
     t := clock_timestamp();
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
-        live := NULL;
         DELETE FROM @SCHEMA@.locks l
-         WHERE l.key = keys[i] AND l.owner IS NOT DISTINCT FROM p_owner
+         WHERE l.key = keys[i] AND l.reserved_for IS NULL
+           AND l.owner IS NOT DISTINCT FROM p_owner
            AND (p_nonce = '' OR l.nonce = p_nonce)
         RETURNING (l.expires_at IS NULL OR l.expires_at > t) INTO live;
-        live := coalesce(live, false);
-        IF live THEN
-            PERFORM pg_notify(@CHANNEL@, keys[i]);
+        IF NOT FOUND THEN
+            out := out || 0;
+        ELSE
+            out := out || (CASE WHEN live THEN 1 ELSE 0 END
+                           | (@SCHEMA@.serve_queue(keys[i], t, claim_ms, me) << 1));
         END IF;
-        out := out || live;
     END LOOP;
     RETURN out;
 END;
@@ -154,7 +317,8 @@ BEGIN
     t := clock_timestamp();
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         PERFORM 1 FROM @SCHEMA@.locks l
-          WHERE l.key = keys[i] AND l.owner IS NOT DISTINCT FROM p_owner
+          WHERE l.key = keys[i] AND l.reserved_for IS NULL
+            AND l.owner IS NOT DISTINCT FROM p_owner
             AND (l.expires_at IS NULL OR l.expires_at > t);
         IF NOT FOUND THEN
             RETURN i - 1;
@@ -162,17 +326,15 @@ BEGIN
     END LOOP;
     UPDATE @SCHEMA@.locks l SET expires_at = t + ttl_ms * interval '1 millisecond'
      WHERE l.key = ANY (keys);
-    FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
-        PERFORM pg_notify(@CHANNEL@, keys[i]);
-    END LOOP;
     RETURN -1;
 END;
 $$;
 
 -- Releases every lock of `p_owner` (through the owner index), or every lock
--- of this schema's table when NULL (DELETE, never TRUNCATE). Expired rows of
--- the owner go too; only live ones are counted and notified.
-CREATE OR REPLACE FUNCTION @SCHEMA@.release_all(p_owner text) RETURNS bigint
+-- and reservation of this schema's table when NULL (DELETE, never
+-- TRUNCATE). Expired rows of the owner go too; only live locks are counted.
+-- Each freed key has its queue served.
+CREATE OR REPLACE FUNCTION @SCHEMA@.release_all(p_owner text, claim_ms bigint) RETURNS bigint
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -191,20 +353,21 @@ BEGIN
     FOR r IN
         DELETE FROM @SCHEMA@.locks l
          WHERE l.key = ANY (ks) AND (p_owner IS NULL OR l.owner = p_owner)
-        RETURNING l.key AS key, (l.expires_at IS NULL OR l.expires_at > t) AS live
+        RETURNING l.key AS key,
+                  l.reserved_for IS NULL AND (l.expires_at IS NULL OR l.expires_at > t) AS live
     LOOP
         IF r.live THEN
             n := n + 1;
-            PERFORM pg_notify(@CHANNEL@, r.key);
         END IF;
+        PERFORM @SCHEMA@.serve_queue(r.key, t, claim_ms, NULL);
     END LOOP;
     RETURN n;
 END;
 $$;
 
 -- Frees the keys whoever holds them. Returns the live holders it freed,
--- with their key's index (0-based). Notifies each freed key.
-CREATE OR REPLACE FUNCTION @SCHEMA@.force_release(keys text[])
+-- with their key's index (0-based). Each freed key has its queue served.
+CREATE OR REPLACE FUNCTION @SCHEMA@.force_release(keys text[], claim_ms bigint)
 RETURNS TABLE (idx integer, owner text, token bigint, acquired_at timestamptz,
                held_ms bigint, lease_ms bigint, metadata text)
 LANGUAGE plpgsql AS $$
@@ -218,8 +381,9 @@ BEGIN
     t := clock_timestamp();
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         DELETE FROM @SCHEMA@.locks l WHERE l.key = keys[i] RETURNING l.* INTO r;
-        IF FOUND AND (r.expires_at IS NULL OR r.expires_at > t) THEN
-            PERFORM pg_notify(@CHANNEL@, keys[i]);
+        CONTINUE WHEN NOT FOUND;
+        PERFORM @SCHEMA@.serve_queue(keys[i], t, claim_ms, NULL);
+        IF r.reserved_for IS NULL AND (r.expires_at IS NULL OR r.expires_at > t) THEN
             idx := i - 1;
             owner := r.owner;
             token := r.token;
