@@ -54,10 +54,11 @@ enum Command {
     /// The checkout demo: instances charge the same orders at once; the
     /// locks keep every order charged exactly once. Exit status 0 when every
     /// order is charged once, 1 on a double (or missing) charge, 2 on bad
-    /// usage or an unreachable Redis.
+    /// usage or an unreachable server.
     Demo(demo::DemoArgs),
     /// Internal: one demo instance as a process (started by `demo
-    /// --redis-url`, or by docker compose with --start-now).
+    /// --redis-url` or `--postgres-url`, or by docker compose with
+    /// --start-now).
     #[command(hide = true)]
     Worker(demo::WorkerArgs),
     /// Report on a demo run made by standalone workers (docker compose).
