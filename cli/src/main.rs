@@ -10,12 +10,14 @@
 //!   machines), its exit statuses and the duration flags' parser.
 //! - `failure.rs`: exit statuses and the one result type of every command.
 //! - `backend.rs`: the flags that pick a backend (`--redis-url`,
-//!   `--cluster`, `--sentinel`, `--redlock`) and connecting to it.
+//!   `--cluster`, `--sentinel`, `--redlock`, `--postgres-url`) and
+//!   connecting to it.
 //! - `demo/`: the checkout demo (`mod.rs`: demo, worker, report;
-//!   `checkout.rs`: the workflow and the ledger).
+//!   `checkout.rs`: the workflow and the ledger; `pg_ledger.rs`: the
+//!   ledger as a PostgreSQL table).
 //! - `torture/`: faults against real servers (`mod.rs`: torture and its
-//!   workers; `hold.rs`: one holder as a process; `fenced.rs`: the fenced
-//!   store that checks).
+//!   workers; `pg.rs`: its PostgreSQL lock server and faults; `hold.rs`:
+//!   one holder as a process; `fenced.rs`: the fenced store that checks).
 //! - `bench/`: measurements (`contention.rs`: w1-w3; `memory.rs`;
 //!   `waiters.rs`; `baseline.rs`; `stats.rs`).
 //!
@@ -65,7 +67,10 @@ enum Command {
     Report(demo::ReportArgs),
     /// A checkout-style workload from several processes under injected
     /// faults (Redis restarts, paused holders, dropped connections), checked
-    /// by fencing tokens. Exit status 1 on any mutual-exclusion violation.
+    /// by fencing tokens; with --spawn-postgres or --postgres-url on the
+    /// PostgreSQL provider (server restarts, paused holders,
+    /// pg_terminate_backend). Exit status 1 on any mutual-exclusion
+    /// violation.
     Torture(torture::TortureArgs),
     /// Internal: one torture worker (started by `torture`).
     #[command(hide = true)]
