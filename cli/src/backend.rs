@@ -48,8 +48,7 @@ pub(crate) struct BackendArgs {
     #[arg(long, default_value = lockstep::DEFAULT_NAMESPACE)]
     pub(crate) namespace: String,
     /// PostgreSQL instead of Redis, e.g. postgres://user@host/db (the
-    /// provider creates its schema if missing). Not yet for demo, bench
-    /// and torture.
+    /// provider creates its schema if missing).
     #[arg(long, value_name = "URL", conflicts_with_all = ["redis_url", "cluster", "sentinels", "redlock", "wait_for_replicas"])]
     pub(crate) postgres_url: Option<String>,
     /// The schema of --postgres-url's locks.

@@ -10,12 +10,14 @@
 //!   machines), its exit statuses and the duration flags' parser.
 //! - `failure.rs`: exit statuses and the one result type of every command.
 //! - `backend.rs`: the flags that pick a backend (`--redis-url`,
-//!   `--cluster`, `--sentinel`, `--redlock`) and connecting to it.
+//!   `--cluster`, `--sentinel`, `--redlock`, `--postgres-url`) and
+//!   connecting to it.
 //! - `demo/`: the checkout demo (`mod.rs`: demo, worker, report;
-//!   `checkout.rs`: the workflow and the ledger).
+//!   `checkout.rs`: the workflow and the ledger; `pg_ledger.rs`: the
+//!   ledger as a PostgreSQL table).
 //! - `torture/`: faults against real servers (`mod.rs`: torture and its
-//!   workers; `hold.rs`: one holder as a process; `fenced.rs`: the fenced
-//!   store that checks).
+//!   workers; `pg.rs`: its PostgreSQL lock server and faults; `hold.rs`:
+//!   one holder as a process; `fenced.rs`: the fenced store that checks).
 //! - `bench/`: measurements (`contention.rs`: w1-w3; `memory.rs`;
 //!   `waiters.rs`; `baseline.rs`; `stats.rs`).
 //!
@@ -54,17 +56,21 @@ enum Command {
     /// The checkout demo: instances charge the same orders at once; the
     /// locks keep every order charged exactly once. Exit status 0 when every
     /// order is charged once, 1 on a double (or missing) charge, 2 on bad
-    /// usage or an unreachable Redis.
+    /// usage or an unreachable server.
     Demo(demo::DemoArgs),
     /// Internal: one demo instance as a process (started by `demo
-    /// --redis-url`, or by docker compose with --start-now).
+    /// --redis-url` or `--postgres-url`, or by docker compose with
+    /// --start-now).
     #[command(hide = true)]
     Worker(demo::WorkerArgs),
     /// Report on a demo run made by standalone workers (docker compose).
     Report(demo::ReportArgs),
     /// A checkout-style workload from several processes under injected
     /// faults (Redis restarts, paused holders, dropped connections), checked
-    /// by fencing tokens. Exit status 1 on any mutual-exclusion violation.
+    /// by fencing tokens; with --spawn-postgres or --postgres-url on the
+    /// PostgreSQL provider (server restarts, paused holders,
+    /// pg_terminate_backend). Exit status 1 on any mutual-exclusion
+    /// violation.
     Torture(torture::TortureArgs),
     /// Internal: one torture worker (started by `torture`).
     #[command(hide = true)]

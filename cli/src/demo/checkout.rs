@@ -15,6 +15,8 @@ use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
+use super::pg_ledger::PgLedger;
+
 /// The parameters every instance shares.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct Plan {
@@ -60,8 +62,8 @@ pub(crate) fn order_id(k: usize) -> String {
     format!("order_{k:05}")
 }
 
-/// Where charges are recorded: a map in this process, or a hash in Redis
-/// shared by every process.
+/// Where charges are recorded: a map in this process, or, shared by every
+/// process, a hash in Redis or a table in PostgreSQL.
 #[derive(Clone)]
 pub(crate) enum Ledger {
     Memory(Arc<Mutex<MemoryLedger>>),
@@ -70,6 +72,7 @@ pub(crate) enum Ledger {
         charges: String,
         declined: String,
     },
+    Postgres(PgLedger),
 }
 
 #[derive(Default)]
@@ -100,6 +103,7 @@ impl Ledger {
         Ok(match self {
             Ledger::Memory(m) => m.lock().unwrap().charges.contains_key(order),
             Ledger::Redis { conn, charges, .. } => conn.clone().hexists(charges, order).await?,
+            Ledger::Postgres(pg) => pg.is_charged(order).await?,
         })
     }
 
@@ -115,6 +119,7 @@ impl Ledger {
             Ledger::Redis { conn, charges, .. } => {
                 let _: i64 = conn.clone().hincr(charges, order, 1).await?;
             }
+            Ledger::Postgres(pg) => pg.record_charge(order).await?,
         }
         Ok(())
     }
@@ -126,26 +131,33 @@ impl Ledger {
             Ledger::Redis { conn, declined, .. } => {
                 conn.clone().hset_nx(declined, order, 1).await?
             }
+            Ledger::Postgres(pg) => pg.decline_once(order).await?,
         })
     }
 
     /// Charges per order.
-    pub(crate) async fn charges(&self) -> Result<HashMap<String, u64>, redis::RedisError> {
-        match self {
-            Ledger::Memory(m) => Ok(m.lock().unwrap().charges.clone()),
-            Ledger::Redis { conn, charges, .. } => conn.clone().hgetall(charges).await,
-        }
+    pub(crate) async fn charges(&self) -> Result<HashMap<String, u64>, StepError> {
+        Ok(match self {
+            Ledger::Memory(m) => m.lock().unwrap().charges.clone(),
+            Ledger::Redis { conn, charges, .. } => conn.clone().hgetall(charges).await?,
+            Ledger::Postgres(pg) => pg.charges().await?.into_iter().collect(),
+        })
     }
 
-    /// Removes the ledger's keys.
+    /// Removes the run's record: its keys, or its rows.
     pub(crate) async fn clear(&self) {
-        if let Ledger::Redis {
-            conn,
-            charges,
-            declined,
-        } = self
-        {
-            let _: Result<(), _> = conn.clone().del(&[charges, declined]).await;
+        match self {
+            Ledger::Memory(_) => {}
+            Ledger::Redis {
+                conn,
+                charges,
+                declined,
+            } => {
+                let _: Result<(), _> = conn.clone().del(&[charges, declined]).await;
+            }
+            Ledger::Postgres(pg) => {
+                let _ = pg.clear().await;
+            }
         }
     }
 }

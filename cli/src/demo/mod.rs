@@ -16,12 +16,15 @@ use tokio::time::Instant;
 use crate::backend::{BackendArgs, Connected};
 use crate::failure::{EXIT_OK, EXIT_USAGE, EXIT_WRONG, Failure};
 mod checkout;
+mod pg_ledger;
 
 use checkout::{InstanceStats, Ledger, Plan, order_id, run_instance};
+use pg_ledger::PgLedger;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct DemoArgs {
-    /// Instances charging orders at once (tasks, or processes with Redis).
+    /// Instances charging orders at once (tasks, or processes with a
+    /// server).
     #[arg(long, default_value_t = 4)]
     instances: usize,
     /// Orders to charge.
@@ -30,9 +33,9 @@ pub(crate) struct DemoArgs {
     /// Instances attempting each order at about the same time.
     #[arg(long, default_value_t = 3)]
     attempts_per_order: usize,
-    /// Lock in Redis (one server, a cluster, Sentinel or Redlock): the
-    /// instances become separate processes. Default: in-memory, instances
-    /// as tasks.
+    /// Lock in Redis (one server, a cluster, Sentinel or Redlock) or
+    /// PostgreSQL: the instances become separate processes. Default:
+    /// in-memory, instances as tasks.
     #[command(flatten)]
     servers: Servers,
     /// Run without locks, to see the race.
@@ -55,8 +58,8 @@ pub(crate) struct DemoArgs {
     #[arg(long, default_value_t = 10_000)]
     ttl_ms: u64,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics while the demo
-    /// runs. Only this process's: with Redis, the worker processes' locks
-    /// are not included.
+    /// runs. Only this process's: with a server, the worker processes'
+    /// locks are not included.
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<std::net::SocketAddr>,
     /// Keep serving metrics this long (ms) after the demo ends.
@@ -73,7 +76,7 @@ impl DemoArgs {
         }
         if self.instances > 64 && self.servers.backend.is_given() {
             return Err(Failure::usage(
-                "at most 64 instances (processes) with Redis",
+                "at most 64 instances (processes) with a server",
             ));
         }
         if self.lock_timeout_ms == 0 || self.ttl_ms == 0 {
@@ -193,37 +196,63 @@ pub(crate) struct Servers {
     #[command(flatten)]
     backend: BackendArgs,
     /// The ledger's Redis (the payment provider's record of charges).
-    /// Default: the --redis-url server; required with --cluster, --sentinel
-    /// and --redlock, so that no failover of the lock servers can rewrite
-    /// the record the demo is judged by.
+    /// Default: the --redis-url server, or with --postgres-url the table
+    /// `demo_ledger` in the --pg-schema schema of the same database;
+    /// required with --cluster, --sentinel and --redlock, so that no
+    /// failover of the lock servers can rewrite the record the demo is
+    /// judged by.
     #[arg(long, value_name = "URL")]
     ledger_url: Option<String>,
 }
 
+/// Where a run's ledger is kept.
+enum LedgerAt {
+    /// Two hashes per run in this Redis.
+    Redis(String),
+    /// Rows keyed by the run in `<schema>.demo_ledger` of this database.
+    Postgres { url: String, schema: String },
+}
+
 impl Servers {
-    /// The ledger's Redis: `--ledger-url`, else the one server locks live on.
-    fn ledger_url(&self) -> Result<String, Failure> {
-        match (&self.ledger_url, &self.backend.redis_url) {
-            (Some(url), _) => Ok(url.clone()),
-            (None, Some(url)) if self.backend.is_single() => Ok(url.clone()),
+    /// The ledger's place: `--ledger-url`, else the one server locks live
+    /// on (a Redis, or PostgreSQL).
+    fn ledger_at(&self) -> Result<LedgerAt, Failure> {
+        let backend = &self.backend;
+        match (&self.ledger_url, &backend.redis_url, &backend.postgres_url) {
+            (Some(url), _, _) => Ok(LedgerAt::Redis(url.clone())),
+            (None, Some(url), _) if backend.is_single() => Ok(LedgerAt::Redis(url.clone())),
+            (None, None, Some(url)) => Ok(LedgerAt::Postgres {
+                url: url.clone(),
+                schema: backend.pg_schema.clone(),
+            }),
             _ => Err(Failure::usage(
-                "give --ledger-url: with --cluster, --sentinel, --redlock or --postgres-url the ledger lives on a plain Redis of its own",
+                "give --ledger-url: with --cluster, --sentinel or --redlock the ledger lives on a plain Redis of its own",
             )),
         }
     }
 
     /// The ledger of demo run `run`, with exit status 2 on failure.
     async fn ledger(&self, run: &str) -> Result<Ledger, Failure> {
-        let conn = crate::backend::plain(&self.ledger_url()?)
-            .await
-            .map_err(|e| Failure::usage(format!("cannot reach the ledger's Redis: {e}")))?;
-        Ok(Ledger::redis(conn, &self.backend.namespace, run))
+        match self.ledger_at()? {
+            LedgerAt::Redis(url) => {
+                let conn = crate::backend::plain(&url)
+                    .await
+                    .map_err(|e| Failure::usage(format!("cannot reach the ledger's Redis: {e}")))?;
+                Ok(Ledger::redis(conn, &self.backend.namespace, run))
+            }
+            LedgerAt::Postgres { url, schema } => PgLedger::connect(&url, &schema, run)
+                .await
+                .map(Ledger::Postgres)
+                .map_err(|e| Failure::usage(format!("cannot set up the ledger's table: {e}"))),
+        }
     }
 
     /// The locks, then the ledger of run `run`, with exit status 2 on
-    /// failure (a missing --ledger-url before anything connects).
+    /// failure (a missing --ledger-url before anything connects). The locks
+    /// first: on PostgreSQL, the provider creates the schema the ledger's
+    /// table goes in.
     async fn connect(&self, run: &str) -> Result<(Connected, Ledger), Failure> {
-        self.ledger_url()?;
+        self.ledger_at()?;
         let connected = self.backend.connect().await.map_err(Failure::usage)?;
         Ok((connected, self.ledger(run).await?))
     }
@@ -231,12 +260,14 @@ impl Servers {
     /// The same flags, for a worker process.
     fn to_args(&self) -> Result<Vec<String>, Failure> {
         let mut args = self.backend.to_args();
-        args.extend(["--ledger-url".to_owned(), self.ledger_url()?]);
+        if let LedgerAt::Redis(url) = self.ledger_at()? {
+            args.extend(["--ledger-url".to_owned(), url]);
+        }
         Ok(args)
     }
 }
 
-/// Instances as worker processes sharing one Redis.
+/// Instances as worker processes sharing one server (Redis or PostgreSQL).
 async fn in_processes(
     plan: &Plan,
     servers: &Servers,

@@ -1,6 +1,7 @@
 //! `lockstep torture`: a checkout-style workload from several processes
-//! against redis-servers this command starts itself, under a schedule of
-//! faults, with the guarded data checked by fencing tokens.
+//! against redis-servers this command starts itself (or the PostgreSQL
+//! provider, `pg.rs`), under a schedule of faults, with the guarded data
+//! checked by fencing tokens.
 //!
 //! - Two servers: the lock server (the one faults hit) and the store, which
 //!   holds the guarded records (a lock service and the data it guards are
@@ -15,6 +16,11 @@
 //! - Faults, every 0.5-1.5 s: the lock server killed with -9 and restarted;
 //!   a worker paused (SIGSTOP) past its lease, then resumed; every client
 //!   connection of the lock server cut.
+//! - On PostgreSQL (`--spawn-postgres`, `--postgres-url`) the same workers
+//!   and checks on the Postgres provider. The store stays a redis-server.
+//!   The faults: the server killed with -9 and restarted (a server of
+//!   ours only; PostgreSQL keeps every committed row through it), a worker
+//!   paused, and `pg_terminate_backend` of every worker's backend.
 //! - Violations: an overlap (two holders with running leases), or a write
 //!   accepted with a token lower than one accepted before for that record
 //!   (audited afterwards from the store's log, independently of the check
@@ -22,13 +28,17 @@
 
 pub(crate) mod fenced;
 pub(crate) mod hold;
+mod pg;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use lockstep::{ExecuteOptions, LockError, LockingModule, RedisConfig, RedisProvider};
+use lockstep::{
+    ExecuteOptions, LockError, LockingModule, PostgresConfig, PostgresProvider, RedisConfig,
+    RedisProvider,
+};
 use lockstep_testkit::RedisServer;
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -109,6 +119,19 @@ pub(crate) struct TortureArgs {
     /// every lock: shows that the checker does see two holders at once.
     #[arg(long)]
     no_persistence: bool,
+    /// Lock on a PostgreSQL this command starts (initdb in a temporary
+    /// directory, a free loopback port), with the Postgres provider:
+    /// faults are its restarts (kill -9), paused holders and
+    /// `pg_terminate_backend` of the workers' connections. The store stays
+    /// a redis-server.
+    #[arg(long, conflicts_with_all = ["postgres_url", "no_persistence"])]
+    spawn_postgres: bool,
+    /// Lock on this PostgreSQL, e.g. postgres://user@host/db, in a schema
+    /// `lockstep_torture_<run>` created for the run and dropped after it:
+    /// as --spawn-postgres, without restarts (a server not ours is never
+    /// restarted).
+    #[arg(long, value_name = "URL", conflicts_with = "no_persistence")]
+    postgres_url: Option<String>,
     /// Serve Prometheus metrics at http://HOST:PORT/metrics while it runs.
     /// Only this process's: the workers, which take the locks, are other
     /// processes and are not included.
@@ -118,8 +141,12 @@ pub(crate) struct TortureArgs {
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct TortureWorkerArgs {
-    #[arg(long)]
-    redis_url: String,
+    #[arg(long, required_unless_present = "postgres_url")]
+    redis_url: Option<String>,
+    #[arg(long, conflicts_with = "redis_url")]
+    postgres_url: Option<String>,
+    #[arg(long, default_value = lockstep::DEFAULT_SCHEMA)]
+    pg_schema: String,
     #[arg(long)]
     store_url: String,
     #[arg(long)]
@@ -167,6 +194,83 @@ fn signal(pid: u32, sig: &str) {
         .status();
 }
 
+/// The server the locks live on: the one the faults hit.
+enum LockServer {
+    Redis(RedisServer),
+    Postgres(pg::PgLocks),
+}
+
+impl LockServer {
+    /// The provider the workers use, for the report.
+    fn provider(&self) -> &'static str {
+        match self {
+            LockServer::Redis(_) => "locking-redis",
+            LockServer::Postgres(_) => "locking-postgres",
+        }
+    }
+
+    /// The flags that point a worker at it.
+    fn worker_args(&self) -> Result<Vec<String>, Failure> {
+        match self {
+            LockServer::Redis(server) => Ok(vec!["--redis-url".to_owned(), server.url()]),
+            LockServer::Postgres(locks) => locks.worker_args().map_err(Failure::usage),
+        }
+    }
+
+    /// Whether it is ours to kill and restart.
+    fn can_restart(&self) -> bool {
+        match self {
+            LockServer::Redis(_) => true,
+            LockServer::Postgres(locks) => locks.server.is_some(),
+        }
+    }
+
+    /// kill -9, then the same port and data directory again: the fault's
+    /// name.
+    fn restart(&mut self) -> Result<&'static str, Failure> {
+        tokio::task::block_in_place(|| match self {
+            LockServer::Redis(server) => server.try_restart().map(|()| "redis_restarts"),
+            LockServer::Postgres(locks) => match &mut locks.server {
+                Some(server) => server.try_restart().map(|()| "postgres_restarts"),
+                None => Err("a PostgreSQL given by URL is not restarted".to_owned()),
+            },
+        })
+        .map_err(Failure::usage)
+    }
+
+    /// Cuts the workers' connections: how many were cut.
+    async fn cut_connections(&self) -> u64 {
+        match self {
+            LockServer::Redis(server) => {
+                let mut cut = 0;
+                if let Ok(mut c) = connection(server).await {
+                    for kind in ["normal", "pubsub"] {
+                        let n: Result<u64, _> = redis::cmd("CLIENT")
+                            .arg(&["KILL", "TYPE", kind])
+                            .query_async(&mut c)
+                            .await;
+                        cut += n.unwrap_or(0);
+                    }
+                }
+                // Not our own connection: CLIENT KILL skips the caller.
+                cut
+            }
+            LockServer::Postgres(locks) => locks.terminate_workers().await.unwrap_or_else(|e| {
+                eprintln!("torture: pg_terminate_backend failed: {e}");
+                0
+            }),
+        }
+    }
+}
+
+/// A run id: lowercase hex (a schema name may carry it).
+fn run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    format!("{:012x}", h.finish() & 0xffff_ffff_ffff)
+}
+
 pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
     if args.workers == 0 || args.keys == 0 || args.lease_ms < 100 {
         return Err(Failure::usage(
@@ -176,23 +280,44 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
     if let Some(addr) = args.metrics_addr {
         crate::metrics::serve(addr).await?;
     }
-    let started = Instant::now();
     if let Some(bin) = &args.redis_server_bin {
         lockstep_testkit::set_server_bin(bin);
     }
-    let mut locks = start_server(!args.no_persistence)?;
+    let run = run_id();
+    let mut locks = if args.spawn_postgres {
+        LockServer::Postgres(
+            tokio::task::block_in_place(|| pg::PgLocks::spawn(&run)).map_err(Failure::usage)?,
+        )
+    } else if let Some(url) = &args.postgres_url {
+        LockServer::Postgres(
+            pg::PgLocks::shared(url, &run)
+                .await
+                .map_err(Failure::usage)?,
+        )
+    } else {
+        LockServer::Redis(start_server(!args.no_persistence)?)
+    };
+    let outcome = torture_on(&args, &mut locks).await;
+    if let LockServer::Postgres(pg) = &locks
+        && let Err(e) = pg.drop_schema().await
+    {
+        eprintln!("torture: {e}");
+    }
+    outcome
+}
+
+/// The run proper, on `locks`.
+async fn torture_on(args: &TortureArgs, locks: &mut LockServer) -> Result<u8, Failure> {
+    let started = Instant::now();
     let store = start_server(false)?;
     let exe = std::env::current_exe().map_err(|e| Failure::usage(e.to_string()))?;
+    let lock_args = locks.worker_args()?;
     let mut workers = Vec::new();
     for i in 0..args.workers {
         let mut child = tokio::process::Command::new(&exe)
-            .args([
-                "torture-worker",
-                "--redis-url",
-                &locks.url(),
-                "--store-url",
-                &store.url(),
-            ])
+            .arg("torture-worker")
+            .args(&lock_args)
+            .args(["--store-url", &store.url()])
             .args([
                 "--keys",
                 &args.keys.to_string(),
@@ -211,12 +336,24 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
             .spawn()
             .map_err(|e| Failure::usage(format!("cannot start a worker: {e}")))?;
         let pid = child.id().unwrap_or(0);
-        let stdout = child.stdout.take().expect("piped");
-        workers.push((child, pid, stdout));
+        let lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        workers.push((child, pid, lines));
+    }
+    // Every worker is connected before the first fault.
+    for (i, (_, _, lines)) in workers.iter_mut().enumerate() {
+        match tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await {
+            Ok(Ok(Some(l))) if l == "ready" => {}
+            other => {
+                return Err(Failure::usage(format!(
+                    "torture worker {i} did not start: {other:?}"
+                )));
+            }
+        }
     }
 
     // The fault schedule.
     let mut faults: HashMap<&'static str, u64> = HashMap::new();
+    let mut connections_cut = 0u64;
     let end = started + Duration::from_secs_f64(args.duration);
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
@@ -225,15 +362,15 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
         rng ^= rng << 17;
         rng
     };
-    // Let the workers connect and get going first.
+    // Without restarts (a PostgreSQL not ours): the other two faults.
+    let (kinds, first) = if locks.can_restart() { (3, 0) } else { (2, 1) };
+    // Let the workers get going first.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     while Instant::now() + Duration::from_millis(2000) < end {
         tokio::time::sleep(Duration::from_millis(500 + next() % 1000)).await;
-        match next() % 3 {
+        match first + next() % kinds {
             0 => {
-                // kill -9, then the same port and data directory again.
-                tokio::task::block_in_place(|| locks.try_restart()).map_err(Failure::usage)?;
-                *faults.entry("redis_restarts").or_default() += 1;
+                *faults.entry(locks.restart()?).or_default() += 1;
             }
             1 => {
                 // Pause whoever holds a key right now, past its lease.
@@ -254,22 +391,14 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
                 *faults.entry("paused_holders").or_default() += 1;
             }
             _ => {
-                if let Ok(mut c) = connection(&locks).await {
-                    for kind in ["normal", "pubsub"] {
-                        let _: Result<i64, _> = redis::cmd("CLIENT")
-                            .arg(&["KILL", "TYPE", kind])
-                            .query_async(&mut c)
-                            .await;
-                    }
-                }
+                connections_cut += locks.cut_connections().await;
                 *faults.entry("dropped_connections").or_default() += 1;
             }
         }
     }
 
     let mut totals = WorkerStats::default();
-    for (mut child, _, stdout) in workers {
-        let mut lines = BufReader::new(stdout).lines();
+    for (mut child, _, mut lines) in workers {
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(json) = line.strip_prefix("stats ")
                 && let Ok(s) = serde_json::from_str::<WorkerStats>(json)
@@ -300,7 +429,20 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
         stale_accepted += log.windows(2).filter(|w| w[1] < w[0]).count() as u64;
     }
     let violations = overlaps + stale_accepted;
+    let persistence = match locks {
+        LockServer::Redis(_) => !args.no_persistence,
+        // Every commit is written before it is acknowledged (the test
+        // kit's server: synchronous_commit on), and a kill -9 of the
+        // server loses nothing the kernel has.
+        LockServer::Postgres(_) => true,
+    };
+    let pg_schema = match locks {
+        LockServer::Postgres(pg) => Some(pg.schema.clone()),
+        LockServer::Redis(_) => None,
+    };
     let report = json!({
+        "provider": locks.provider(),
+        "pg_schema": pg_schema,
         "operations": totals.operations,
         "violations": violations,
         "violations_by_kind": {"two_holders_at_once": overlaps, "stale_writes_accepted": stale_accepted},
@@ -309,15 +451,17 @@ pub(crate) async fn torture(args: TortureArgs) -> Result<u8, Failure> {
         "errors": totals.errors,
         "faults_injected": faults.values().sum::<u64>(),
         "faults_by_kind": faults,
+        "connections_cut": connections_cut,
         "workers": args.workers, "keys": args.keys, "lease_ms": args.lease_ms,
-        "lock_server_persistence": !args.no_persistence,
+        "lock_server_persistence": persistence,
         "elapsed_ms": started.elapsed().as_millis() as u64,
     });
     if args.json {
         println!("{report}");
     } else {
         println!(
-            "torture: {} operations by {} workers on {} keys in {:.1} s; faults injected: {}",
+            "torture ({}): {} operations by {} workers on {} keys in {:.1} s; faults injected: {} ({connections_cut} connections cut)",
+            locks.provider(),
             totals.operations,
             args.workers,
             args.keys,
@@ -350,23 +494,43 @@ fn wall_ms(at: Instant) -> u64 {
 
 /// One worker: `execute` on random hot keys until the time is up.
 pub(crate) async fn torture_worker(args: TortureWorkerArgs) -> Result<u8, Failure> {
-    let config = RedisConfig::from_url(&args.redis_url)
-        .namespace("torture:")
-        .connect_timeout(Duration::from_millis(500))
-        .response_timeout(Duration::from_millis(300));
-    let provider = RedisProvider::connect(config)
-        .await
-        .map_err(|e| Failure::usage(e.to_string()))?;
-    let locking = LockingModule::builder()
-        .provider("locking-redis", provider)
-        .build()
-        .expect("one provider");
+    let locking = LockingModule::builder();
+    let locking = match (&args.postgres_url, &args.redis_url) {
+        (Some(url), _) => {
+            // A statement may wait behind another worker's advisory locks on
+            // a loaded machine: 1 s on the server (2 s on the client) before
+            // it counts as unanswered.
+            let config = PostgresConfig::from_url(url)
+                .schema(&args.pg_schema)
+                .connect_timeout(Duration::from_millis(500))
+                .statement_timeout(Duration::from_secs(1))
+                .pool_size(4);
+            let provider = PostgresProvider::connect(config)
+                .await
+                .map_err(|e| Failure::usage(e.to_string()))?;
+            locking.provider("locking-postgres", provider)
+        }
+        (None, Some(url)) => {
+            let config = RedisConfig::from_url(url)
+                .namespace("torture:")
+                .connect_timeout(Duration::from_millis(500))
+                .response_timeout(Duration::from_millis(300));
+            let provider = RedisProvider::connect(config)
+                .await
+                .map_err(|e| Failure::usage(e.to_string()))?;
+            locking.provider("locking-redis", provider)
+        }
+        (None, None) => return Err(Failure::usage("give --redis-url or --postgres-url")),
+    }
+    .build()
+    .expect("one provider");
     let store = redis::Client::open(args.store_url.as_str())
         .map_err(|e| Failure::usage(e.to_string()))?
         .get_multiplexed_async_connection()
         .await
         .map_err(|e| Failure::usage(e.to_string()))?;
     let script = redis::Script::new(STORE);
+    println!("ready");
     let mut stats = WorkerStats::default();
     let end = Instant::now() + Duration::from_secs_f64(args.duration);
     let mut rng = args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
