@@ -1477,14 +1477,9 @@ async fn a_wait_stops_at_its_deadline() {
 /// advisory lock held from an open transaction) with the default 5 s
 /// statement timeout: the wait's 700 ms deadline must still end it, not
 /// the statement timeout; and once the block ends, no lock is left behind
-/// by the abandoned statement.
-///
-/// Fails today: an attempt's statement is bounded only by the client's
-/// statement bound (src/postgres/acquire.rs, `attempt`: the statement
-/// timeout plus 1 s), never by the wait's deadline, and nothing cancels it
-/// server-side; so the wait ends when the server cancels the statement
-/// (57014, after 5 s) with that backend error, not at 700 ms. Everything
-/// else here holds (no lock left, the key free afterwards).
+/// by the abandoned statement. (It failed before an attempt's statement
+/// was bounded by the wait's deadline and cancelled on the server: the
+/// wait ended at the statement timeout, after 5 s.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_blocked_server_side_stops_at_its_deadline() {
     let url = shared_postgres_url();
