@@ -92,7 +92,7 @@ async fn fencing_tokens_grow_across_a_server_restart() {
             Err(e) if e.is_backend() && Instant::now() < end => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            Err(e) => panic!("after the restart: {e}"),
+            Err(e) => panic!("after the restart: {e} ({e:?})"),
         }
     };
     assert!(

@@ -9,6 +9,7 @@ use deadpool_postgres::Object;
 use tokio::time::{Instant, sleep};
 use tokio_postgres::types::ToSql;
 
+use super::handoff::{HandoffRequest, Next};
 use super::queue::QueueArgs;
 use super::{Inner, error};
 use crate::error::LockError;
@@ -43,6 +44,13 @@ enum Attempt {
     Held(usize, Option<Duration>),
 }
 
+/// The lease of `request` in ms; 0: no expiry.
+fn ttl_ms(request: &AcquireRequest) -> i64 {
+    request.expire.map_or(0, |d| {
+        i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
+    })
+}
+
 /// A fresh nonce per attempt: what the attempt's rows are undone by.
 fn nonce() -> String {
     uuid::Uuid::new_v4().simple().to_string()
@@ -62,15 +70,46 @@ impl Inner {
         }
         // The call joins its keys' local queues before its first attempt,
         // so that a reservation announced in between finds it.
-        let (mut registration, pending) = self.register(&request.keys);
+        let ttl_ms = ttl_ms(request);
+        let (mut registration, pending) = self.register(
+            &request.keys,
+            HandoffRequest {
+                owner: request.owner.clone(),
+                ttl_ms,
+                metadata: request.metadata.clone(),
+            },
+        );
         for w in pending {
             w.finished(self.client_timeout()).await;
         }
         let mut failures = 0u32;
         loop {
             self.check_open()?;
+            match registration.waiter.next() {
+                Next::Granted(a) => {
+                    registration.took_grant();
+                    return Ok(a);
+                }
+                Next::Wait => {
+                    // A release is handing this call the lock, or undoing
+                    // an offer whose outcome it does not know.
+                    let remaining = request.wait.remaining();
+                    if remaining == Some(Duration::ZERO) {
+                        return Err(request.wait.give_up(&request.keys[0]));
+                    }
+                    let nap = remaining.map_or(FALLBACK, |r| r.min(FALLBACK));
+                    tokio::select! {
+                        () = registration.waiter.notify.notified() => {}
+                        () = sleep(nap) => {}
+                    }
+                    continue;
+                }
+                Next::Attempt => {}
+            }
             let args = registration.queue_args(self.listening.load(Ordering::Acquire));
-            let nap = match self.attempt(request, Some(args)).await {
+            let outcome = self.attempt(request, Some(args)).await;
+            registration.waiter.attempted();
+            let nap = match outcome {
                 Ok(Attempt::Acquired(a)) => {
                     registration.took(args);
                     return Ok(a);
@@ -130,9 +169,7 @@ impl Inner {
             .prepare_cached(&self.sql.acquire)
             .await
             .map_err(|e| error::prepare(OP, e))?;
-        let ttl_ms: i64 = request.expire.map_or(0, |d| {
-            i64::try_from(d.as_millis()).unwrap_or(i64::MAX).max(1)
-        });
+        let ttl_ms = ttl_ms(request);
         let nonce = nonce();
         let mut undo = Undo {
             inner: Arc::clone(self),
@@ -245,7 +282,7 @@ impl Inner {
     /// fresh connections with pauses. When it could not run on the same
     /// connection, it is repeated once more after a second: the attempt's
     /// backend may still have been running it.
-    async fn undo(
+    pub(super) async fn undo(
         self: &Arc<Self>,
         client: Option<Object>,
         keys: &[String],
@@ -256,8 +293,19 @@ impl Inner {
             let done = async {
                 let statement = client.prepare_cached(&self.sql.release).await.ok()?;
                 let claim_ms = self.claim_ms();
-                let params: [&(dyn ToSql + Sync); 5] =
-                    [&keys, &owner, &nonce, &self.pid, &claim_ms];
+                let none: Option<&str> = None;
+                let params: [&(dyn ToSql + Sync); 10] = [
+                    &keys,
+                    &owner,
+                    &nonce,
+                    &self.pid,
+                    &claim_ms,
+                    &none,
+                    &none,
+                    &None::<i64>,
+                    &none,
+                    &false,
+                ];
                 tokio::time::timeout(self.client_timeout(), client.query(&statement, &params))
                     .await
                     .ok()?

@@ -14,7 +14,10 @@ pub(crate) fn unavailable(operation: &'static str, e: PoolError) -> LockError {
     LockError::Backend(BackendError::new(
         kind,
         operation,
-        e.to_string(),
+        match &e {
+            PoolError::Backend(pg) => describe(pg),
+            other => other.to_string(),
+        },
         Some(Box::new(e)),
     ))
 }
@@ -47,7 +50,7 @@ pub(crate) fn statement(operation: &'static str, e: tokio_postgres::Error) -> Lo
     LockError::Backend(BackendError::new(
         kind,
         operation,
-        e.to_string(),
+        describe(&e),
         Some(Box::new(e)),
     ))
 }
@@ -64,7 +67,7 @@ pub(crate) fn prepare(operation: &'static str, e: tokio_postgres::Error) -> Lock
     LockError::Backend(BackendError::new(
         kind,
         operation,
-        e.to_string(),
+        describe(&e),
         Some(Box::new(e)),
     ))
 }
@@ -94,4 +97,13 @@ fn is_auth(e: &tokio_postgres::Error) -> bool {
         let code = db.code().code();
         code.starts_with("28") || code == "42501"
     })
+}
+
+/// The server's message for a server error ("db error" alone says
+/// nothing), else the client's.
+fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }

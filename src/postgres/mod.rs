@@ -60,6 +60,7 @@
 mod acquire;
 mod config;
 mod error;
+mod handoff;
 mod listen;
 mod ops;
 mod queue;
@@ -128,7 +129,7 @@ impl Sql {
                 "SELECT idx, token, reentered, lease_ms \
                  FROM {s}.acquire($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)"
             ),
-            release: format!("SELECT {s}.release($1, $2, $3, $4, $5)"),
+            release: format!("SELECT {s}.release($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"),
             extend: format!("SELECT {s}.extend($1, $2, $3)"),
             release_all: format!("SELECT {s}.release_all($1, $2)"),
             force_release: format!(

@@ -29,23 +29,58 @@ impl Inner {
     ) -> Result<Vec<bool>, LockError> {
         const OP: &str = "release";
         let claim_ms = self.claim_ms();
+        // A single key released by its holder may go straight to this
+        // provider's first waiter for it (`handoff.rs`).
+        let offer = if nonce.is_empty() && keys.len() == 1 {
+            self.offer(&keys[0])
+        } else {
+            None
+        };
+        let next = offer.as_ref().map(|o| &o.request);
         let rows = self
             .query(
                 OP,
                 &self.sql.release,
-                &[&keys, &owner, &nonce, &self.pid, &claim_ms],
+                &[
+                    &keys,
+                    &owner,
+                    &nonce,
+                    &self.pid,
+                    &claim_ms,
+                    &next.map(|r| r.owner.as_deref()),
+                    &offer.as_ref().map(|o| o.nonce.as_str()),
+                    &next.map(|r| r.ttl_ms),
+                    &next.map(|r| r.metadata.as_deref()),
+                    &offer.as_ref().is_some_and(|o| o.more),
+                ],
             )
             .await?;
-        self.released(keys, &rows)
-            .ok_or_else(|| error::unexpected(OP, "one flag per key expected"))
+        let (released, token) = self
+            .released(keys, &rows)
+            .ok_or_else(|| error::unexpected(OP, "one flag per key expected"))?;
+        if let Some(offer) = offer {
+            match token {
+                Some(token) => offer.granted(token),
+                None => offer.declined(),
+            }
+        }
+        Ok(released)
     }
 
     /// Reads a release's reply (flags per key: 1 released, 2 reserved for
-    /// this provider, 4 this provider's multi-key waiters should retry),
+    /// this provider, 4 this provider's multi-key waiters should retry, 8
+    /// handed to the offered waiter, whose token follows the flags),
     /// passes each lock reserved for this provider to its first local
-    /// waiter and wakes the multi-key ones.
-    pub(super) fn released(self: &Arc<Self>, keys: &[String], rows: &[Row]) -> Option<Vec<bool>> {
-        let flags: Vec<i32> = single("release", rows).ok()?;
+    /// waiter and wakes the multi-key ones. The released flags, and the
+    /// token of a lock handed over.
+    pub(super) fn released(
+        self: &Arc<Self>,
+        keys: &[String],
+        rows: &[Row],
+    ) -> Option<(Vec<bool>, Option<u64>)> {
+        let mut flags: Vec<i64> = single("release", rows).ok()?;
+        let handed = flags.first().is_some_and(|f| f & 8 != 0);
+        let token = if handed { flags.pop().map(token) } else { None };
         if flags.len() != keys.len() {
             return None;
         }
@@ -57,7 +92,7 @@ impl Inner {
                 self.wake(key, false);
             }
         }
-        Some(flags.iter().map(|f| f & 1 != 0).collect())
+        Some((flags.iter().map(|f| f & 1 != 0).collect(), token))
     }
 
     pub(super) async fn extend(

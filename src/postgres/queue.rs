@@ -17,19 +17,24 @@
 //! the withdrawal could remove the entry the newcomer's attempt relied on.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use super::Inner;
+use super::handoff::{self, HandoffRequest, HandoffState};
 
 /// One waiting call, as its keys' local queues know it.
 #[derive(Debug)]
 pub(crate) struct Waiter {
     /// Woken (with a stored permit) when it is its turn, or it should retry.
     pub(crate) notify: Notify,
+    /// What a direct hand-off takes the lock with (single-key waiters).
+    pub(crate) request: Option<HandoffRequest>,
+    /// Offers in flight and locks handed to it (`handoff.rs`).
+    pub(crate) handoff: Mutex<HandoffState>,
 }
 
 /// A withdrawal of the provider's entries for a key, from when the last
@@ -63,7 +68,7 @@ impl Withdrawal {
 #[derive(Debug, Default)]
 pub(crate) struct KeyWaiters {
     /// Single-key waiters, in arrival order: the first claims reservations.
-    singles: VecDeque<Arc<Waiter>>,
+    pub(crate) singles: VecDeque<Arc<Waiter>>,
     /// Multi-key waiters that wait for this key among others.
     others: Vec<Arc<Waiter>>,
     /// Whether the server may hold an entry or a reservation of this
@@ -123,11 +128,14 @@ impl Inner {
     pub(crate) fn register<'a>(
         self: &'a Arc<Self>,
         keys: &'a [String],
+        request: HandoffRequest,
     ) -> (Registration<'a>, Vec<Arc<Withdrawal>>) {
+        let single = keys.len() == 1;
         let waiter = Arc::new(Waiter {
             notify: Notify::new(),
+            request: single.then_some(request),
+            handoff: handoff::state(),
         });
-        let single = keys.len() == 1;
         let mut pending = Vec::new();
         let mut waiters = self.waiters();
         for key in keys {
@@ -299,6 +307,21 @@ impl Registration<'_> {
         args
     }
 
+    /// The call took a lock handed to it: as a claim would have.
+    pub(crate) fn took_grant(&mut self) {
+        let more = self
+            .inner
+            .waiters()
+            .get(&self.keys[0])
+            .is_some_and(|s| s.singles.len() > 1);
+        self.took(QueueArgs {
+            handoff: true,
+            queue: true,
+            claim: true,
+            more,
+        });
+    }
+
     /// The call took its locks with `args`: without more local waiters of
     /// its kind, the server dropped this provider's entries of that kind.
     pub(crate) fn took(&mut self, args: QueueArgs) {
@@ -309,6 +332,11 @@ impl Registration<'_> {
 
 impl Drop for Registration<'_> {
     fn drop(&mut self) {
+        if let Some(nonce) = self.waiter.leave() {
+            // A lock handed to it that the call never took up.
+            self.inner
+                .give_back(self.keys, self.waiter.request.as_ref(), nonce);
+        }
         let mut withdrawals = Vec::new();
         {
             let mut waiters = self.inner.waiters();
@@ -359,6 +387,29 @@ impl Drop for Pending {
 }
 
 impl Inner {
+    /// Releases, in the background, a lock handed to a waiter whose call
+    /// ended before it took it up.
+    fn give_back(
+        self: &Arc<Self>,
+        keys: &[String],
+        request: Option<&HandoffRequest>,
+        nonce: String,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pending = self.pending();
+        let (inner, keys, owner) = (
+            Arc::clone(self),
+            keys.to_vec(),
+            request.and_then(|r| r.owner.clone()),
+        );
+        runtime.spawn(async move {
+            inner.undo(None, &keys, owner.as_deref(), &nonce).await;
+            drop(pending);
+        });
+    }
+
     /// Counts a background task (an undo or a withdrawal) until the guard
     /// drops.
     pub(crate) fn pending(self: &Arc<Self>) -> Pending {

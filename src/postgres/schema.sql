@@ -15,6 +15,10 @@
 
 SELECT pg_advisory_xact_lock(hashtext('lockstep-ddl'));
 
+-- The provider's connections commit asynchronously by default; the schema
+-- itself must survive a crash.
+SET LOCAL synchronous_commit = on;
+
 CREATE SCHEMA IF NOT EXISTS @SCHEMA@;
 
 CREATE TABLE IF NOT EXISTS @SCHEMA@.locks (
@@ -72,6 +76,7 @@ DROP FUNCTION IF EXISTS @SCHEMA@.acquire(text[], text, text, bigint, text);
 DROP FUNCTION IF EXISTS @SCHEMA@.release(text[], text, text);
 DROP FUNCTION IF EXISTS @SCHEMA@.release_all(text);
 DROP FUNCTION IF EXISTS @SCHEMA@.force_release(text[]);
+DROP FUNCTION IF EXISTS @SCHEMA@.release(text[], text, text, text, bigint);
 
 -- Takes the advisory locks of `keys`, sorted by hash.
 CREATE OR REPLACE FUNCTION @SCHEMA@.lock_keys(keys text[]) RETURNS void
@@ -80,6 +85,10 @@ LANGUAGE plpgsql AS $$
 DECLARE
     h integer;
 BEGIN
+    IF array_length(keys, 1) = 1 THEN
+        PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), hashtext(keys[1]));
+        RETURN;
+    END IF;
     FOR h IN SELECT DISTINCT hashtext(k) FROM unnest(keys) AS k ORDER BY 1 LOOP
         PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), h);
     END LOOP;
@@ -195,7 +204,7 @@ BEGIN
         ELSE
             IF p_pid IS NOT NULL AND p_queue THEN
                 INSERT INTO @SCHEMA@.queue AS q (key, pid, handoff, seq, expires_at)
-                VALUES (keys[i], p_pid, p_handoff, nextval(@SCHEMA_LIT@ || '.queue_seq'),
+                VALUES (keys[i], p_pid, p_handoff, nextval('@SCHEMA@.queue_seq'::regclass),
                         t + queue_ms * interval '1 millisecond')
                 ON CONFLICT (key, pid, handoff) DO UPDATE
                    SET expires_at = greatest(q.expires_at, excluded.expires_at);
@@ -209,7 +218,7 @@ BEGIN
     END LOOP;
     PERFORM @SCHEMA@.floor_tokens();
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
-        tok := nextval(@SCHEMA_LIT@ || '.tokens');
+        tok := nextval('@SCHEMA@.tokens'::regclass);
         IF re[i] THEN
             UPDATE @SCHEMA@.locks l
                SET token = tok, expires_at = coalesce(t + lease, l.expires_at)
@@ -235,7 +244,7 @@ BEGIN
              WHERE q.key = ANY (keys) AND q.pid = p_pid AND q.handoff = p_handoff;
         ELSIF p_handoff THEN
             INSERT INTO @SCHEMA@.queue AS q (key, pid, handoff, seq, expires_at)
-            VALUES (keys[1], p_pid, true, nextval(@SCHEMA_LIT@ || '.queue_seq'),
+            VALUES (keys[1], p_pid, true, nextval('@SCHEMA@.queue_seq'::regclass),
                     t + queue_ms * interval '1 millisecond')
             ON CONFLICT (key, pid, handoff) DO UPDATE
                SET seq = excluded.seq, expires_at = excluded.expires_at;
@@ -270,17 +279,27 @@ $$;
 -- nonce other than '' only what that acquisition took (an undo). Per key,
 -- flags: 1 a live lock was released (not: not held by the owner, or
 -- expired), 2 the key is now reserved for `me` (the caller's provider: its
--- next local waiter claims it), 4 `me`'s multi-key waiters should retry.
+-- next local waiter claims it), 4 `me`'s multi-key waiters should retry, 8
+-- the lock went straight to `me`'s waiter offered in next_* (below).
 -- Every key whose row went has its queue served.
+--
+-- next_nonce not NULL (a single key): the caller offers its provider's
+-- first local waiter for the key (its owner, a fresh nonce, its lease and
+-- metadata, and whether more local waiters are behind it). If the lock
+-- would be reserved for `me`, it is taken for that waiter instead, with a
+-- new token, appended to the result after the flags.
 CREATE OR REPLACE FUNCTION @SCHEMA@.release(
-    keys text[], p_owner text, p_nonce text, me text, claim_ms bigint
-) RETURNS integer[]
+    keys text[], p_owner text, p_nonce text, me text, claim_ms bigint,
+    next_owner text, next_nonce text, next_ttl_ms bigint, next_metadata text, next_more boolean
+) RETURNS bigint[]
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     t timestamptz;
-    out integer[] := '{}';
+    out bigint[] := '{}';
     live boolean;
+    served integer;
+    tok bigint;
     i integer;
 BEGIN
     PERFORM @SCHEMA@.lock_keys(keys);
@@ -292,12 +311,33 @@ BEGIN
            AND (p_nonce = '' OR l.nonce = p_nonce)
         RETURNING (l.expires_at IS NULL OR l.expires_at > t) INTO live;
         IF NOT FOUND THEN
-            out := out || 0;
-        ELSE
-            out := out || (CASE WHEN live THEN 1 ELSE 0 END
-                           | (@SCHEMA@.serve_queue(keys[i], t, claim_ms, me) << 1));
+            out := out || 0::bigint;
+            CONTINUE;
         END IF;
+        served := @SCHEMA@.serve_queue(keys[i], t, claim_ms, me);
+        IF served & 1 = 1 AND next_nonce IS NOT NULL AND array_length(keys, 1) = 1 THEN
+            PERFORM @SCHEMA@.floor_tokens();
+            tok := nextval('@SCHEMA@.tokens'::regclass);
+            UPDATE @SCHEMA@.locks l
+               SET owner = next_owner, nonce = next_nonce, token = tok, acquired_at = t,
+                   expires_at = CASE WHEN next_ttl_ms > 0
+                       THEN t + next_ttl_ms * interval '1 millisecond' END,
+                   metadata = next_metadata, reserved_for = NULL
+             WHERE l.key = keys[i];
+            IF next_more THEN
+                INSERT INTO @SCHEMA@.queue AS q (key, pid, handoff, seq, expires_at)
+                VALUES (keys[i], me, true, nextval('@SCHEMA@.queue_seq'::regclass),
+                        t + interval '5 seconds')
+                ON CONFLICT (key, pid, handoff) DO UPDATE
+                   SET seq = excluded.seq, expires_at = excluded.expires_at;
+            END IF;
+            served := served - 1 + 4;
+        END IF;
+        out := out || (CASE WHEN live THEN 1 ELSE 0 END | (served << 1))::bigint;
     END LOOP;
+    IF tok IS NOT NULL THEN
+        out := out || tok;
+    END IF;
     RETURN out;
 END;
 $$;
