@@ -4,21 +4,12 @@
 use std::time::Duration;
 
 use lockstep::{AcquireOptions, ConfigError, LockingModule, PostgresConfig, PostgresProvider};
-use lockstep_testkit::{PostgresServer, shared_postgres_url};
+use lockstep_testkit::{OwnSchema, PostgresServer, shared_postgres_url};
 use tokio::time::Instant;
 
-fn unique_schema() -> String {
-    let n = uuid_like();
-    format!("lockstep_pgtest_{n}")
-}
-
-fn uuid_like() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(N.fetch_add(1, Ordering::Relaxed));
-    format!("{:016x}", h.finish())
+/// A schema of the test's own on the (maybe shared) server, dropped after.
+fn unique_schema(url: &str) -> OwnSchema {
+    OwnSchema::new(url, "lockstep_pgtest")
 }
 
 async fn provider(url: &str, schema: &str) -> PostgresProvider {
@@ -39,7 +30,8 @@ fn module(p: PostgresProvider) -> LockingModule {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn opposite_key_orders_never_deadlock() {
     let url = shared_postgres_url();
-    let schema = unique_schema();
+    let own = unique_schema(&url);
+    let schema = own.name().to_owned();
     let a = module(provider(&url, &schema).await);
     let b = module(provider(&url, &schema).await);
     let keys = ["x", "y", "z", "w"];
@@ -108,7 +100,8 @@ async fn fencing_tokens_grow_across_a_server_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ddl_is_idempotent() {
     let url = shared_postgres_url();
-    let schema = unique_schema();
+    let own = unique_schema(&url);
+    let schema = own.name().to_owned();
     let first = module(provider(&url, &schema).await);
     let lease = first
         .acquire("k", AcquireOptions::new().owner_id("o"))
@@ -188,7 +181,8 @@ async fn bad_urls_and_unreachable_servers_are_config_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn waiters_are_served_in_queue_order_across_providers() {
     let url = shared_postgres_url();
-    let schema = unique_schema();
+    let own = unique_schema(&url);
+    let schema = own.name().to_owned();
     let holder = module(provider(&url, &schema).await);
     let a = module(provider(&url, &schema).await);
     let b = module(provider(&url, &schema).await);
@@ -251,4 +245,50 @@ async fn waiters_are_served_in_queue_order_across_providers() {
         t.await.unwrap();
     }
     assert_eq!(*order.lock().unwrap(), ["a1", "b", "c", "a2"]);
+}
+
+/// Expired locks and lapsed queue entries of keys nobody takes again are
+/// swept (the provider does it once a minute; `sweep` on demand), live
+/// ones stay, and a swept key's next token is still higher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeping_deletes_only_what_has_expired() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    let p = provider(&url, own.name()).await;
+    let m = module(p.clone());
+    let mut last = 0;
+    for i in 0..5 {
+        let lease = m
+            .acquire(
+                format!("gone-{i}").as_str(),
+                AcquireOptions::new().expire(Duration::from_millis(1)),
+            )
+            .await
+            .unwrap();
+        last = last.max(lease.fencing_token());
+    }
+    let live = m
+        .acquire("live", AcquireOptions::new().owner_id("o"))
+        .await
+        .unwrap();
+    // Wait until the 1 ms leases have run out by the server's clock.
+    let end = Instant::now() + Duration::from_secs(10);
+    while !m
+        .inspect(["gone-0", "gone-4"].as_slice(), Default::default())
+        .await
+        .unwrap()
+        .iter()
+        .all(|i| i.holder().is_none())
+    {
+        assert!(Instant::now() < end, "the leases never ran out");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(p.sweep().await.unwrap(), 5);
+    assert_eq!(p.sweep().await.unwrap(), 0, "a second sweep finds nothing");
+    let info = &m.inspect("live", Default::default()).await.unwrap()[0];
+    assert_eq!(info.holder().unwrap().owner.as_deref(), Some("o"));
+    let again = m.acquire("gone-0", AcquireOptions::new()).await.unwrap();
+    assert!(again.fencing_token() > last);
+    assert!(again.release().await.unwrap());
+    assert!(live.release().await.unwrap());
 }

@@ -11,24 +11,11 @@ use contract::{Fixture, Residue, contract_suite};
 use lockstep::deadpool_postgres::{Manager, Pool, tokio_postgres};
 use lockstep::{LockingModule, PostgresConfig, PostgresProvider};
 
-/// A schema no other fixture uses.
-fn unique_schema() -> String {
-    format!("lockstep_test_{}", uuid_simple())
-}
-
-fn uuid_simple() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u32(N.fetch_add(1, Ordering::Relaxed));
-    h.write_u32(std::process::id());
-    format!("{:016x}", h.finish())
-}
-
 async fn fixture() -> Fixture {
     let url = support::shared_postgres_url();
-    let schema = unique_schema();
+    // A schema no other fixture uses, dropped with the fixture.
+    let own = Arc::new(support::OwnSchema::new(&url, "lockstep_test"));
+    let schema = own.name().to_owned();
     let connect = || async {
         PostgresProvider::connect(PostgresConfig::from_url(&url).schema(&schema))
             .await
@@ -57,6 +44,7 @@ async fn fixture() -> Fixture {
         provider: Arc::new(provider),
         residue: Residue {
             local: Arc::new(move || {
+                let _schema = &own;
                 providers
                     .iter()
                     .map(|p| p.waiting_keys() + p.pending_undos())
@@ -68,16 +56,17 @@ async fn fixture() -> Fixture {
                     let client = pool.get().await.expect("residue connection");
                     let rows = client
                         .query(
-                            // Locks, reservations and queue entries (as
-                            // "{key}:q", the shape the drop cases look for).
+                            // Live locks, reservations and queue entries
+                            // (as "{key}:q", the shape the drop cases look
+                            // for). Expired rows are left out: they mean
+                            // nothing, and the provider sweeps them away
+                            // at moments of its own.
                             &format!(
                                 "SELECT key || CASE WHEN reserved_for IS NOT NULL \
-                                 THEN ' (reserved)' ELSE '' END \
-                                 || CASE WHEN expires_at <= now() \
-                                 THEN ' (expired)' ELSE '' END FROM {table} \
-                                 UNION ALL SELECT '{{' || key || '}}:q' || CASE \
-                                 WHEN expires_at <= now() THEN ' (expired)' ELSE '' END \
-                                 FROM {queue} ORDER BY 1"
+                                 THEN ' (reserved)' ELSE '' END FROM {table} \
+                                 WHERE expires_at IS NULL OR expires_at > now() \
+                                 UNION ALL SELECT '{{' || key || '}}:q' FROM {queue} \
+                                 WHERE expires_at > now() ORDER BY 1"
                             ),
                             &[],
                         )

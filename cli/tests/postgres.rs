@@ -142,14 +142,18 @@ fn the_demo_on_postgres_never_double_charges() {
 
 #[test]
 fn what_needs_redis_says_so_and_the_bench_measures_postgres() {
-    let out = output(&schema(), &["bench", "--workload", "mem"]);
+    // The bench works in the schema it is given (its own default is
+    // lockstep_bench): this test's, dropped after it.
+    let own = schema();
+    let _drop = DropSchema(own.clone());
+    let out = output(&own, &["bench", "--workload", "mem"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("measures w1, w2 and w3"),
         "{out:?}"
     );
     let out = output(
-        &schema(),
+        &own,
         &[
             "bench",
             "--workload",
@@ -165,6 +169,13 @@ fn what_needs_redis_says_so_and_the_bench_measures_postgres() {
     let r = &run["results"];
     assert!(r["acq_per_s"].as_f64().unwrap() > 0.0, "{run}");
     assert_eq!(r["violations"], 0.0, "{run}");
+    assert!(
+        sql(&format!(
+            "SELECT nspname FROM pg_namespace WHERE nspname = '{own}'"
+        ))
+        .contains(&own),
+        "the bench did not use the given schema"
+    );
 }
 
 /// Runs `sql` on the shared server: the first column of each row, as text.

@@ -18,12 +18,16 @@ use tokio_postgres::{AsyncMessage, NoTls};
 
 use super::Inner;
 
+/// How often the LISTEN task sweeps expired rows (`Inner::sweep`).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
 /// The pause before making a dropped LISTEN connection again.
 const RECONNECT_PAUSE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub(crate) struct Listener {
     task: JoinHandle<()>,
+    sweeper: JoinHandle<()>,
 }
 
 impl Listener {
@@ -36,15 +40,17 @@ impl Listener {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(5));
+        let sweeper = tokio::spawn(sweep_now_and_then(Arc::clone(&inner)));
         let task = tokio::spawn(run(pg, inner, ready_tx));
         let _ = tokio::time::timeout(within, ready_rx).await;
-        Listener { task }
+        Listener { task, sweeper }
     }
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
         self.task.abort();
+        self.sweeper.abort();
     }
 }
 
@@ -64,6 +70,25 @@ async fn run(pg: tokio_postgres::Config, inner: Arc<Inner>, ready: oneshot::Send
             () = inner.shutdown.cancelled() => break,
             () = tokio::time::sleep(RECONNECT_PAUSE) => {}
         }
+    }
+}
+
+/// Sweeps expired rows every SWEEP_EVERY (the first after a random part
+/// of it, so that providers started together do not sweep together).
+async fn sweep_now_and_then(inner: Arc<Inner>) {
+    let first = SWEEP_EVERY.mul_f64(f64::from(uuid::Uuid::new_v4().as_bytes()[0]) / 255.0);
+    let mut pause = first;
+    loop {
+        tokio::select! {
+            () = inner.shutdown.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
+        match inner.sweep().await {
+            Ok(n) if n > 0 => tracing::debug!(rows = n, "lockstep postgres: swept expired rows"),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "lockstep postgres: sweep failed"),
+        }
+        pause = SWEEP_EVERY;
     }
 }
 

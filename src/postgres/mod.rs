@@ -112,6 +112,7 @@ struct Sql {
     release_all: String,
     force_release: String,
     withdraw: String,
+    sweep: String,
     inspect: String,
     list: String,
 }
@@ -137,6 +138,7 @@ impl Sql {
                  FROM {s}.force_release($1, $2)"
             ),
             withdraw: format!("SELECT {s}.withdraw($1, $2, $3)"),
+            sweep: format!("SELECT {s}.sweep($1)"),
             // Every key: its lock or reservation if live (else NULLs), and
             // the other providers queued for it.
             inspect: format!(
@@ -294,6 +296,23 @@ impl PostgresProvider {
     /// while it is not).
     pub fn is_listening(&self) -> bool {
         self.inner.listening.load(Ordering::Acquire)
+    }
+
+    /// Deletes expired locks, lapsed reservations and expired queue entries
+    /// (at most 1,000 of each per call): rows of keys nobody takes again,
+    /// which would stay for ever. The provider's LISTEN task does this once
+    /// a minute; an operator may call it at any time. Returns how many rows
+    /// went.
+    ///
+    /// # Errors
+    ///
+    /// [`LockError::Backend`] when the statement fails.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped, the statement may or may not have run; either is harmless.
+    pub async fn sweep(&self) -> Result<u64, LockError> {
+        self.inner.sweep().await
     }
 
     /// The pool, e.g. for metrics of its own.

@@ -10,6 +10,9 @@ use super::{Inner, error};
 use crate::error::LockError;
 use crate::inspect::{LockHolder, LockInfo, LockState};
 
+/// The most rows of each kind one sweep deletes.
+const SWEEP_BATCH: i32 = 1_000;
+
 fn ms(v: i64) -> Duration {
     Duration::from_millis(u64::try_from(v).unwrap_or(0))
 }
@@ -200,6 +203,13 @@ impl Inner {
                 Ok(LockInfo::new(key, LockState::Held(holder), waiting))
             })
             .collect()
+    }
+
+    pub(super) async fn sweep(&self) -> Result<u64, LockError> {
+        const OP: &str = "sweep";
+        let rows = self.query(OP, &self.sql.sweep, &[&SWEEP_BATCH]).await?;
+        let n: i64 = single(OP, &rows)?;
+        Ok(token(n))
     }
 
     pub(super) async fn shut_down(&self) {

@@ -17,7 +17,7 @@ SELECT pg_advisory_xact_lock(hashtext('lockstep-ddl'));
 
 -- The provider's connections commit asynchronously by default; the schema
 -- itself must survive a crash.
-SET LOCAL synchronous_commit = on;
+SELECT set_config('synchronous_commit', 'on', true);
 
 CREATE SCHEMA IF NOT EXISTS @SCHEMA@;
 
@@ -435,5 +435,33 @@ BEGIN
             RETURN NEXT;
         END IF;
     END LOOP;
+END;
+$$;
+
+-- Deletes rows that no longer mean anything: expired locks and lapsed
+-- reservations (a key nobody takes again would keep its row for ever), and
+-- expired queue entries (of providers that died), at most `batch` of each;
+-- rows another call has locked are skipped. Returns how many went. No
+-- advisory locks: a concurrent acquisition of a swept key inserts a fresh
+-- row, and tokens come from the sequence.
+CREATE OR REPLACE FUNCTION @SCHEMA@.sweep(batch integer) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    t timestamptz := clock_timestamp();
+    n bigint;
+    m bigint;
+BEGIN
+    DELETE FROM @SCHEMA@.locks l
+     WHERE l.key IN (SELECT x.key FROM @SCHEMA@.locks x WHERE x.expires_at <= t
+                     LIMIT batch FOR UPDATE SKIP LOCKED)
+       AND l.expires_at <= t;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    DELETE FROM @SCHEMA@.queue q
+     WHERE (q.key, q.pid, q.handoff) IN (
+         SELECT x.key, x.pid, x.handoff FROM @SCHEMA@.queue x WHERE x.expires_at <= t
+          LIMIT batch FOR UPDATE SKIP LOCKED)
+       AND q.expires_at <= t;
+    GET DIAGNOSTICS m = ROW_COUNT;
+    RETURN n + m;
 END;
 $$;

@@ -40,7 +40,9 @@ mod server;
 
 use std::time::Duration;
 
-pub use postgres::{PostgresServer, missing_postgres_help, pg_bin_dir, shared_postgres_url};
+pub use postgres::{
+    OwnSchema, PostgresServer, missing_postgres_help, pg_bin_dir, shared_postgres_url,
+};
 pub use proxy::Proxy;
 pub use server::{
     RedisServer, free_port, missing_redis_help, server_bin, set_server_bin, shared_url,

@@ -531,6 +531,73 @@ pub fn shared_postgres_url() -> String {
     }
 }
 
+/// A schema a test makes on a PostgreSQL it may share with others: a
+/// name of its own (`<prefix>_<random>`), dropped with everything in it
+/// when the guard drops (`DROP SCHEMA ... CASCADE`, by psql), so that a
+/// shared server keeps only what it had.
+#[derive(Debug)]
+pub struct OwnSchema {
+    url: String,
+    name: String,
+}
+
+impl OwnSchema {
+    /// A fresh schema name on the server at `url` (nothing is created: the
+    /// code under test creates it).
+    pub fn new(url: &str, prefix: &str) -> OwnSchema {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(N.fetch_add(1, Ordering::Relaxed));
+        h.write_u32(std::process::id());
+        OwnSchema {
+            url: url.to_owned(),
+            name: format!("{prefix}_{:016x}", h.finish()),
+        }
+    }
+
+    /// The schema's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for OwnSchema {
+    fn drop(&mut self) {
+        let psql = pg_bin_dir().map_or_else(|| PathBuf::from("psql"), |d| d.join("psql"));
+        let sql = format!(
+            "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
+            self.name
+        );
+        let out = Command::new(psql)
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.url,
+                "-c",
+                &sql,
+            ])
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            // A server the test stopped took the schema with it; anything
+            // else is worth a line, not a panic in a drop.
+            Ok(o) => eprintln!(
+                "could not drop test schema {}: {}",
+                self.name,
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+            Err(e) => eprintln!("could not run psql to drop test schema {}: {e}", self.name),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Instant;

@@ -131,8 +131,11 @@ pub(crate) async fn bench(args: BenchArgs) -> Result<u8, Failure> {
         _postgres = Some(server);
     }
     if backend.postgres_url.is_some() {
-        // Its own schema, as Redis gets the `bench:` namespace.
-        backend.pg_schema = "lockstep_bench".to_owned();
+        // Its own schema unless one is given, as Redis gets the `bench:`
+        // namespace.
+        if backend.pg_schema == lockstep::DEFAULT_SCHEMA {
+            backend.pg_schema = "lockstep_bench".to_owned();
+        }
         if args.baseline || !matches!(args.workload, Workload::W1 | Workload::W2 | Workload::W3) {
             return Err(Failure::usage(
                 "on PostgreSQL the bench measures w1, w2 and w3, without --baseline",
