@@ -65,7 +65,7 @@
 //! # Features
 //!
 //! - `redis` (default): the Redis provider.
-//! - `serde`: `Deserialize` for [`RedisConfig`].
+//! - `serde`: `Deserialize` for [`RedisConfig`] (and `PostgresConfig` with `postgres`).
 //! - `tls`: `rediss://` URLs (rustls), with a private CA if needed.
 //! - `sentinel`: find the master through Redis Sentinel and follow failovers
 //!   (`RedisConfig::from_sentinels`).

@@ -20,16 +20,58 @@ pub const DEFAULT_SCHEMA: &str = "lockstep";
 const DDL: &str = include_str!("schema.sql");
 
 /// How to reach PostgreSQL, and where the locks live.
+///
+/// # Deserializing
+///
+/// With the `serde` feature the struct deserializes from any serde format,
+/// with the field names of its builder methods; every field but `url` is
+/// optional (the defaults of [`from_url`](PostgresConfig::from_url)), and
+/// durations are either a string with a unit (`"5s"`) or an integer number
+/// of milliseconds:
+///
+/// ```json
+/// { "url": "postgres://app@db/shop", "schema": "locks", "statement_timeout": "2s" }
+/// ```
 #[derive(Clone)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(default, deny_unknown_fields))]
 pub struct PostgresConfig {
     pub(crate) url: Option<String>,
     pub(crate) schema: String,
     pub(crate) create_schema: bool,
+    #[cfg_attr(
+        feature = "serde",
+        serde(deserialize_with = "crate::redis::config::de::duration")
+    )]
     pub(crate) wait_timeout: Duration,
+    #[cfg_attr(
+        feature = "serde",
+        serde(deserialize_with = "crate::redis::config::de::duration")
+    )]
     pub(crate) statement_timeout: Duration,
+    #[cfg_attr(
+        feature = "serde",
+        serde(deserialize_with = "crate::redis::config::de::duration")
+    )]
     pub(crate) connect_timeout: Duration,
     pub(crate) pool_size: usize,
     pub(crate) synchronous_commit: bool,
+}
+
+/// The defaults, without a URL (the environment is not read).
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            url: None,
+            schema: DEFAULT_SCHEMA.to_owned(),
+            create_schema: true,
+            wait_timeout: DEFAULT_WAIT_TIMEOUT,
+            statement_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+            pool_size: 16,
+            synchronous_commit: false,
+        }
+    }
 }
 
 impl std::fmt::Debug for PostgresConfig {
@@ -63,13 +105,7 @@ impl PostgresConfig {
             url: std::env::var(ENV_POSTGRES_URL)
                 .ok()
                 .filter(|u| !u.is_empty()),
-            schema: DEFAULT_SCHEMA.to_owned(),
-            create_schema: true,
-            wait_timeout: DEFAULT_WAIT_TIMEOUT,
-            statement_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            pool_size: 16,
-            synchronous_commit: false,
+            ..PostgresConfig::default()
         }
     }
 
@@ -363,6 +399,23 @@ mod tests {
         for bad in ["", "1a", "A", "a-b", "a\"b", "a b", &"a".repeat(64)] {
             assert!(check_schema(bad).is_err(), "{bad}");
         }
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn deserializes_with_defaults() {
+        let c: PostgresConfig = serde_json::from_str(
+            r#"{"url":"postgres://h/db","schema":"shop","statement_timeout":"2s","pool_size":4,"synchronous_commit":true}"#,
+        )
+        .unwrap();
+        assert_eq!(c.url.as_deref(), Some("postgres://h/db"));
+        assert_eq!(c.schema, "shop");
+        assert_eq!(c.statement_timeout, Duration::from_secs(2));
+        assert_eq!(c.pool_size, 4);
+        assert!(c.synchronous_commit);
+        assert_eq!(c.wait_timeout, PostgresConfig::default().wait_timeout);
+        assert!(serde_json::from_str::<PostgresConfig>(r#"{"bogus":1}"#).is_err());
+        assert!(serde_json::from_str::<PostgresConfig>(r#"{"connect_timeout":"5"}"#).is_err());
     }
 
     #[test]

@@ -338,14 +338,14 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
 }
 
 #[cfg(feature = "serde")]
-mod de {
+pub(crate) mod de {
     use std::fmt;
     use std::time::Duration;
 
     use serde::de::{self, Visitor};
 
     /// A duration as a string with a unit, or an integer of milliseconds.
-    pub(super) fn duration<'de, D: de::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    pub(crate) fn duration<'de, D: de::Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         struct V;
         impl Visitor<'_> for V {
             type Value = Duration;

@@ -28,7 +28,7 @@
 mod acquire;
 #[cfg(feature = "cluster")]
 mod cluster;
-mod config;
+pub(crate) mod config;
 pub(crate) mod connect;
 mod connection;
 mod error;
