@@ -292,3 +292,74 @@ async fn sweeping_deletes_only_what_has_expired() {
     assert!(again.release().await.unwrap());
     assert!(live.release().await.unwrap());
 }
+
+/// Within one provider a release hands the lock straight to the next local
+/// waiter (in the release's own statement): each gets it in arrival order,
+/// as itself (owner, lease, metadata), with a higher token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_hands_the_lock_to_the_next_local_waiter_as_itself() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    let m = module(provider(&url, own.name()).await);
+    let first = m
+        .acquire("h", AcquireOptions::new().owner_id("first"))
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut tasks = Vec::new();
+    for who in ["w1", "w2"] {
+        let (waiting, tx) = (m.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let lease = waiting
+                .acquire(
+                    "h",
+                    AcquireOptions::new()
+                        .owner_id(who)
+                        .expire(Duration::from_secs(30))
+                        .metadata(format!("job {who}"))
+                        .timeout(Duration::from_secs(20)),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{who}: {e}"));
+            let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+            tx.send((who, lease.fencing_token(), done_tx)).unwrap();
+            let _ = done_rx.await;
+            assert!(lease.release().await.unwrap());
+        }));
+        // w2 joins once w1 waits (the provider counts its own waiters).
+        let end = Instant::now() + Duration::from_secs(10);
+        let n = if who == "w1" { 1 } else { 2 };
+        while m.inspect("h", Default::default()).await.unwrap()[0].waiting < n {
+            assert!(Instant::now() < end, "{who} never waited");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let mut last = first.fencing_token();
+    assert!(first.release().await.unwrap());
+    for expected in ["w1", "w2"] {
+        let (who, token, done) = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("the next waiter gets the lock")
+            .unwrap();
+        assert_eq!(who, expected);
+        assert!(token > last, "{who}'s token {token} after {last}");
+        last = token;
+        let info = &m.inspect("h", Default::default()).await.unwrap()[0];
+        let holder = info.holder().expect("held");
+        assert_eq!(holder.owner.as_deref(), Some(who));
+        assert_eq!(holder.fencing_token, token);
+        assert_eq!(
+            holder.metadata.as_deref(),
+            Some(format!("job {who}").as_str())
+        );
+        let left = holder.lease_left.expect("a lease");
+        assert!(
+            left > Duration::from_secs(25),
+            "{left:?} left of a 30 s lease"
+        );
+        done.send(()).unwrap();
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

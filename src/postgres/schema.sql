@@ -298,12 +298,48 @@ DECLARE
     t timestamptz;
     out bigint[] := '{}';
     live boolean;
+    e record;
     served integer;
     tok bigint;
     i integer;
 BEGIN
     PERFORM @SCHEMA@.lock_keys(keys);
     t := clock_timestamp();
+    -- The hand-off within one provider, in place: when the offering
+    -- provider heads the queue, the lock row is rewritten for its waiter
+    -- and its queue entry moves to the back (or goes), two writes where
+    -- release, reservation and claim would take five.
+    IF next_nonce IS NOT NULL AND array_length(keys, 1) = 1 THEN
+        SELECT q.pid, q.handoff, q.expires_at INTO e
+          FROM @SCHEMA@.queue q WHERE q.key = keys[1] ORDER BY q.seq LIMIT 1;
+        IF FOUND AND e.pid = me AND e.handoff AND e.expires_at > t THEN
+            SELECT (l.expires_at IS NULL OR l.expires_at > t) INTO live
+              FROM @SCHEMA@.locks l
+             WHERE l.key = keys[1] AND l.reserved_for IS NULL
+               AND l.owner IS NOT DISTINCT FROM p_owner
+               AND (p_nonce = '' OR l.nonce = p_nonce);
+            IF FOUND THEN
+                PERFORM @SCHEMA@.floor_tokens();
+                tok := nextval('@SCHEMA@.tokens'::regclass);
+                UPDATE @SCHEMA@.locks l
+                   SET owner = next_owner, nonce = next_nonce, token = tok, acquired_at = t,
+                       expires_at = CASE WHEN next_ttl_ms > 0
+                           THEN t + next_ttl_ms * interval '1 millisecond' END,
+                       metadata = next_metadata
+                 WHERE l.key = keys[1];
+                IF next_more THEN
+                    UPDATE @SCHEMA@.queue q
+                       SET seq = nextval('@SCHEMA@.queue_seq'::regclass),
+                           expires_at = t + interval '5 seconds'
+                     WHERE q.key = keys[1] AND q.pid = me AND q.handoff;
+                ELSE
+                    DELETE FROM @SCHEMA@.queue q
+                     WHERE q.key = keys[1] AND q.pid = me AND q.handoff;
+                END IF;
+                RETURN ARRAY[(CASE WHEN live THEN 1 ELSE 0 END) | 8, tok]::bigint[];
+            END IF;
+        END IF;
+    END IF;
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         DELETE FROM @SCHEMA@.locks l
          WHERE l.key = keys[i] AND l.reserved_for IS NULL
