@@ -54,6 +54,11 @@ pub(crate) struct BackendArgs {
     /// The schema of --postgres-url's locks.
     #[arg(long, default_value = lockstep::DEFAULT_SCHEMA, value_name = "NAME")]
     pub(crate) pg_schema: String,
+    /// With --postgres-url: lock operations commit without waiting for the
+    /// disk (synchronous_commit off; a server crash can lose the last
+    /// moments' operations, fencing tokens still grow).
+    #[arg(long, requires = "postgres_url")]
+    pub(crate) pg_async_commit: bool,
 }
 
 /// A connected backend.
@@ -105,7 +110,9 @@ impl BackendArgs {
         tune: impl FnOnce(RedisConfig) -> RedisConfig,
     ) -> Result<Connected, String> {
         if let Some(url) = &self.postgres_url {
-            let config = PostgresConfig::from_url(url).schema(&self.pg_schema);
+            let config = PostgresConfig::from_url(url)
+                .schema(&self.pg_schema)
+                .synchronous_commit(!self.pg_async_commit);
             let provider = PostgresProvider::connect(config)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -179,6 +186,9 @@ impl BackendArgs {
         if let Some(url) = &self.postgres_url {
             args.extend(["--postgres-url".to_owned(), url.clone()]);
             args.extend(["--pg-schema".to_owned(), self.pg_schema.clone()]);
+            if self.pg_async_commit {
+                args.push("--pg-async-commit".to_owned());
+            }
         }
         args
     }

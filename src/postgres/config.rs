@@ -69,7 +69,7 @@ impl Default for PostgresConfig {
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             pool_size: 16,
-            synchronous_commit: false,
+            synchronous_commit: true,
         }
     }
 }
@@ -152,19 +152,20 @@ impl PostgresConfig {
     }
 
     /// Whether each lock operation waits for its commit to reach the disk
-    /// (`synchronous_commit`, default **false** on the provider's own
-    /// connections: an operation's commit is written by the WAL writer
-    /// within a few hundred milliseconds instead).
+    /// (`synchronous_commit` on the provider's own connections; default
+    /// **true**: a lock, once acquired, survives a server crash).
     ///
-    /// Off, a server *crash* (not a clean restart, not a failover with the
-    /// WAL shipped) can lose the lock operations of its last moments: a lock
-    /// taken then is gone after recovery (its holder's next renewal fails
-    /// with `NotOwner`, as after any lost lease), a released one is back
-    /// until its lease ends. Fencing tokens still grow: after every server
-    /// start the token sequence is floored at the server's clock in
-    /// microseconds before any token is handed out. On this project's
-    /// measurements it roughly doubles single-lock throughput on a disk with
-    /// a 0.15 ms fsync. On, every lock survives a crash once acquired.
+    /// Off, the WAL writer writes the commits within a few hundred
+    /// milliseconds instead, and a server *crash* (not a clean restart) can
+    /// lose the lock operations of its last moments: a lock taken then is
+    /// gone after recovery (its holder's next renewal fails with
+    /// `NotOwner`, as after any lost lease), a released one is back until
+    /// its lease ends. Fencing tokens still grow: after every server start
+    /// the token sequence is floored at the server's clock in microseconds
+    /// before any token is handed out. On this project's machine it buys
+    /// about 40 % more throughput on a single lock handed between waiters
+    /// and 60 % more on multi-key contention; uncontended locks gain less
+    /// (concurrent commits share their disk flushes anyway).
     ///
     /// Applies to the pool `connect` builds; a pool given to
     /// [`from_pool`](PostgresProvider::from_pool) keeps its own setting.
@@ -405,14 +406,14 @@ mod tests {
     #[test]
     fn deserializes_with_defaults() {
         let c: PostgresConfig = serde_json::from_str(
-            r#"{"url":"postgres://h/db","schema":"shop","statement_timeout":"2s","pool_size":4,"synchronous_commit":true}"#,
+            r#"{"url":"postgres://h/db","schema":"shop","statement_timeout":"2s","pool_size":4,"synchronous_commit":false}"#,
         )
         .unwrap();
         assert_eq!(c.url.as_deref(), Some("postgres://h/db"));
         assert_eq!(c.schema, "shop");
         assert_eq!(c.statement_timeout, Duration::from_secs(2));
         assert_eq!(c.pool_size, 4);
-        assert!(c.synchronous_commit);
+        assert!(!c.synchronous_commit);
         assert_eq!(c.wait_timeout, PostgresConfig::default().wait_timeout);
         assert!(serde_json::from_str::<PostgresConfig>(r#"{"bogus":1}"#).is_err());
         assert!(serde_json::from_str::<PostgresConfig>(r#"{"connect_timeout":"5"}"#).is_err());

@@ -15,7 +15,7 @@
 
 SELECT pg_advisory_xact_lock(hashtext('lockstep-ddl'));
 
--- The provider's connections commit asynchronously by default; the schema
+-- The provider's connections may commit asynchronously (an option); the schema
 -- itself must survive a crash.
 SELECT set_config('synchronous_commit', 'on', true);
 
