@@ -29,7 +29,7 @@ use lockstep::{
     AcquireOptions, ExecuteOptions, ExtendOptions, InspectOptions, ListOptions, LockError,
     LockState, LockingModule, PostgresConfig, PostgresProvider, ReleaseOptions,
 };
-use lockstep_testkit::{PostgresServer, shared_postgres_url};
+use lockstep_testkit::{OwnSchema, PostgresServer, shared_postgres_url};
 use tokio::time::{Instant, sleep, timeout};
 
 // ---------------------------------------------------------------------------
@@ -81,41 +81,6 @@ async fn raw(url: &str) -> Client {
         .await
         .expect("raw connection settings");
     client
-}
-
-/// Drops the test's schema when the test ends, however it ends (a panic
-/// included): `DROP SCHEMA ... CASCADE` of that schema only.
-struct SchemaGuard {
-    url: String,
-    schema: String,
-}
-
-impl Drop for SchemaGuard {
-    fn drop(&mut self) {
-        let url = self.url.clone();
-        let schema = self.schema.clone();
-        // A runtime of its own: Drop may run inside or outside one.
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("a runtime");
-            rt.block_on(async {
-                let client = raw(&url).await;
-                client
-                    .batch_execute(&format!(
-                        "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-                    ))
-                    .await
-            })
-        })
-        .join();
-        match done {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => eprintln!("could not drop schema {}: {e}", self.schema),
-            Err(_) => eprintln!("could not drop schema {}: the thread panicked", self.schema),
-        }
-    }
 }
 
 /// Connects a provider, bounded by a deadline.
@@ -675,11 +640,8 @@ type Round = (Instant, Result<(), String>);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_pool_backends_leave_no_half_held_lock() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let app = unique("lf_pool");
     let provider = connect(
         PostgresConfig::from_url(with_app_name(&url, &app))
@@ -919,11 +881,8 @@ async fn terminated_pool_backends_leave_no_half_held_lock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminated_listen_backend_reconnects_and_waiters_still_get_the_lock() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let app = unique("lf_listen");
     let holder_provider = create_schema(&url, &schema).await;
     let holders = module(&holder_provider);
@@ -1040,11 +999,8 @@ async fn a_terminated_listen_backend_reconnects_and_waiters_still_get_the_lock()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_holder_loses_its_lease_to_a_successor() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let old_provider = create_schema(&url, &schema).await;
     let old = module(&old_provider);
     let next_provider = connect(PostgresConfig::from_url(&url).schema(&schema)).await;
@@ -1143,11 +1099,8 @@ async fn a_paused_holder_loses_its_lease_to_a_successor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn execute_whose_renewals_are_blocked_loses_the_lease_to_a_successor() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let next_provider = create_schema(&url, &schema).await;
     let next = module(&next_provider);
     let holder_provider = connect(
@@ -1265,11 +1218,8 @@ async fn execute_whose_renewals_are_blocked_loses_the_lease_to_a_successor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_timeout_is_a_typed_error_and_leaves_nothing_behind() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let other_provider = create_schema(&url, &schema).await;
     let other = module(&other_provider);
     let app = unique("lf_stmt");
@@ -1409,11 +1359,8 @@ async fn a_statement_timeout_is_a_typed_error_and_leaves_nothing_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_stops_at_its_deadline() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let holder_provider = create_schema(&url, &schema).await;
     let holders = module(&holder_provider);
     let provider = connect(PostgresConfig::from_url(&url).schema(&schema)).await;
@@ -1483,11 +1430,8 @@ async fn a_wait_stops_at_its_deadline() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wait_blocked_server_side_stops_at_its_deadline() {
     let url = shared_postgres_url();
-    let schema = unique("lockstep_faults");
-    let _guard = SchemaGuard {
-        url: url.clone(),
-        schema: schema.clone(),
-    };
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
     let other_provider = create_schema(&url, &schema).await;
     let other = module(&other_provider);
     let app = unique("lf_wait");
@@ -1681,4 +1625,42 @@ async fn a_backend_that_stops_answering_is_a_typed_error_and_leaves_nothing_behi
     assert!(typed, "not an outcome-unknown backend error: {r:?}");
     assert!(failed_in_bound, "the acquisition took {took:?}");
     assert_eq!(left, None, "the abandoned acquisition left a lock behind");
+}
+
+/// The sweep takes each key's advisory lock as every other function does,
+/// without waiting: an expired lock whose key is in use (here, blocked from
+/// an open transaction) is left for a later sweep, never deleted between
+/// another call's check and its write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_leaves_a_key_in_use_alone() {
+    let url = shared_postgres_url();
+    let own = OwnSchema::new(&url, "lockstep_faults");
+    let schema = own.name().to_owned();
+    let provider = create_schema(&url, &schema).await;
+    let m = module(&provider);
+    for key in ["busy", "idle"] {
+        m.acquire(key, AcquireOptions::new().expire(Duration::from_millis(1)))
+            .await
+            .unwrap();
+    }
+    until("both leases run out", Duration::from_secs(10), async || {
+        states(&m, &["busy", "idle"])
+            .await
+            .iter()
+            .all(|s| matches!(s, LockState::Free))
+    })
+    .await;
+    let blocker = block_key(&url, &schema, "busy").await;
+    let swept = bounded(
+        "a sweep beside a blocked key",
+        Duration::from_secs(10),
+        provider.sweep(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(swept, 1, "only the idle key's row goes");
+    unblock(blocker).await;
+    assert_eq!(provider.sweep().await.unwrap(), 1, "then the other");
+    assert_eq!(provider.sweep().await.unwrap(), 0);
+    m.shutdown().await;
 }

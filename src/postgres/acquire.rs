@@ -86,8 +86,8 @@ impl Inner {
         loop {
             self.check_open()?;
             match registration.waiter.next() {
-                Next::Granted(a) => {
-                    registration.took_grant();
+                Next::Granted(a, more) => {
+                    registration.took_grant(more);
                     return Ok(a);
                 }
                 Next::Wait => {

@@ -46,8 +46,9 @@ enum Phase {
 #[derive(Debug, Default)]
 pub(crate) struct HandoffState {
     phase: Phase,
-    /// A lock handed to it, with the nonce it was taken with.
-    grant: Option<(Acquired, String)>,
+    /// A lock handed to it, with the nonce it was taken with and whether
+    /// the offer said more local waiters were behind it.
+    grant: Option<(Acquired, String, bool)>,
 }
 
 /// What a waiter does next.
@@ -56,8 +57,9 @@ pub(crate) enum Next {
     Attempt,
     /// An offer for it is in flight: wait to be woken.
     Wait,
-    /// A lock was handed to it.
-    Granted(Acquired),
+    /// A lock was handed to it; whether more local waiters were behind it
+    /// (its provider's queue entry stayed, at the back).
+    Granted(Acquired, bool),
 }
 
 impl Waiter {
@@ -69,8 +71,8 @@ impl Waiter {
     /// Before an attempt: what to do.
     pub(crate) fn next(&self) -> Next {
         let mut s = self.handoff();
-        if let Some((acquired, _)) = s.grant.take() {
-            return Next::Granted(acquired);
+        if let Some((acquired, _, more)) = s.grant.take() {
+            return Next::Granted(acquired, more);
         }
         if s.phase == Phase::Offered {
             return Next::Wait;
@@ -92,7 +94,7 @@ impl Waiter {
     pub(crate) fn leave(&self) -> Option<String> {
         let mut s = self.handoff();
         s.phase = Phase::Gone;
-        s.grant.take().map(|(_, nonce)| nonce)
+        s.grant.take().map(|(_, nonce, _)| nonce)
     }
 }
 
@@ -158,6 +160,7 @@ impl Offer {
         s.grant = Some((
             Acquired::new(vec![token], vec![false], self.sent_at),
             std::mem::take(&mut self.nonce),
+            self.more,
         ));
         s.phase = Phase::Idle;
         drop(s);

@@ -299,7 +299,7 @@ impl PostgresProvider {
     }
 
     /// Deletes expired locks, lapsed reservations and expired queue entries
-    /// (at most 1,000 of each per call): rows of keys nobody takes again,
+    /// (at most 100 keys of each per call): rows of keys nobody takes again,
     /// which would stay for ever. The provider's LISTEN task does this once
     /// a minute; an operator may call it at any time. Returns how many rows
     /// went.

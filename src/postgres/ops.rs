@@ -10,8 +10,9 @@ use super::{Inner, error};
 use crate::error::LockError;
 use crate::inspect::{LockHolder, LockInfo, LockState};
 
-/// The most rows of each kind one sweep deletes.
-const SWEEP_BATCH: i32 = 1_000;
+/// The most keys of each kind one sweep visits (each holds an advisory
+/// lock until the sweep commits: the server's lock table is finite).
+const SWEEP_BATCH: i32 = 100;
 
 fn ms(v: i64) -> Duration {
     Duration::from_millis(u64::try_from(v).unwrap_or(0))

@@ -307,13 +307,9 @@ impl Registration<'_> {
         args
     }
 
-    /// The call took a lock handed to it: as a claim would have.
-    pub(crate) fn took_grant(&mut self) {
-        let more = self
-            .inner
-            .waiters()
-            .get(&self.keys[0])
-            .is_some_and(|s| s.singles.len() > 1);
+    /// The call took a lock handed to it: as a claim with `more` (what the
+    /// offer told the server) would have.
+    pub(crate) fn took_grant(&mut self, more: bool) {
         self.took(QueueArgs {
             handoff: true,
             queue: true,

@@ -107,7 +107,9 @@ BEGIN
     IF current_setting('lockstep.floored_' || @SCHEMA_LIT@, true) = 'y' THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), 0);
+    -- A one-key advisory lock: a space of its own, apart from the keys'
+    -- two-key locks (a key's hash may be anything, 0 included).
+    PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@ || ' floor'));
     SELECT f.started INTO started FROM @SCHEMA@.floor f;
     IF started IS DISTINCT FROM pg_postmaster_start_time() THEN
         PERFORM setval(@SCHEMA_LIT@ || '.tokens', greatest(
@@ -330,7 +332,7 @@ BEGIN
                 IF next_more THEN
                     UPDATE @SCHEMA@.queue q
                        SET seq = nextval('@SCHEMA@.queue_seq'::regclass),
-                           expires_at = t + interval '5 seconds'
+                           expires_at = t + interval '5 seconds' -- QUEUE_MS (acquire.rs)
                      WHERE q.key = keys[1] AND q.pid = me AND q.handoff;
                 ELSE
                     DELETE FROM @SCHEMA@.queue q
@@ -363,7 +365,7 @@ BEGIN
             IF next_more THEN
                 INSERT INTO @SCHEMA@.queue AS q (key, pid, handoff, seq, expires_at)
                 VALUES (keys[i], me, true, nextval('@SCHEMA@.queue_seq'::regclass),
-                        t + interval '5 seconds')
+                        t + interval '5 seconds') -- QUEUE_MS (acquire.rs)
                 ON CONFLICT (key, pid, handoff) DO UPDATE
                    SET seq = excluded.seq, expires_at = excluded.expires_at;
             END IF;
@@ -476,28 +478,36 @@ $$;
 
 -- Deletes rows that no longer mean anything: expired locks and lapsed
 -- reservations (a key nobody takes again would keep its row for ever), and
--- expired queue entries (of providers that died), at most `batch` of each;
--- rows another call has locked are skipped. Returns how many went. No
--- advisory locks: a concurrent acquisition of a swept key inserts a fresh
--- row, and tokens come from the sequence.
+-- expired queue entries (of providers that died), at most `batch` keys of
+-- each. Each key is taken like every other function takes it (its
+-- transaction-level advisory lock, without waiting: a key in use is left
+-- for the next sweep), so that no function finds a row gone between its
+-- check and its write. Returns how many rows went.
 CREATE OR REPLACE FUNCTION @SCHEMA@.sweep(batch integer) RETURNS bigint
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
-    t timestamptz := clock_timestamp();
-    n bigint;
+    k text;
+    n bigint := 0;
     m bigint;
 BEGIN
-    DELETE FROM @SCHEMA@.locks l
-     WHERE l.key IN (SELECT x.key FROM @SCHEMA@.locks x WHERE x.expires_at <= t
-                     LIMIT batch FOR UPDATE SKIP LOCKED)
-       AND l.expires_at <= t;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    DELETE FROM @SCHEMA@.queue q
-     WHERE (q.key, q.pid, q.handoff) IN (
-         SELECT x.key, x.pid, x.handoff FROM @SCHEMA@.queue x WHERE x.expires_at <= t
-          LIMIT batch FOR UPDATE SKIP LOCKED)
-       AND q.expires_at <= t;
-    GET DIAGNOSTICS m = ROW_COUNT;
-    RETURN n + m;
+    FOR k IN
+        SELECT x.key FROM @SCHEMA@.locks x WHERE x.expires_at <= clock_timestamp() LIMIT batch
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext(@SCHEMA_LIT@), hashtext(k));
+        DELETE FROM @SCHEMA@.locks l WHERE l.key = k AND l.expires_at <= clock_timestamp();
+        GET DIAGNOSTICS m = ROW_COUNT;
+        n := n + m;
+    END LOOP;
+    FOR k IN
+        SELECT DISTINCT x.key FROM @SCHEMA@.queue x
+         WHERE x.expires_at <= clock_timestamp() LIMIT batch
+    LOOP
+        CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext(@SCHEMA_LIT@), hashtext(k));
+        DELETE FROM @SCHEMA@.queue q WHERE q.key = k AND q.expires_at <= clock_timestamp();
+        GET DIAGNOSTICS m = ROW_COUNT;
+        n := n + m;
+    END LOOP;
+    RETURN n;
 END;
 $$;
