@@ -409,3 +409,37 @@ async fn tokens_grow_across_a_crash_with_asynchronous_commits() {
         lease.fencing_token()
     );
 }
+
+/// The first acquisition's reply was lost (its caller undoes it by its
+/// nonce) while a second call of the same owner re-entered the lock and was
+/// told it holds it: the undo must leave the lock to the owner. Run on the
+/// schema's functions directly, where the nonces are ours to choose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undo_of_the_first_acquisition_leaves_a_lock_re_entered_since() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    let m = module(provider(&url, own.name()).await);
+    let s = own.name();
+    let take = |nonce: &str| {
+        own.psql(&format!(
+            "SELECT reentered FROM \"{s}\".acquire(ARRAY['k'], 'o', '{nonce}', 60000, NULL, \
+             NULL, false, false, false, false, 5000)"
+        ))
+        .unwrap()
+    };
+    let free = |nonce: &str| {
+        own.psql(&format!(
+            "SELECT \"{s}\".release(ARRAY['k'], 'o', '{nonce}', 'test', 1000, \
+             NULL, NULL, NULL, NULL, false)"
+        ))
+        .unwrap()
+    };
+    assert_eq!(take("n1"), "f");
+    assert_eq!(take("n2"), "t", "re-entered");
+    assert_eq!(free("n1"), "{0}", "the undo of n1 releases nothing");
+    let info = &m.inspect("k", Default::default()).await.unwrap()[0];
+    assert_eq!(info.holder().unwrap().owner.as_deref(), Some("o"));
+    assert_eq!(free(""), "{1}", "the owner releases it");
+    let info = &m.inspect("k", Default::default()).await.unwrap()[0];
+    assert!(info.holder().is_none());
+}

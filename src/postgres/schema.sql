@@ -24,7 +24,8 @@ CREATE SCHEMA IF NOT EXISTS @SCHEMA@;
 CREATE TABLE IF NOT EXISTS @SCHEMA@.locks (
     key          text PRIMARY KEY,
     owner        text NULL,        -- NULL: anonymous (or a reservation)
-    nonce        text NOT NULL,    -- the acquisition that took it ('' for a reservation)
+    nonce        text NOT NULL,    -- the acquisition that took it ('' for a reservation,
+                                   -- '!' once re-entered: no undo matches it then)
     token        bigint NOT NULL,  -- the newest fencing token (re-entries too)
     acquired_at  timestamptz NOT NULL,
     expires_at   timestamptz NULL, -- NULL: no expiry
@@ -222,8 +223,10 @@ BEGIN
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         tok := nextval('@SCHEMA@.tokens'::regclass);
         IF re[i] THEN
+            -- The lock is this call's too now: the undo of the acquisition
+            -- that took it (by its nonce, its reply lost) must leave it.
             UPDATE @SCHEMA@.locks l
-               SET token = tok, expires_at = coalesce(t + lease, l.expires_at)
+               SET token = tok, expires_at = coalesce(t + lease, l.expires_at), nonce = '!'
              WHERE l.key = keys[i];
         ELSE
             INSERT INTO @SCHEMA@.locks AS l

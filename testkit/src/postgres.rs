@@ -561,29 +561,44 @@ impl OwnSchema {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Runs `sql` on the schema's server with psql (`-X -A -t`, stopping
+    /// at the first error): its output, or psql's error output.
+    ///
+    /// # Errors
+    ///
+    /// psql's error output, or why it could not be run.
+    pub fn psql(&self, sql: &str) -> Result<String, String> {
+        let out = psql_command(&self.url)
+            .args(["-A", "-t", "-c", sql])
+            .output()
+            .map_err(|e| format!("cannot run psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
+        }
+    }
+}
+
+/// psql on `url` (`-X -q`, stopping at the first error, a 10 s connect
+/// timeout, no standard input), for the caller's arguments.
+fn psql_command(url: &str) -> Command {
+    let psql = pg_bin_dir().map_or_else(|| PathBuf::from("psql"), |d| d.join("psql"));
+    let mut cmd = Command::new(psql);
+    cmd.args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", url])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::null());
+    cmd
 }
 
 impl Drop for OwnSchema {
     fn drop(&mut self) {
-        let psql = pg_bin_dir().map_or_else(|| PathBuf::from("psql"), |d| d.join("psql"));
         let sql = format!(
             "SET lock_timeout = '10s'; DROP SCHEMA IF EXISTS \"{}\" CASCADE",
             self.name
         );
-        let out = Command::new(psql)
-            .args([
-                "-X",
-                "-q",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                &self.url,
-                "-c",
-                &sql,
-            ])
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .output();
+        let out = psql_command(&self.url).args(["-c", &sql]).output();
         match out {
             Ok(o) if o.status.success() => {}
             // A server the test stopped took the schema with it; anything
