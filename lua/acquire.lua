@@ -48,7 +48,8 @@
 -- and queue again.
 --
 -- Re-entry: a lock already held by the same named owner is kept with its
--- original nonce, acquisition time and metadata, and records its new token;
+-- acquisition time and metadata, and records its new token; its nonce is
+-- marked (see shared_core) so that no undo by nonce frees it any more;
 -- its lease is reset only when ARGV[4] > 0, otherwise the current lease (or
 -- none) stays. Anonymous locks are never re-entrant.
 -- A lock reserved for the caller's process counts as free for it (claim),
@@ -223,7 +224,7 @@ local tokens, foreign = tokens_of()
 if not tokens then
   return {2, foreign}
 end
-local reentered, renewed = {}, false
+local reentered, renewed = {}, {}
 for i = 1, n do
   local lock = KEYS[i]
   reentered[i] = 0
@@ -231,6 +232,9 @@ for i = 1, n do
     -- Ours already: the same value with the new token in its tail.
     reentered[i] = how[i] == 'reenter' and 1 or 0
     local core, flagged, tail = unflag(values[i])
+    if how[i] == 'reenter' then
+      core = shared_core(core)
+    end
     tail = tail == '' and tail_of(tokens[i], meta) or retoken(tail, tokens[i])
     if leased and not (keep_reentered and how[i] == 'reenter') then
       if permanent(core) and how[i] == 'reenter' then
@@ -238,7 +242,7 @@ for i = 1, n do
       else
         redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
       end
-      renewed = renewed or how[i] == 'reenter'
+      renewed[#renewed + 1] = lock
     else
       redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'KEEPTTL')
     end
@@ -247,8 +251,10 @@ for i = 1, n do
     set_lock(i, value .. tail_of(tokens[i], meta) .. (flag and FLAG or ''))
   end
 end
-if renewed and o then
-  -- The index lives as long as its longest lock.
-  redis.call('PEXPIRE', o, ttl, 'GT')
+if #renewed > 0 and o then
+  -- The index outlives its locks: the entries of the renewed ones follow
+  -- their new leases (a foreign index is reported below, or, when every
+  -- lock was the owner's already, left alone).
+  pcall(index_put, o, renewed, ttl, true)
 end
 return indexed(reentered, tokens)

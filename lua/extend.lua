@@ -37,7 +37,9 @@ for i = 1, n do
   set_lease(lock, core, flagged, tail, o, p, owner, ttl)
 end
 if o then
-  -- The index lives as long as its longest lock (a no-op without one).
-  redis.call('PEXPIRE', o, ttl, 'GT')
+  -- The index outlives its locks: the entries it has follow the new
+  -- leases (an unindexed owner's locks have none, and stay out).
+  -- (pcall: a key of another type there is not the index, and is left.)
+  pcall(index_put, o, {unpack(KEYS, 1, n)}, ttl, true)
 end
 return 0

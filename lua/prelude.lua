@@ -31,7 +31,8 @@
 -- of its own slot; a namespace never contains '{', so the tag is the sign.
 --
 -- Owner indexes: a named owner's locks with a lease are in <owner>:o, a
--- sorted set that lives as long as its longest lock; those without expiry
+-- sorted set scored by (about) the end of each lock's lease, that expires
+-- with its highest score, so it outlives its locks; those without expiry
 -- in <owner>:p, a sorted set without expiry. A release removes a lock from
 -- :p only: :o entries of released or expired locks stay until the index
 -- expires or is trimmed (release_all checks each entry's holder anyway).
@@ -94,6 +95,16 @@ end
 -- Whether the (unflagged) value v is held by owner (anonymous: owner == '').
 local function held_by(v, owner)
   return type(v) == 'string' and #v == #owner + NONCE_LEN and string.sub(v, 1, #owner) == owner
+end
+
+-- The core of a lock re-entered by its owner: the nonce's second byte
+-- becomes '!', which no nonce has. The lock is the re-entering call's too
+-- now, so the undo of the acquisition that took it (by its nonce, when its
+-- reply was lost) must leave it: no undo matches it any more. The owner
+-- still releases it, and the first byte (a lock without expiry) is kept.
+local function shared_core(core)
+  local at = #core - NONCE_LEN + 2
+  return string.sub(core, 1, at - 1) .. '!' .. string.sub(core, at + 1)
 end
 
 -- Whether the (unflagged) value v was taken without expiry.
@@ -173,35 +184,66 @@ local function enqueue(q, e, ttl_ms, absent)
   end
 end
 
--- Records the locks `keys`, held by `owner` and expiring in ttl ms (a
--- decimal string; "0": never), in the owner's index: the permanent part `p`, or the expiring
--- part `o`, which is kept alive as long as its longest lock. About one new
--- entry in 16 (paced by `token`) also drops up to 8 random entries whose
--- lock is gone, so an owner that goes on taking new keys keeps a small
--- index.
-local function index_add(o, p, keys, owner, ttl, token)
-  local members = {'0', keys[1]}
-  for i = 2, #keys do
-    members[2 * i - 1] = '0'
-    members[2 * i] = keys[i]
+-- The score of an expiring index entry whose lock's lease of ttl ms (a
+-- decimal string, > 0) starts now: the lease's end, ms since the epoch,
+-- rounded up to a step of an eighth of the lease and at least a second,
+-- as a decimal string. The index expires at its highest score, so it
+-- outlives each of its locks by less than a step, and its expiry needs a
+-- write only when a lease reaches into a new step: about once per step and
+-- key, not on every acquisition of a key.
+local function index_score(ttl)
+  local t = tonumber(ttl)
+  local step = math.max(1000, math.floor(t / 8))
+  return string.format('%.0f', math.ceil((now_ms() + t) / step) * step)
+end
+
+-- Puts `keys` in the expiring index `o` with the score of a lease of ttl ms
+-- from now, raising lower scores (`only_present`: only the entries it has,
+-- the others stay out), and the index's expiry with its highest score.
+-- Returns whether an entry was added or raised.
+local function index_put(o, keys, ttl, only_present)
+  local score = index_score(ttl)
+  local args = {'GT', 'CH'}
+  if only_present then
+    table.insert(args, 1, 'XX')
   end
+  for i = 1, #keys do
+    args[#args + 1] = score
+    args[#args + 1] = keys[i]
+  end
+  if redis.call('ZADD', o, unpack(args)) == 0 then
+    return false
+  end
+  -- GT treats a key without expiry as expiring never: a new index gets
+  -- its first expiry by NX.
+  if redis.call('PEXPIREAT', o, score, 'GT') == 0 then
+    redis.call('PEXPIREAT', o, score, 'NX')
+  end
+  return true
+end
+
+-- Records the locks `keys`, held by `owner` and expiring in ttl ms (a
+-- decimal string; "0": never), in the owner's index: the permanent part
+-- `p`, or the expiring part `o` (see index_put). About one change in 16
+-- (paced by `token`) also drops up to 8 random entries whose lock is gone,
+-- so an owner that goes on taking new keys keeps a small index.
+local function index_add(o, p, keys, owner, ttl, token)
   if ttl == '0' then
+    local members = {}
+    for i = 1, #keys do
+      members[2 * i - 1] = '0'
+      members[2 * i] = keys[i]
+    end
     redis.call('ZADD', p, unpack(members))
     return
   end
-  if redis.call('ZADD', o, unpack(members)) > 0 then
-    -- A new entry, maybe a new index: give it an expiry if it has none
-    -- (GT below treats no expiry as infinite).
-    redis.call('PEXPIRE', o, ttl, 'NX')
-    if token % 16 == 0 then
-      for _, k in ipairs(redis.call('ZRANDMEMBER', o, 8)) do
-        if not held_by((unflag(redis.pcall('GET', k))), owner) then
-          redis.call('ZREM', o, k)
-        end
+  if index_put(o, keys, ttl, false) and token % 16 == 0 then
+    for _, k in ipairs(redis.call('ZRANDMEMBER', o, 8)) do
+      if not held_by((unflag(redis.pcall('GET', k))), owner) then
+        redis.call('ZREM', o, k)
       end
     end
   end
-  redis.call('PEXPIRE', o, ttl, 'GT')
 end
 
 -- Gives `lock`, held by `owner` (its value split by unflag: `core`, the
@@ -209,8 +251,8 @@ end
 -- expiry is rewritten as one with a lease (the nonce's first byte, see
 -- above), and its entry, if it has one, moves from the permanent part `p`
 -- of the owner's index to the expiring part `o` (pass nil for `o` when the
--- owner is not indexed). The caller keeps `o` alive as long as its longest
--- lock.
+-- owner is not indexed). The caller raises the entries that stay in `o`
+-- (index_put with only_present).
 local function set_lease(lock, core, flagged, tail, o, p, owner, ttl)
   if not permanent(core) then
     redis.call('PEXPIRE', lock, ttl)

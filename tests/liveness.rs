@@ -397,8 +397,9 @@ async fn an_owner_index_expires_once_its_permanent_lock_is_released() {
             .await
             .unwrap()
     );
-    // Nothing of the index outlives k2's lease: the permanent part went
-    // with k1, and the expiring part ends with k2.
+    // Nothing of the index outlives k2's lease by much: the permanent part
+    // went with k1, and the expiring part ends within a step (a second
+    // here; see index_score in lua/prelude.lua) of k2's lease.
     let mut c = support::raw_connection(&support::shared_url()).await;
     let permanent = format!("{ns}{{run-1}}:p");
     assert!(
@@ -408,7 +409,7 @@ async fn an_owner_index_expires_once_its_permanent_lock_is_released() {
     let index = format!("{ns}{{run-1}}:o");
     let pttl: i64 = c.pttl(&index).await.unwrap();
     assert!(
-        (0..=300).contains(&pttl),
+        (0..=1_300).contains(&pttl),
         "{index} is kept for good, with nothing live in it: {pttl}"
     );
 }
