@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use uuid::Uuid;
+use crate::random;
 
 /// A jittered, doubling pause between retries.
 #[derive(Debug, Clone)]
@@ -32,12 +32,9 @@ impl Backoff {
 
 /// A random fraction in [0, 1), for jitter.
 pub(crate) fn unit_random() -> f64 {
-    // The low 53 bits of a v4 UUID are random: its fixed bits are the
-    // version (bits 76-79) and the variant (bits 62-63), counting from the
-    // least significant bit.
+    // 53 random bits: as many as an f64's mantissa holds.
     const BITS: u32 = 53;
-    let r = Uuid::new_v4().as_u128() & ((1u128 << BITS) - 1);
-    r as f64 / (1u64 << BITS) as f64
+    (random::u64() >> (64 - BITS)) as f64 / (1u64 << BITS) as f64
 }
 
 #[cfg(test)]

@@ -30,7 +30,8 @@
 //!   and Medusa's `acquire_lock_step` / `release_lock_step`.
 //! - `backoff.rs`: the one jittered backoff every retry loop uses;
 //!   `retry.rs`: riding out transient failures for releases; `token.rs`:
-//!   random owners and run ids.
+//!   random owners and run ids; `random.rs`: cheap random bits for nonces
+//!   and jitter.
 //! - [`metrics`] (`metrics.rs`, feature `metrics`): the metric names and
 //!   their labels (its docs are the reference), and the one-line recording
 //!   helpers the call sites use (no-ops without the feature).
@@ -103,6 +104,7 @@ mod options;
 #[cfg(feature = "postgres")]
 mod postgres;
 pub mod provider;
+mod random;
 #[cfg(feature = "redis")]
 mod redis;
 #[cfg(feature = "redlock")]

@@ -51,9 +51,10 @@ fn ttl_ms(request: &AcquireRequest) -> i64 {
     })
 }
 
-/// A fresh nonce per attempt: what the attempt's rows are undone by.
-fn nonce() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+/// A fresh nonce per attempt (and per offer of a hand-off): what its rows
+/// are undone by.
+pub(super) fn nonce() -> String {
+    format!("{:016x}{:016x}", crate::random::u64(), crate::random::u64())
 }
 
 impl Inner {

@@ -137,7 +137,7 @@ impl Inner {
             waiter: Arc::clone(first),
             key: key.to_owned(),
             request,
-            nonce: uuid::Uuid::new_v4().simple().to_string(),
+            nonce: super::acquire::nonce(),
             more: state.singles.len() > 1,
             sent_at: Instant::now(),
             resolved: false,

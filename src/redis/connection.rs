@@ -103,6 +103,14 @@ impl Connections {
         if let Some(c) = self.cached() {
             return Ok(c);
         }
+        // Boxed: connecting is a future of kilobytes, and inline it would
+        // be allocated and copied with every command.
+        Box::pin(self.reconnect()).await
+    }
+
+    /// [`get`](Self::get) without a connection: makes one, unless another
+    /// call just did, or failed too recently to try again.
+    async fn reconnect(&self) -> Result<(u64, Link), RawError> {
         let mut last_failure = self.reconnect.lock().await;
         // Someone else may have reconnected while we waited for the mutex.
         if let Some(c) = self.cached() {
@@ -254,8 +262,7 @@ impl Connections {
         keys: &[String],
         args: &[String],
     ) -> Result<Value, LockError> {
-        // Boxed: redis-rs's invocation future is several kilobytes, and
-        // inline it would make every waiting acquisition that large too.
+        // Boxed: inline, it would make every waiting acquisition larger.
         Box::pin(self.run(operation, |mut conn| async move {
             scripts::evalsha(&mut conn, script, keys, args).await
         }))

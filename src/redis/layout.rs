@@ -46,7 +46,7 @@ impl Layout {
 
     /// `ns{esc(key)}`
     pub(crate) fn lock_key(&self, key: &str) -> String {
-        format!("{}{{{}}}", self.namespace, escape(key))
+        concat(&[&self.namespace, "{", &escape(key), "}"])
     }
 
     /// `ns{T}:f`, where `T` hashes to the slot of `key`'s lock.
@@ -59,20 +59,20 @@ impl Layout {
     /// `ns{T}:f` for an already-mapped lock key `ns{esc(key)}`.
     pub(crate) fn fence_key_of(&self, lock_key: &str) -> String {
         let tag = &slot_tags()[self.slot_of(lock_key) as usize];
-        format!("{}{{{tag}}}:f", self.namespace)
+        concat(&[&self.namespace, "{", tag, "}:f"])
     }
 
     /// `<lock key>:q`: the wait queue of a lock (same hash slot).
     pub(crate) fn queue_key(&self, lock_key: &str) -> String {
-        format!("{lock_key}:q")
+        concat(&[lock_key, ":q"])
     }
 
     /// `ns{esc(owner)}:o` and `ns{esc(owner)}:p`
     pub(crate) fn owner_index(&self, owner: &str) -> OwnerIndex {
-        let base = format!("{}{{{}}}", self.namespace, escape(owner));
+        let owner = escape(owner);
         OwnerIndex {
-            expiring: format!("{base}:o"),
-            permanent: format!("{base}:p"),
+            expiring: concat(&[&self.namespace, "{", &owner, "}:o"]),
+            permanent: concat(&[&self.namespace, "{", &owner, "}:p"]),
         }
     }
 
@@ -167,6 +167,16 @@ pub(crate) fn check_namespace(ns: &str) -> Result<(), String> {
 }
 
 /// Escapes `%`, `{` and `}`; other bytes (newlines, non-ASCII) are kept.
+/// `parts` joined, in one allocation of the right size: keys are built on
+/// every call, and `format!` grows its buffer as it goes.
+fn concat(parts: &[&str]) -> String {
+    let mut out = String::with_capacity(parts.iter().map(|p| p.len()).sum());
+    for p in parts {
+        out.push_str(p);
+    }
+    out
+}
+
 pub(crate) fn escape(s: &str) -> Cow<'_, str> {
     if !s.contains(['%', '{', '}']) {
         return Cow::Borrowed(s);

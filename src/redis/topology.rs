@@ -280,7 +280,10 @@ impl RedisProvider {
         match &self.inner.topology {
             Topology::Single => self.attempt_single(keys, args).await,
             #[cfg(feature = "cluster")]
-            Topology::Cluster(_) => self.attempt_grouped(keys, args).await,
+            // Boxed: the request over several slots is a large future, and
+            // inline it would be allocated and copied with every
+            // acquisition on one server too.
+            Topology::Cluster(_) => Box::pin(self.attempt_grouped(keys, args)).await,
         }
     }
 
@@ -304,7 +307,7 @@ impl RedisProvider {
                 [lock_key] => (!owner.is_empty())
                     .then(|| cluster::slot_index(layout, owner, lock_key).permanent),
                 _ => {
-                    let released = self.release_grouped(lock_keys, owner, nonce).await?;
+                    let released = Box::pin(self.release_grouped(lock_keys, owner, nonce)).await?;
                     return Ok((released, 0));
                 }
             },
@@ -420,7 +423,8 @@ impl RedisProvider {
             }
             #[cfg(feature = "cluster")]
             Topology::Cluster(c) => Listening {
-                _slots: c.join(&self.inner.layout, keys.locks(), wait).await,
+                // Boxed, as the cluster's attempt (see run_attempt).
+                _slots: Box::pin(c.join(&self.inner.layout, keys.locks(), wait)).await,
             },
         }
     }

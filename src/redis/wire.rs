@@ -1,7 +1,7 @@
 //! Small pieces of the wire format: acquisition nonces, milliseconds, and
 //! URLs as they may appear in messages.
 
-use uuid::Uuid;
+use crate::random;
 
 /// The length of an acquisition nonce, in bytes. The Lua scripts rely on it
 /// (`NONCE_LEN` in `lua/prelude.lua` and `lua/extend.lua`).
@@ -14,11 +14,8 @@ pub(crate) const NONCE_LEN: usize = 12;
 /// index such locks apart (see `lua/prelude.lua`).
 pub(crate) fn nonce(permanent: bool) -> String {
     const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    // 72 random bits of a v4 UUID, 6 bits per character: bits 0-61 and
-    // 64-73 (counting from the least significant), around the fixed
-    // variant bits 62-63; the version nibble is bits 76-79.
-    let uuid = Uuid::new_v4().as_u128();
-    let mut bits = (uuid & ((1 << 62) - 1)) | ((uuid >> 64) & ((1 << 10) - 1)) << 62;
+    // 72 random bits, 6 per character.
+    let mut bits = u128::from(random::u64()) | u128::from(random::u64() & 0xff) << 64;
     let mut nonce: String = (0..NONCE_LEN)
         .map(|_| {
             let c = ALPHABET[(bits & 63) as usize] as char;

@@ -159,7 +159,11 @@ impl RedisProvider {
             token_floor,
             metadata: request.metadata.as_deref().unwrap_or(""),
         };
-        let reply = self.run_attempt(keys, &args).await;
+        // Boxed: inline, it would make every waiting acquisition's future
+        // larger than the allocator's cache of small blocks serves (about
+        // 1 KiB: a larger block costs several times as much to allocate
+        // and free, on every acquisition).
+        let reply = Box::pin(self.run_attempt(keys, &args)).await;
         if reply.as_ref().is_err_and(LockError::is_outcome_unknown) {
             keys.set_uncertain();
         }
@@ -175,7 +179,8 @@ impl RedisProvider {
     ) -> Result<AcquireReply, LockError> {
         let argv = args.argv(keys.lock_count);
         let reply = if self.inner.replicas.0 > 0 {
-            self.acquire_replicated(keys, &argv, args).await
+            // Boxed, as the cluster's path: rare, and a large future.
+            Box::pin(self.acquire_replicated(keys, &argv, args)).await
         } else {
             self.inner
                 .conns

@@ -108,14 +108,20 @@ pub(crate) async fn evalsha<C: ConnectionLike>(
     keys: &[String],
     args: &[String],
 ) -> RedisResult<Value> {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash())
+    // Sized up front: built by appending, the buffer would be copied as it
+    // grows, several times per call.
+    let data: usize = keys.iter().chain(args).map(String::len).sum();
+    let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + data);
+    cmd.arg("EVALSHA")
+        .arg(script.get_hash())
         .arg(keys.len())
         .arg(keys)
         .arg(args);
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            script.prepare_invoke().load_async(conn).await?;
+            // Boxed: rare, and inline its future would be allocated and
+            // copied with every call.
+            Box::pin(script.prepare_invoke().load_async(conn)).await?;
             crate::metrics::script_reloaded(name(script));
             cmd.query_async(conn).await
         }
