@@ -30,6 +30,9 @@
 --           no control characters: the caller checks)
 --
 -- Returns one of:
+--   token          (n = 1) the lock, free, was taken with this fencing
+--                  token: the fast path's reply, one integer for the
+--                  client to parse
 --   {1, {token_1..token_n}, {reentered_1..reentered_n}}   all locks taken
 --   {0, i, pttl}   KEYS[i] is held (or reserved for another process); pttl is
 --                  its remaining lease in ms (-1: no expiry). No lock was
@@ -165,7 +168,7 @@ if n == 1 then
       redis.call('DEL', KEYS[1])
       return {2, 4}
     end
-    return {1, {token}, {0}}
+    return token
   end
 elseif redis.call('EXISTS', unpack(KEYS, 1, n)) == 0 then
   local tokens, foreign = tokens_of()

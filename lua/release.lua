@@ -25,7 +25,9 @@
 -- ARGV[13]  how long (ms) a queue touched by this call must live at least
 -- ARGV[14]  the successor's metadata for inspection, or ""
 --
--- Returns {released_1..released_n, successor_token}: released_i is 1 if
+-- Returns, for one key without a handoff, 1 if it was released and 0 if
+-- not (one integer for the client to parse); otherwise
+-- {released_1..released_n, successor_token}: released_i is 1 if
 -- KEYS[i] was released, 0 if it was not held by that owner (left untouched);
 -- successor_token is the successor's fencing token if KEYS[1] was handed to
 -- it, else 0. A released lock flagged as contended goes to the next process
@@ -106,18 +108,19 @@ local function mine(v)
 end
 
 if n == 1 then
-  -- One lock, the common case, without the tables below.
+  -- One lock, the common case, without the tables below, answered with
+  -- one integer unless the lock went to the successor.
   local lock = KEYS[1]
   local core, flagged = unflag(redis.pcall('GET', lock))
   if not mine(core) then
-    return {0, 0}
+    return 0
   end
   if flagged and succ_nonce ~= '' then
     local token = hand_over(lock, KEYS[3])
     if index and permanent(core) then
       redis.call('ZREM', index, lock)
     end
-    return {1, token}
+    return token > 0 and {1, token} or 1
   end
   redis.call('DEL', lock)
   if index and permanent(core) then
@@ -126,7 +129,7 @@ if n == 1 then
   if flagged then
     grant_next(lock, KEYS[3], prefix, claim_ms, '')
   end
-  return {1, 0}
+  return 1
 end
 
 -- Several locks. A key of another type reads as nil here: not ours, left

@@ -174,9 +174,26 @@ fn ints(v: &Value) -> Vec<i64> {
 /// (status, tokens, reentered) of a successful reply.
 fn granted(v: &Value) -> (Vec<i64>, Vec<i64>) {
     match v {
+        // One free lock: its token alone.
+        Value::Int(token) if *token > 0 => (vec![*token], vec![0]),
         Value::Array(a) if a.first() == Some(&Value::Int(1)) => (ints(&a[1]), ints(&a[2])),
         other => panic!("expected a grant, got {other:?}"),
     }
+}
+
+/// The uncontended single lock, the common case, is answered with its
+/// token alone (one integer to parse); a re-entry with the full reply.
+#[tokio::test]
+async fn a_free_single_lock_is_answered_with_its_token_alone() {
+    let (mut c, ns) = setup().await;
+    let reply = take(&mut c, &ns, &["a"], "u1", NONCE, 10_000).await;
+    assert!(matches!(reply, Value::Int(t) if t > 0), "{reply:?}");
+    let reply = take(&mut c, &ns, &["a"], "u1", NONCE2, 10_000).await;
+    assert!(
+        matches!(&reply, Value::Array(a) if a.len() == 3),
+        "{reply:?}"
+    );
+    assert_eq!(granted(&reply).1, [1], "re-entered");
 }
 
 #[tokio::test]
@@ -511,7 +528,18 @@ async fn free_full(
         }
     }
     inv.arg(10_000).arg(metadata);
-    inv.invoke_async(c).await.expect("release.lua runs")
+    match inv.invoke_async(c).await.expect("release.lua runs") {
+        // One key, not handed on: 1 if released, 0 if not.
+        Value::Int(released) if keys.len() == 1 => vec![released, 0],
+        Value::Array(items) => items
+            .iter()
+            .map(|v| match v {
+                Value::Int(i) => *i,
+                other => panic!("not an integer: {other:?}"),
+            })
+            .collect(),
+        other => panic!("release.lua answered {other:?}"),
+    }
 }
 
 /// release.lua without a successor: per key, 1 if released.

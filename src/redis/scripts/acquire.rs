@@ -89,8 +89,16 @@ impl AcquireReply {
     /// Decodes a reply to a request of `n` locks.
     pub(crate) fn decode(reply: Value, n: usize) -> Result<AcquireReply, LockError> {
         let bad = |what: &str| unexpected("acquire", what);
-        let Value::Array(items) = reply else {
-            return Err(bad("not an array"));
+        let items = match reply {
+            Value::Array(items) => items,
+            // The fast path's reply: one free lock taken with this token.
+            Value::Int(token) if n == 1 && token > 0 => {
+                return Ok(AcquireReply::Acquired {
+                    tokens: vec![token as u64],
+                    reentered: vec![false],
+                });
+            }
+            _ => return Err(bad("neither an array nor a token")),
         };
         let int = |v: &Value| match v {
             Value::Int(i) => Some(*i),
@@ -144,6 +152,10 @@ impl AcquireReply {
 
     /// Whether the reply says every lock was taken (before decoding it).
     pub(crate) fn is_granted(reply: &Value) -> bool {
-        matches!(reply, Value::Array(items) if items.first() == Some(&Value::Int(1)))
+        match reply {
+            Value::Int(token) => *token > 0,
+            Value::Array(items) => items.first() == Some(&Value::Int(1)),
+            _ => false,
+        }
     }
 }

@@ -86,6 +86,10 @@ impl ReleaseArgs<'_> {
     /// got the first lock (else 0).
     pub(crate) fn decode(&self, reply: Value) -> Result<(Vec<bool>, u64), LockError> {
         let n = self.lock_keys.len();
+        if let (1, Value::Int(released)) = (n, &reply) {
+            // One key, not handed on: whether it was released.
+            return Ok((vec![*released == 1], 0));
+        }
         let mut flags: Vec<i64> =
             redis::from_redis_value(reply).map_err(|e| unexpected("release", e))?;
         if flags.len() != n + 1 {
