@@ -185,16 +185,18 @@ local function enqueue(q, e, ttl_ms, absent)
 end
 
 -- The score of an expiring index entry whose lock's lease of ttl ms (a
--- decimal string, > 0) starts now: the lease's end, ms since the epoch,
--- rounded up to a step of an eighth of the lease and at least a second,
--- as a decimal string. The index expires at its highest score, so it
--- outlives each of its locks by less than a step, and its expiry needs a
--- write only when a lease reaches into a new step: about once per step and
--- key, not on every acquisition of a key.
+-- decimal string, > 0) starts now: the lease's end, in seconds since the
+-- epoch, rounded up to a step of an eighth of the lease in whole seconds
+-- (at least one), as a decimal string. The index expires at its highest
+-- score, so it outlives each of its locks by less than a step, and its
+-- expiry needs a write only when a lease reaches into a new step: about
+-- once per step and key, not on every acquisition of a key. (Seconds, not
+-- milliseconds: a score that fits 32 bits keeps a small index as small
+-- as one scored 0.)
 local function index_score(ttl)
   local t = tonumber(ttl)
-  local step = math.max(1000, math.floor(t / 8))
-  return string.format('%.0f', math.ceil((now_ms() + t) / step) * step)
+  local step = math.max(1, math.floor(t / 8000))
+  return string.format('%.0f', math.ceil((now_ms() + t) / (1000 * step)) * step)
 end
 
 -- Puts `keys` in the expiring index `o` with the score of a lease of ttl ms
@@ -216,8 +218,8 @@ local function index_put(o, keys, ttl, only_present)
   end
   -- GT treats a key without expiry as expiring never: a new index gets
   -- its first expiry by NX.
-  if redis.call('PEXPIREAT', o, score, 'GT') == 0 then
-    redis.call('PEXPIREAT', o, score, 'NX')
+  if redis.call('EXPIREAT', o, score, 'GT') == 0 then
+    redis.call('EXPIREAT', o, score, 'NX')
   end
   return true
 end

@@ -368,9 +368,9 @@ async fn a_counter_behind_the_floor_jumps_to_it_and_is_incremented_after() {
 
 /// Asserts that `owner`'s expiring index outlives a lock whose lease of
 /// `ttl` ms began (about) now by less than its step (an eighth of the
-/// lease, at least a second; see `index_score` in prelude.lua).
+/// lease in whole seconds, at least one; see `index_score` in prelude.lua).
 async fn assert_index_lives_past(c: &mut MultiplexedConnection, ns: &str, owner: &str, ttl: i64) {
-    let step = (ttl / 8).max(1_000);
+    let step = (ttl / 8_000).max(1) * 1_000;
     let pttl: i64 = c.pttl(format!("{ns}{{{owner}}}:o")).await.unwrap();
     assert!(
         (ttl - 1_000..=ttl + step).contains(&pttl),
@@ -387,13 +387,17 @@ async fn the_owner_index_outlives_its_longest_lock_by_less_than_a_step() {
     let members: Vec<String> = c.zrange(&index, 0, -1).await.unwrap();
     assert_eq!(members, [format!("{ns}{{a}}"), format!("{ns}{{b}}")]);
     assert_index_lives_past(&mut c, &ns, "u1", 8_000).await;
-    // Each entry's score is past its lock's end, by the server's clock.
+    // Each entry's score (seconds) is past its lock's end, by the server's
+    // clock.
     let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
     let now_ms = secs * 1_000 + micros / 1_000;
     for k in ["a", "b"] {
         let score: f64 = c.zscore(&index, format!("{ns}{{{k}}}")).await.unwrap();
         let end = now_ms + lease_ms(&mut c, &ns, k).await;
-        assert!(score as i64 >= end, "{k}: score {score}, lease ends {end}");
+        assert!(
+            score as i64 * 1_000 >= end,
+            "{k}: score {score}, lease ends {end}"
+        );
     }
     // A lock without expiry goes to the permanent part; the expiring part
     // keeps its lease.
@@ -414,7 +418,7 @@ async fn retaking_a_key_within_its_step_does_not_touch_the_index() {
     granted(&take(&mut c, &ns, &["a"], "u1", NONCE, 60_000).await);
     assert_index_lives_past(&mut c, &ns, "u1", 60_000).await;
     let a = format!("{ns}{{a}}");
-    // Up to 3 tries: the second take may fall into the next step (7.5 s
+    // Up to 3 tries: the second take may fall into the next step (7 s
     // wide here), when the index is rightly written again.
     for attempt in 1.. {
         let before: f64 = c.zscore(&index, &a).await.unwrap();
