@@ -104,6 +104,7 @@ mod options;
 #[cfg(feature = "postgres")]
 mod postgres;
 pub mod provider;
+#[cfg(any(feature = "redis", feature = "postgres"))]
 mod random;
 #[cfg(feature = "redis")]
 mod redis;
