@@ -300,17 +300,7 @@ async fn sweeping_deletes_only_what_has_expired() {
 async fn a_release_hands_the_lock_to_the_next_local_waiter_as_itself() {
     let url = shared_postgres_url();
     let own = unique_schema(&url);
-    let p = provider(&url, own.name()).await;
-    // Until its LISTEN connection is up a provider's waiters poll and do
-    // not queue (nothing would tell them of a reservation): the order
-    // below holds once it listens. (A loaded machine took long enough for
-    // w2's poll to beat w1's.)
-    let end = Instant::now() + Duration::from_secs(10);
-    while !p.is_listening() {
-        assert!(Instant::now() < end, "the provider never listened");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let m = module(p);
+    let m = module(provider(&url, own.name()).await);
     let first = m
         .acquire("h", AcquireOptions::new().owner_id("first"))
         .await

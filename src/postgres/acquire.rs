@@ -86,14 +86,23 @@ impl Inner {
         let mut failures = 0u32;
         loop {
             self.check_open()?;
-            match registration.waiter.next() {
+            let mut next = registration.waiter.next();
+            if matches!(next, Next::Attempt) && !registration.may_attempt() {
+                // Another local call is first for the key: this one waits
+                // its turn (as on Redis), so that it cannot take a lock
+                // freed while the first one's attempt is on its way.
+                registration.waiter.attempted();
+                next = Next::Wait;
+            }
+            match next {
                 Next::Granted(a, more) => {
                     registration.took_grant(more);
                     return Ok(a);
                 }
                 Next::Wait => {
                     // A release is handing this call the lock, or undoing
-                    // an offer whose outcome it does not know.
+                    // an offer whose outcome it does not know, or it is
+                    // another call's turn: woken when that changes.
                     let remaining = request.wait.remaining();
                     if remaining == Some(Duration::ZERO) {
                         return Err(request.wait.give_up(&request.keys[0]));

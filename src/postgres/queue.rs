@@ -307,6 +307,20 @@ impl Registration<'_> {
         args
     }
 
+    /// Whether the call may attempt now: a single-key call only while it is
+    /// its key's first local waiter (the first speaks for the provider, the
+    /// others are served after it), a multi-key call always.
+    pub(crate) fn may_attempt(&self) -> bool {
+        if !self.single {
+            return true;
+        }
+        self.inner
+            .waiters()
+            .get(&self.keys[0])
+            .and_then(|s| s.singles.front())
+            .is_none_or(|first| Arc::ptr_eq(first, &self.waiter))
+    }
+
     /// The call took a lock handed to it: as a claim with `more` (what the
     /// offer told the server) would have.
     pub(crate) fn took_grant(&mut self, more: bool) {
