@@ -245,7 +245,10 @@ for i = 1, n do
       else
         redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
       end
-      renewed[#renewed + 1] = lock
+      if how[i] == 'reenter' then
+        -- (A lock of this very call, 'own', is indexed below as new.)
+        renewed[#renewed + 1] = lock
+      end
     else
       redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'KEEPTTL')
     end
@@ -255,9 +258,9 @@ for i = 1, n do
   end
 end
 if #renewed > 0 and o then
-  -- The index outlives its locks: the entries of the renewed ones follow
-  -- their new leases (a foreign index is reported below, or, when every
-  -- lock was the owner's already, left alone).
+  -- The index outlives its locks: the entries of the re-entered ones
+  -- follow their new leases (a foreign index is reported below, or, when
+  -- every lock was the owner's already, left alone).
   pcall(index_put, o, renewed, ttl, true)
 end
 return indexed(reentered, tokens)

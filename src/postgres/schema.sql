@@ -495,18 +495,14 @@ DECLARE
     m bigint;
 BEGIN
     FOR k IN
-        SELECT x.key FROM @SCHEMA@.locks x WHERE x.expires_at <= clock_timestamp() LIMIT batch
+        (SELECT x.key FROM @SCHEMA@.locks x WHERE x.expires_at <= clock_timestamp() LIMIT batch)
+        UNION
+        (SELECT x.key FROM @SCHEMA@.queue x WHERE x.expires_at <= clock_timestamp() LIMIT batch)
     LOOP
         CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext(@SCHEMA_LIT@), hashtext(k));
         DELETE FROM @SCHEMA@.locks l WHERE l.key = k AND l.expires_at <= clock_timestamp();
         GET DIAGNOSTICS m = ROW_COUNT;
         n := n + m;
-    END LOOP;
-    FOR k IN
-        SELECT DISTINCT x.key FROM @SCHEMA@.queue x
-         WHERE x.expires_at <= clock_timestamp() LIMIT batch
-    LOOP
-        CONTINUE WHEN NOT pg_try_advisory_xact_lock(hashtext(@SCHEMA_LIT@), hashtext(k));
         DELETE FROM @SCHEMA@.queue q WHERE q.key = k AND q.expires_at <= clock_timestamp();
         GET DIAGNOSTICS m = ROW_COUNT;
         n := n + m;

@@ -166,7 +166,6 @@ pub(crate) fn check_namespace(ns: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Escapes `%`, `{` and `}`; other bytes (newlines, non-ASCII) are kept.
 /// `parts` joined, in one allocation of the right size: keys are built on
 /// every call, and `format!` grows its buffer as it goes.
 fn concat(parts: &[&str]) -> String {
@@ -177,6 +176,7 @@ fn concat(parts: &[&str]) -> String {
     out
 }
 
+/// Escapes `%`, `{` and `}`; other bytes (newlines, non-ASCII) are kept.
 pub(crate) fn escape(s: &str) -> Cow<'_, str> {
     if !s.contains(['%', '{', '}']) {
         return Cow::Borrowed(s);
