@@ -79,15 +79,6 @@ local floor = tonumber(ARGV[10])
 local meta = ARGV[11] or ''
 local o, p = KEYS[3 * n + 1], KEYS[3 * n + 2]
 
--- Writes `v` into lock i with this call's lease.
-local function set_lock(i, v)
-  if leased then
-    redis.call('SET', KEYS[i], v, 'PX', ttl)
-  else
-    redis.call('SET', KEYS[i], v)
-  end
-end
-
 -- After taking lock i: this process's handoff entry, if it heads the
 -- queue, is served; with more local waiters the process queues again at
 -- the tail and the lock is flagged. Returns whether the lock needs the flag.
@@ -105,8 +96,45 @@ local function after_taking(i)
   return redis.call('LLEN', queue) > 0
 end
 
+-- Fast path: every lock free. One lock first, the common case, before
+-- the helpers below are even defined (each definition is a closure made on
+-- every call).
 -- The token of KEYS[1], when the fast path drew it.
 local first_token
+if n == 1 then
+  -- One lock, the common case, without the tables below.
+  local counted, token = pcall(next_token, KEYS[2], floor)
+  if not counted then
+    return {2, 2}
+  end
+  first_token = token
+  local v = value .. tail_of(token, meta)
+  local free
+  if leased then
+    free = redis.call('SET', KEYS[1], v, 'NX', 'PX', ttl)
+  else
+    free = redis.call('SET', KEYS[1], v, 'NX')
+  end
+  if free then
+    if more and after_taking(1) then
+      redis.call('APPEND', KEYS[1], FLAG)
+    end
+    if o and not pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token) then
+      redis.call('DEL', KEYS[1])
+      return {2, 4}
+    end
+    return token
+  end
+end
+
+-- Writes `v` into lock i with this call's lease.
+local function set_lock(i, v)
+  if leased then
+    redis.call('SET', KEYS[i], v, 'PX', ttl)
+  else
+    redis.call('SET', KEYS[i], v)
+  end
+end
 
 -- A token per lock, or nil and the index of a counter of another type.
 -- Drawn before any lock is written, so a foreign counter leaves nothing to
@@ -145,32 +173,7 @@ local function indexed(reentered, tokens)
   return {2, 3 * n + 1}
 end
 
--- Fast path: every lock free.
-if n == 1 then
-  -- One lock, the common case, without the tables below.
-  local counted, token = pcall(next_token, KEYS[2], floor)
-  if not counted then
-    return {2, 2}
-  end
-  first_token = token
-  local v = value .. tail_of(token, meta)
-  local free
-  if leased then
-    free = redis.call('SET', KEYS[1], v, 'NX', 'PX', ttl)
-  else
-    free = redis.call('SET', KEYS[1], v, 'NX')
-  end
-  if free then
-    if more and after_taking(1) then
-      redis.call('APPEND', KEYS[1], FLAG)
-    end
-    if o and not pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token) then
-      redis.call('DEL', KEYS[1])
-      return {2, 4}
-    end
-    return token
-  end
-elseif redis.call('EXISTS', unpack(KEYS, 1, n)) == 0 then
+if n > 1 and redis.call('EXISTS', unpack(KEYS, 1, n)) == 0 then
   local tokens, foreign = tokens_of()
   if not tokens then
     return {2, foreign}

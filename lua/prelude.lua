@@ -193,10 +193,17 @@ end
 -- once per step and key, not on every acquisition of a key. (Seconds, not
 -- milliseconds: a score that fits 32 bits keeps a small index as small
 -- as one scored 0.)
+local score_n, score_s
 local function index_score(ttl)
   local t = tonumber(ttl)
-  local step = math.max(1, math.floor(t / 8000))
-  return string.format('%.0f', math.ceil((now_ms() + t) / (1000 * step)) * step)
+  local step = t < 16000 and 1 or math.floor(t / 8000)
+  local n = math.ceil((now_ms() + t) / (1000 * step)) * step
+  -- The same score for every call within a step: printed once (in a
+  -- function library, whose state outlives a call).
+  if n ~= score_n then
+    score_n, score_s = n, string.format('%.0f', n)
+  end
+  return score_s
 end
 
 -- Puts `keys` in the expiring index `o` with the score of a lease of ttl ms
@@ -205,15 +212,22 @@ end
 -- Returns whether an entry was added or raised.
 local function index_put(o, keys, ttl, only_present)
   local score = index_score(ttl)
-  local args = {'GT', 'CH'}
-  if only_present then
-    table.insert(args, 1, 'XX')
+  local changed
+  if #keys == 1 and not only_present then
+    -- A new lock's entry, the common case, without the table.
+    changed = redis.call('ZADD', o, 'GT', 'CH', score, keys[1])
+  else
+    local args = {'GT', 'CH'}
+    if only_present then
+      table.insert(args, 1, 'XX')
+    end
+    for i = 1, #keys do
+      args[#args + 1] = score
+      args[#args + 1] = keys[i]
+    end
+    changed = redis.call('ZADD', o, unpack(args))
   end
-  for i = 1, #keys do
-    args[#args + 1] = score
-    args[#args + 1] = keys[i]
-  end
-  if redis.call('ZADD', o, unpack(args)) == 0 then
+  if changed == 0 then
     return false
   end
   -- GT treats a key without expiry as expiring never: a new index gets

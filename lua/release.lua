@@ -24,6 +24,8 @@
 -- ARGV[12]  "1": the releasing process has more waiters after the successor
 -- ARGV[13]  how long (ms) a queue touched by this call must live at least
 -- ARGV[14]  the successor's metadata for inspection, or ""
+-- ARGV[7..14] may be left out altogether: no successor (the common case,
+-- eight arguments fewer for the server to turn into Lua strings).
 --
 -- Returns, for one key without a handoff, 1 if it was released and 0 if
 -- not (one integer for the client to parse); otherwise
@@ -46,7 +48,7 @@ if ARGV[6] == '1' then
   index = KEYS[k]
   k = k + 1
 end
-local succ_owner, succ_nonce, succ_ttl = ARGV[7], ARGV[8], ARGV[9]
+local succ_owner, succ_nonce, succ_ttl = ARGV[7], ARGV[8] or '', ARGV[9]
 local succ_index = ARGV[10] == '1' and KEYS[k] or nil
 local pid, more, queue_ttl = ARGV[11], ARGV[12] == '1', ARGV[13]
 local succ_meta = ARGV[14] or ''

@@ -46,8 +46,11 @@ impl Keys {
         if self.0.is_empty() {
             return Err(InvalidInput::NoKeys);
         }
-        let mut seen = std::collections::HashSet::with_capacity(self.0.len());
-        let mut out = Vec::with_capacity(self.0.len());
+        // A few keys (the common case: one) are compared with each other
+        // directly, without a set and a copy of each key for it.
+        let small = self.0.len() <= 16;
+        let mut seen = std::collections::HashSet::new();
+        let mut out: Vec<String> = Vec::with_capacity(self.0.len());
         for key in self.0 {
             if key.is_empty() {
                 return Err(InvalidInput::EmptyKey);
@@ -58,7 +61,12 @@ impl Keys {
                     max: MAX_KEY_LEN,
                 });
             }
-            if seen.insert(key.clone()) {
+            let new = if small {
+                !out.contains(&key)
+            } else {
+                seen.insert(key.clone())
+            };
+            if new {
                 out.push(key);
             }
         }

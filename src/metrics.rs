@@ -16,7 +16,7 @@
 //! | `lockstep_renewals_total` | counter | `provider`, `outcome` | `execute`'s lease renewals: `ok` or `failed` (refused, a backend failure, or no answer in time) |
 //! | `lockstep_waiting` | gauge | `provider` | Acquisitions waiting for a held lock right now: up when a call starts waiting, down when it stops however it stops (a dropped future too) |
 //! | `lockstep_wakeups_total` | counter | `provider`, `cause` | Waiting acquisitions woken to try again: `notification` (a release: a message, or a hand-off by a local release), `expiry` (the holder's lease as last seen ran out) or `fallback` (the periodic check while no news arrives) |
-//! | `lockstep_script_reloads_total` | counter | `script` | Lua scripts loaded again after `NOSCRIPT` (a restarted, flushed or promoted Redis) |
+//! | `lockstep_script_reloads_total` | counter | `script` | Lua scripts (or the function library) loaded again after `NOSCRIPT` or `Function not found` (a restarted, flushed or promoted Redis) |
 //!
 //! Labels are bounded: `provider` is the id a provider is registered under
 //! in the [`LockingModule`](crate::LockingModule) (a provider used directly,

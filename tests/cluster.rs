@@ -85,7 +85,10 @@ async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
     let cluster = shared();
     let ns = support::unique_namespace();
     let keys = keys_on_every_master(cluster, &ns);
-    let m = support::module_with(provider(&cluster.urls(), &ns).await);
+    let p = provider(&cluster.urls(), &ns).await;
+    // The function library went to every master.
+    assert!(p.runs_functions());
+    let m = support::module_with(p);
     let lease = m
         .acquire(
             keys.clone(),
@@ -106,6 +109,11 @@ async fn a_request_spans_masters_and_each_lock_lives_on_its_slots_master() {
             .keys(format!("{ns}{{*}}:o:run-1"))
             .unwrap();
         assert_eq!(parts.len(), 1, "{parts:?}");
+        let stats: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query(&mut sync_connection(node))
+            .unwrap();
+        assert!(stats.contains("cmdstat_fcall:"), "no FCALL on {node:?}");
     }
     assert!(lease.release().await.unwrap());
     for key in &keys {

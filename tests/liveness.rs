@@ -527,11 +527,15 @@ async fn an_undo_is_not_overtaken_by_its_delayed_acquisition() {
     m.acquire("warm", AcquireOptions::new()).await.unwrap();
     m.release("warm", ReleaseOptions::new()).await.unwrap();
     let mut admin = support::raw_connection(&server.url()).await;
+    // Scripts run by EVALSHA or as functions (FCALL).
     let scripts_run = |info: String| -> u64 {
         info.lines()
-            .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
-            .and_then(|v| v.split(',').next()?.parse().ok())
-            .unwrap_or(0)
+            .filter_map(|l| {
+                l.strip_prefix("cmdstat_evalsha:calls=")
+                    .or_else(|| l.strip_prefix("cmdstat_fcall:calls="))
+            })
+            .filter_map(|v| v.split(',').next()?.parse::<u64>().ok())
+            .sum()
     };
     let info = |mut c: redis::aio::MultiplexedConnection| async move {
         redis::cmd("INFO")

@@ -397,15 +397,18 @@ async fn redis_wakeups_waiting_and_script_reloads() {
         3
     );
 
-    // A flushed script cache: the next acquisition loads its script again.
+    // A flushed script cache and function library: the next acquisition
+    // loads what it runs again.
     let reloads = || counter("lockstep_script_reloads_total", &[("script", "acquire")]);
     let before = reloads();
     let mut raw = support::raw_connection(&url).await;
-    let _: () = redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async(&mut raw)
-        .await
-        .unwrap();
+    for what in ["SCRIPT", "FUNCTION"] {
+        let _: () = redis::cmd(what)
+            .arg("FLUSH")
+            .query_async(&mut raw)
+            .await
+            .unwrap();
+    }
     let s = m.acquire("s", owner("o1")).await.unwrap();
     assert_eq!(reloads(), before + 1);
     assert!(s.release().await.unwrap());

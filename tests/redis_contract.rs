@@ -1,6 +1,9 @@
 //! The provider contract (`tests/contract/mod.rs`) on the Redis provider,
 //! against a real redis-server (see `tests/support/mod.rs`), in each of its
-//! waiting modes: fair handoff (the default), barging, and polling.
+//! waiting modes: fair handoff (the default), barging, and polling. The
+//! first two run the scripts as the function library (`FCALL`, where the
+//! server has functions), polling runs them by `EVALSHA`, so that both ways
+//! of calling them pass the whole suite.
 
 mod contract;
 mod support;
@@ -55,7 +58,7 @@ mod polling {
     use super::*;
 
     async fn fixture() -> Fixture {
-        fixture_with(|c| c.notifications(false), false).await
+        fixture_with(|c| c.notifications(false).functions(false), false).await
     }
 
     contract_suite!(fixture);

@@ -588,3 +588,148 @@ async fn the_module_exposes_its_providers() {
     );
     assert!(m.provider(Some("x")).is_err());
 }
+
+/// Scripts and functions the server at `url` ran so far (`INFO
+/// commandstats`): (EVALSHA calls, FCALL calls).
+async fn script_calls(url: &str) -> (u64, u64) {
+    let mut c = raw_connection(url).await;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let calls = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+            .and_then(|v| v.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    (calls("evalsha"), calls("fcall"))
+}
+
+/// The names of the function libraries on the server at `url`.
+async fn libraries(url: &str) -> Vec<String> {
+    let mut c = raw_connection(url).await;
+    let list: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    list.iter()
+        .filter_map(|l| match l.get("library_name") {
+            Some(redis::Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            Some(redis::Value::SimpleString(s)) => Some(s.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_scripts_run_as_one_function_library_and_come_back_after_a_flush() {
+    let server = RedisServer::start(&[]);
+    let url = server.url();
+    let p = RedisProvider::connect(RedisConfig::from_url(&url))
+        .await
+        .unwrap();
+    assert!(p.runs_functions());
+    let m = module_with(p);
+    let loaded = libraries(&url).await;
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    assert!(loaded[0].starts_with("lockstep_"), "{loaded:?}");
+    let lease = m.acquire("k", owner("u")).await.unwrap();
+    assert!(lease.release().await.unwrap());
+    assert_eq!(script_calls(&url).await, (0, 2), "(EVALSHA, FCALL) calls");
+
+    // A server that lost its functions (FUNCTION FLUSH, or a restart without
+    // persistence) gets the library again on the next call.
+    let mut admin = raw_connection(&url).await;
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(libraries(&url).await.is_empty());
+    let lease = m.acquire("k", owner("u")).await.unwrap();
+    assert_eq!(libraries(&url).await, loaded);
+    assert!(lease.release().await.unwrap());
+    assert_eq!(script_calls(&url).await.0, 0, "no EVALSHA");
+}
+
+#[tokio::test]
+async fn without_functions_the_same_scripts_run_by_evalsha() {
+    let server = RedisServer::start(&[]);
+    let url = server.url();
+    let mut admin = raw_connection(&url).await;
+    // A user who may run scripts but not load or call functions, as some
+    // operators set up.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "nofunctions",
+            "on",
+            ">pass",
+            "~*",
+            "&*",
+            "+@all",
+            "-function",
+            "-fcall",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let port = server.port;
+    for config in [
+        RedisConfig::from_url(format!("redis://nofunctions:pass@127.0.0.1:{port}")),
+        RedisConfig::from_url(&url).functions(false),
+    ] {
+        let before = script_calls(&url).await;
+        let p = RedisProvider::connect(config).await.unwrap();
+        assert!(!p.runs_functions());
+        let m = module_with(p);
+        let lease = m.acquire("k", owner("u")).await.unwrap();
+        assert!(lease.release().await.unwrap());
+        let after = script_calls(&url).await;
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (2, 0),
+            "(EVALSHA, FCALL) calls"
+        );
+    }
+    assert!(libraries(&url).await.is_empty());
+}
+
+/// The prelude's clock reading is per call: a function library keeps its
+/// helpers' state between calls, and a clock cached from the first call
+/// would stamp every later lock with that call's time.
+#[tokio::test]
+async fn each_function_call_reads_the_clock_afresh() {
+    let p = redis_provider().await;
+    let m = module_with(p);
+    let first = m.acquire("first", owner("u")).await.unwrap();
+    let at = |infos: Vec<lockstep::LockInfo>| infos[0].holder().unwrap().acquired_at;
+    let first_at = at(m.inspect("first", Default::default()).await.unwrap());
+    // The server's clock moves on (a deadline, not a bet on a sleep).
+    let c = raw_connection(&shared_url()).await;
+    eventually(
+        Duration::from_secs(2),
+        "the server's clock passed 5 ms",
+        || {
+            let mut c = c.clone();
+            async move {
+                let (s, us): (u64, u64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+                let now = std::time::UNIX_EPOCH + Duration::from_micros(s * 1_000_000 + us);
+                now.duration_since(first_at)
+                    .is_ok_and(|d| d >= Duration::from_millis(5))
+            }
+        },
+    )
+    .await;
+    let second = m.acquire("second", owner("u")).await.unwrap();
+    let second_at = at(m.inspect("second", Default::default()).await.unwrap());
+    assert!(
+        second_at.duration_since(first_at).unwrap() >= Duration::from_millis(5),
+        "{first_at:?} then {second_at:?}"
+    );
+    first.release().await.unwrap();
+    second.release().await.unwrap();
+}

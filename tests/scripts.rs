@@ -518,20 +518,17 @@ async fn free_full(
         .arg(CLAIM_MS)
         .arg(format!("{ns}c:"));
     inv.arg(if owner.is_empty() { "0" } else { "1" });
-    match succ {
-        Some(s) => {
-            inv.arg(s.owner)
-                .arg(s.nonce)
-                .arg(s.ttl)
-                .arg("0")
-                .arg(s.pid)
-                .arg(if s.more { "1" } else { "0" });
-        }
-        None => {
-            inv.arg("").arg("").arg(0).arg("0").arg("").arg("0");
-        }
+    // Without a successor ARGV[7..14] are left out, as lockstep sends them.
+    if let Some(s) = succ {
+        inv.arg(s.owner)
+            .arg(s.nonce)
+            .arg(s.ttl)
+            .arg("0")
+            .arg(s.pid)
+            .arg(if s.more { "1" } else { "0" })
+            .arg(10_000)
+            .arg(metadata);
     }
-    inv.arg(10_000).arg(metadata);
     match inv.invoke_async(c).await.expect("release.lua runs") {
         // One key, not handed on: 1 if released, 0 if not.
         Value::Int(released) if keys.len() == 1 => vec![released, 0],

@@ -142,7 +142,14 @@ impl RedisProvider {
                 .query_async::<()>(&mut conn)
                 .await
                 .map_err(RawError::Redis)?;
-            conn.load_scripts().await.map_err(RawError::Redis)?;
+            let functions = conn
+                .load_scripts(config.functions)
+                .await
+                .map_err(RawError::Redis)?;
+            self.inner
+                .conns
+                .functions
+                .store(functions, std::sync::atomic::Ordering::Relaxed);
             *self.inner.client.write().unwrap_or_else(|e| e.into_inner()) = client.clone();
             if let (Some(waiting), Some(_)) = (&self.inner.waiting, client) {
                 self.subscribe(waiting, config).await?;

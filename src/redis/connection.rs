@@ -17,11 +17,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use deadpool_redis::{Pool, PoolError};
-use redis::{RedisError, Script, Value};
+use redis::{RedisError, Value};
 use tokio::time::{Instant, timeout};
 
 use super::error::{RawError, breaks_connection, is_auth_error, no_reply};
-use super::scripts;
+use super::scripts::{self, Arg, Lua};
 use super::topology::{Link, Source};
 use crate::error::LockError;
 
@@ -47,6 +47,10 @@ pub(crate) struct Connections {
     closed: AtomicBool,
     /// Requests sent on the shared connection.
     sent: AtomicU64,
+    /// Whether scripts run as the library's functions (`FCALL`): set once
+    /// the server took the library, cleared for good if it turns out to
+    /// have none (see `scripts::invoke`).
+    pub(crate) functions: AtomicBool,
 }
 
 impl Connections {
@@ -65,6 +69,7 @@ impl Connections {
             response_timeout,
             closed: AtomicBool::new(false),
             sent: AtomicU64::new(0),
+            functions: AtomicBool::new(false),
         }
     }
 
@@ -254,17 +259,18 @@ impl Connections {
     }
 
     /// Runs `script` with `keys` and `args` on the shared connection
-    /// (`EVALSHA`, loading the script on `NOSCRIPT`).
+    /// (`FCALL` or `EVALSHA`, loading what the server lacks; see
+    /// `scripts::invoke`).
     pub(crate) async fn eval(
         &self,
         operation: &'static str,
-        script: &'static Script,
+        script: &'static Lua,
         keys: &[String],
-        args: &[String],
+        args: &[Arg<'_>],
     ) -> Result<Value, LockError> {
         // Boxed: inline, it would make every waiting acquisition larger.
         Box::pin(self.run(operation, |mut conn| async move {
-            scripts::evalsha(&mut conn, script, keys, args).await
+            scripts::invoke(&mut conn, script, keys, args, &self.functions).await
         }))
         .await
     }

@@ -34,7 +34,7 @@ impl RedisProvider {
                 "inspect",
                 &INSPECT,
                 &keys(&self.inner.layout, lock_keys),
-                &[lock_keys.len().to_string()],
+                &[lock_keys.len().into()],
             )
             .await?;
         decode("inspect", reply, names)
@@ -144,7 +144,8 @@ impl RedisProvider {
         let mut freed = Vec::with_capacity(names.len());
         for name in names {
             let lock_key = layout.lock_key(name);
-            let argv = force_release_argv(self.inner.claim_ms, &self.channel_prefix_for(&lock_key));
+            let prefix = self.channel_prefix_for(&lock_key);
+            let argv = force_release_argv(self.inner.claim_ms, &prefix);
             let reply = self
                 .inner
                 .conns

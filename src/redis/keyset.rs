@@ -13,8 +13,8 @@ pub(crate) struct Keyset {
     pub(crate) lock_count: usize,
     /// Every key, in the script's order.
     pub(crate) keys: Vec<String>,
-    /// The owner's index, for owners whose locks `release_all` must find.
-    pub(crate) owner_index: Option<OwnerIndex>,
+    /// Whether the owner's index (both parts) ends `keys`.
+    has_index: bool,
     /// Whether the owner is indexed (on a cluster, a request over several
     /// slots has an index per slot, and none here).
     pub(crate) indexed: bool,
@@ -40,17 +40,27 @@ impl Keyset {
             let queue = layout.queue_key(&keys[i]);
             keys.push(queue);
         }
-        if let Some(index) = &owner_index {
-            keys.push(index.expiring.clone());
-            keys.push(index.permanent.clone());
+        let has_index = owner_index.is_some();
+        if let Some(index) = owner_index {
+            // Moved, not copied: the index is read back from `keys`.
+            keys.push(index.expiring);
+            keys.push(index.permanent);
         }
         Keyset {
             lock_count,
             keys,
-            indexed: owner_index.is_some(),
-            owner_index,
+            indexed: has_index,
+            has_index,
             uncertain: AtomicBool::new(false),
         }
+    }
+
+    /// The owner's index, for owners whose locks `release_all` must find.
+    pub(crate) fn owner_index(&self) -> Option<OwnerIndex> {
+        self.has_index.then(|| OwnerIndex {
+            expiring: self.keys[3 * self.lock_count].clone(),
+            permanent: self.keys[3 * self.lock_count + 1].clone(),
+        })
     }
 
     /// The lock keys.

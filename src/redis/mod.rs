@@ -244,6 +244,17 @@ impl RedisProvider {
         self.inner.conns.sent()
     }
 
+    /// Whether the scripts run as lockstep's function library (`FCALL`) on
+    /// this server, rather than by `EVALSHA`: true where the server has
+    /// functions (Redis 7 and later), the user may load them, and
+    /// [`RedisConfig::functions`](crate::RedisConfig::functions) is on.
+    pub fn runs_functions(&self) -> bool {
+        self.inner
+            .conns
+            .functions
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// How many locks this process's waiter registry tracks: locks some
     /// local call waits for, or whose queue entry is being withdrawn. Zero
     /// once every wait has ended and Redis answered the withdraws.

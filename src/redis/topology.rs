@@ -208,19 +208,23 @@ impl Link {
         }
     }
 
-    /// Loads every script, so that the first calls need no `NOSCRIPT` round.
-    pub(crate) async fn load_scripts(&mut self) -> redis::RedisResult<()> {
+    /// Loads every script, so that the first calls need no `NOSCRIPT` round,
+    /// and, with `functions`, the function library. Returns whether the
+    /// server took the library (not before Redis 7, nor for a user who may
+    /// not load functions).
+    pub(crate) async fn load_scripts(&mut self, functions: bool) -> redis::RedisResult<bool> {
         match self {
             Link::Single(c) => {
                 let mut pipe = redis::pipe();
-                for script in super::scripts::all() {
-                    pipe.load_script(script).ignore();
+                for lua in super::scripts::all() {
+                    pipe.load_script(lua.script()).ignore();
                 }
-                pipe.query_async::<()>(c).await
+                pipe.query_async::<()>(c).await?;
             }
             #[cfg(feature = "cluster")]
-            Link::Cluster(c) => cluster::load_scripts(c).await,
+            Link::Cluster(c) => cluster::load_scripts(c).await?,
         }
+        Ok(functions && super::scripts::load_library(self).await.is_ok())
     }
 
     /// Sends `cmd` where `routing` says (one server: to it).

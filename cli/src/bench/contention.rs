@@ -285,7 +285,7 @@ pub(super) async fn contention(
     let params = json!({
         "concurrency": workers, "duration_s": args.duration, "hold_us": args.hold_us,
         "ttl_ms": args.ttl_ms, "wait_timeout_ms": args.wait_timeout_ms,
-        "fair": !args.barging, "notifications": !args.no_notifications, "owners": !args.anonymous,
+        "fair": !args.barging, "notifications": !args.no_notifications, "functions": !args.no_functions, "owners": !args.anonymous,
     });
     Ok(json!({"workload": shape.name(), "backend": kind, "params": params, "results": results}))
 }

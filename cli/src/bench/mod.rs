@@ -103,6 +103,10 @@ pub(crate) struct BenchArgs {
     /// Poll instead of waiting for release notifications.
     #[arg(long)]
     no_notifications: bool,
+    /// Run the scripts by EVALSHA, not as the Redis function library
+    /// (FCALL), to compare the two.
+    #[arg(long)]
+    no_functions: bool,
     /// Anonymous locks instead of one named owner per worker.
     #[arg(long)]
     anonymous: bool,
@@ -235,6 +239,7 @@ pub(super) fn tune(config: RedisConfig, args: &BenchArgs, pool_size: usize) -> R
         .pool_size(pool_size)
         .fair(!args.barging)
         .notifications(!args.no_notifications)
+        .functions(!args.no_functions)
 }
 
 pub(super) async fn connect(

@@ -10,14 +10,14 @@ use crate::redis::RedisProvider;
 use crate::redis::error::not_replicated;
 use crate::redis::keyset::Keyset;
 use crate::redis::scripts::acquire::{AcquireArgs, AcquireReply};
-use crate::redis::scripts::{self, ACQUIRE};
+use crate::redis::scripts::{self, ACQUIRE, Arg};
 
 impl RedisProvider {
     /// See the module docs. `argv` is `args` in the script's order.
     pub(super) async fn acquire_replicated(
         &self,
         keys: &Keyset,
-        argv: &[String],
+        argv: &[Arg<'_>],
         args: &AcquireArgs<'_>,
     ) -> Result<Value, LockError> {
         let (required, wait) = self.inner.replicas;
@@ -26,7 +26,9 @@ impl RedisProvider {
             .inner
             .conns
             .run_exclusive("acquire", limit, |mut conn| async move {
-                let reply = scripts::evalsha(&mut conn, &ACQUIRE, &keys.keys, argv).await?;
+                let functions = &self.inner.conns.functions;
+                let reply =
+                    scripts::invoke(&mut conn, &ACQUIRE, &keys.keys, argv, functions).await?;
                 if !AcquireReply::is_granted(&reply) {
                     return Ok((reply, None));
                 }

@@ -174,7 +174,7 @@ impl RedisProvider {
         let owner = request.owner.as_deref().unwrap_or("");
         let ttl_ms = request.expire.map_or(0, millis_ceil);
         let metadata = request.metadata.as_deref().unwrap_or("");
-        let waiter = Waiter::new(owner, nonce, ttl_ms, keys.owner_index.clone(), metadata);
+        let waiter = Waiter::new(owner, nonce, ttl_ms, keys.owner_index(), metadata);
         let (mut attempt_now, withdrawal) = waiting.join_single(key, &waiter);
         let mut guard = LocalGuard {
             provider: self,

@@ -43,7 +43,7 @@ use super::layout::Layout;
 use super::scripts::acquire::{AcquireArgs, AcquireReply};
 use super::scripts::extend::ExtendArgs;
 use super::scripts::release::ReleaseArgs;
-use super::scripts::{self, ACQUIRE};
+use super::scripts::{self, ACQUIRE, Arg};
 use crate::error::LockError;
 use crate::provider::Wait;
 use shards::{Joined, Shards};
@@ -289,12 +289,12 @@ impl RedisProvider {
     async fn acquire_acknowledged(
         &self,
         keys: &[String],
-        argv: &[String],
+        argv: &[Arg<'_>],
     ) -> Result<Value, LockError> {
         let (required, wait) = self.inner.replicas;
         let mut pipe = redis::pipe();
         pipe.cmd("EVALSHA")
-            .arg(ACQUIRE.get_hash())
+            .arg(ACQUIRE.script().get_hash())
             .arg(keys.len())
             .arg(keys)
             .arg(argv);
@@ -310,7 +310,7 @@ impl RedisProvider {
                             == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
                     {
                         // A restarted or promoted master: load, then again.
-                        ACQUIRE.load_async(&mut conn).await?;
+                        ACQUIRE.script().load_async(&mut conn).await?;
                         crate::metrics::script_reloaded("acquire");
                         pipe.query_async(&mut conn).await
                     }
@@ -405,8 +405,8 @@ impl RedisProvider {
 /// Loads every script on every master (one by one: `SCRIPT LOAD` goes to
 /// every node of a cluster, which a pipeline cannot route).
 pub(crate) async fn load_scripts(conn: &mut ClusterConnection) -> redis::RedisResult<()> {
-    for script in scripts::all() {
-        script.load_async(conn).await?;
+    for lua in scripts::all() {
+        lua.script().load_async(conn).await?;
     }
     Ok(())
 }

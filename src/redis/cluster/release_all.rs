@@ -81,7 +81,7 @@ impl RedisProvider {
                 channel_prefix: "",
             };
             let mut cmd = redis::cmd("EVAL");
-            cmd.arg(SOURCE.as_str()).arg(0).arg(args.argv());
+            cmd.arg(SOURCE.as_str()).arg(0).arg(&args.argv()[..]);
             let routing = RoutingInfo::MultiNode((
                 MultipleNodeRoutingInfo::AllMasters,
                 Some(ResponsePolicy::Aggregate(AggregateOp::Sum)),

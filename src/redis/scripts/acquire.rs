@@ -2,7 +2,7 @@
 
 use redis::Value;
 
-use super::flag;
+use super::{Arg, flag};
 use crate::error::LockError;
 use crate::redis::error::unexpected;
 use crate::redis::wire::clock_us;
@@ -40,19 +40,19 @@ pub(crate) struct AcquireArgs<'a> {
 
 impl AcquireArgs<'_> {
     /// ARGV in the script's order, for a request of `lock_count` locks.
-    pub(crate) fn argv(&self, lock_count: usize) -> Vec<String> {
-        vec![
-            lock_count.to_string(),
-            self.owner.to_owned(),
-            self.nonce.to_owned(),
-            self.ttl_ms.to_string(),
-            self.pid.to_owned(),
-            self.entry.to_owned(),
-            self.queue_ttl_ms.to_string(),
+    pub(crate) fn argv(&self, lock_count: usize) -> [Arg<'_>; 11] {
+        [
+            lock_count.into(),
+            self.owner.into(),
+            self.nonce.into(),
+            self.ttl_ms.into(),
+            self.pid.into(),
+            self.entry.into(),
+            self.queue_ttl_ms.into(),
             flag(self.more),
             flag(self.keep_reentered_lease),
-            self.token_floor.max(coarse_floor()).to_string(),
-            self.metadata.to_owned(),
+            self.token_floor.max(coarse_floor()).into(),
+            self.metadata.into(),
         ]
     }
 }

@@ -1,5 +1,6 @@
 //! The binding of `lua/extend.lua`: its KEYS and ARGV, and its reply.
 
+use super::Arg;
 use redis::Value;
 
 use crate::error::LockError;
@@ -32,11 +33,11 @@ impl ExtendArgs<'_> {
     }
 
     /// ARGV in the script's order.
-    pub(crate) fn argv(&self) -> Vec<String> {
-        vec![
-            self.lock_keys.len().to_string(),
-            self.owner.to_owned(),
-            self.ttl_ms.to_string(),
+    pub(crate) fn argv(&self) -> [Arg<'_>; 3] {
+        [
+            self.lock_keys.len().into(),
+            self.owner.into(),
+            self.ttl_ms.into(),
         ]
     }
 

@@ -1,6 +1,7 @@
 //! The bindings of `lua/inspect.lua` and `lua/force_release.lua`: their
 //! KEYS and ARGV, and the lock descriptions they return.
 
+use super::Arg;
 use std::time::{Duration, UNIX_EPOCH};
 
 use redis::Value;
@@ -18,8 +19,8 @@ pub(crate) fn keys(layout: &Layout, lock_keys: &[String]) -> Vec<String> {
 }
 
 /// `force_release.lua`'s ARGV.
-pub(crate) fn force_release_argv(claim_ms: u64, channel_prefix: &str) -> Vec<String> {
-    vec![claim_ms.to_string(), channel_prefix.to_owned()]
+pub(crate) fn force_release_argv(claim_ms: u64, channel_prefix: &str) -> [Arg<'_>; 2] {
+    [claim_ms.into(), channel_prefix.into()]
 }
 
 /// Decodes `{now, lock_1, ..., lock_n}` for the locks named `names`.

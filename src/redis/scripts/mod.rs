@@ -1,8 +1,10 @@
 //! The Lua scripts, compiled into the binary and hashed once, and one
 //! binding per script.
 //!
-//! Each is invoked with `EVALSHA` ([`evalsha`]); on `NOSCRIPT` (a restarted
-//! or flushed server) it is loaded on the same connection and sent again. Their
+//! Each is invoked as a function of one library ([`LIBRARY`], `FCALL`) where
+//! the server has functions, else with `EVALSHA` ([`evalsha`]); on a
+//! missing function or `NOSCRIPT` (a restarted or flushed server) it is
+//! loaded on the same connection and sent again. Their
 //! KEYS/ARGV/return contracts are at the top of each file in `lua/`, and
 //! `tests/scripts.rs` checks each against a real server. The scripts that
 //! hand locks on are prefixed with `lua/prelude.lua`, their shared helpers.
@@ -18,10 +20,14 @@ pub(crate) mod release;
 pub(crate) mod release_all;
 pub(crate) mod withdraw;
 
-use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{LazyLock, OnceLock};
 
 use redis::aio::ConnectionLike;
 use redis::{ErrorKind, RedisResult, Script, Value};
+
+/// The prelude, compiled into the binary.
+const PRELUDE: &str = include_str!("../../../lua/prelude.lua");
 
 /// `prelude.lua`, a newline, then the script at `$file` (relative to the
 /// repository's `lua/`).
@@ -35,39 +41,85 @@ macro_rules! with_prelude {
     };
 }
 
+/// One of the scripts: by `EVALSHA` (prelude and script in one source), or
+/// as its function in the [`LIBRARY`].
+pub(crate) struct Lua {
+    /// Its file's stem, for metrics and the function's name.
+    pub(crate) name: &'static str,
+    /// The script without the prelude (the library's function body).
+    body: &'static str,
+    /// Prelude and script, for `EVALSHA`.
+    script: Script,
+    /// Its function's name in the library (made once: the library's name
+    /// depends on every script).
+    function: OnceLock<String>,
+}
+
+impl Lua {
+    fn new(name: &'static str, body: &'static str, source: &'static str) -> Self {
+        Lua {
+            name,
+            body,
+            script: Script::new(source),
+            function: OnceLock::new(),
+        }
+    }
+
+    /// The script as `EVALSHA` runs it.
+    pub(crate) fn script(&self) -> &Script {
+        &self.script
+    }
+
+    /// Its function's name in the library.
+    fn function(&self) -> &str {
+        self.function
+            .get_or_init(|| format!("{}_{}", LIBRARY.name, self.name))
+    }
+}
+
+macro_rules! lua {
+    ($name:literal) => {
+        LazyLock::new(|| {
+            Lua::new(
+                $name,
+                include_str!(concat!("../../../lua/", $name, ".lua")),
+                concat!(
+                    include_str!("../../../lua/prelude.lua"),
+                    "\n",
+                    include_str!(concat!("../../../lua/", $name, ".lua"))
+                ),
+            )
+        })
+    };
+}
+
 /// `lua/acquire.lua`: all keys or none, re-entry, fencing tokens, queueing.
-pub(crate) static ACQUIRE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(with_prelude!("acquire.lua")));
+pub(crate) static ACQUIRE: LazyLock<Lua> = lua!("acquire");
 
 /// `lua/release.lua`: owner- (or nonce-) checked release, per key, with handoff.
-pub(crate) static RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(with_prelude!("release.lua")));
+pub(crate) static RELEASE: LazyLock<Lua> = lua!("release");
 
 /// `lua/extend.lua`: owner-checked lease extension, all or nothing.
-pub(crate) static EXTEND: LazyLock<Script> =
-    LazyLock::new(|| Script::new(with_prelude!("extend.lua")));
+pub(crate) static EXTEND: LazyLock<Lua> = lua!("extend");
 
 /// The source of `lua/release_all.lua`, prelude included (a Redis Cluster
 /// sends it with a flag line in front).
 pub(crate) const RELEASE_ALL_SOURCE: &str = with_prelude!("release_all.lua");
 
 /// `lua/release_all.lua`: one owner's locks, or the namespace's.
-pub(crate) static RELEASE_ALL: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_ALL_SOURCE));
+pub(crate) static RELEASE_ALL: LazyLock<Lua> = lua!("release_all");
 
 /// `lua/withdraw.lua`: a process stops waiting for a lock.
-pub(crate) static WITHDRAW: LazyLock<Script> =
-    LazyLock::new(|| Script::new(with_prelude!("withdraw.lua")));
+pub(crate) static WITHDRAW: LazyLock<Lua> = lua!("withdraw");
 
 /// `lua/inspect.lua`: what each lock looks like (reads only).
-pub(crate) static INSPECT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(with_prelude!("inspect.lua")));
+pub(crate) static INSPECT: LazyLock<Lua> = lua!("inspect");
 
 /// `lua/force_release.lua`: an operator frees a lock whoever holds it.
-pub(crate) static FORCE_RELEASE: LazyLock<Script> =
-    LazyLock::new(|| Script::new(with_prelude!("force_release.lua")));
+pub(crate) static FORCE_RELEASE: LazyLock<Lua> = lua!("force_release");
 
 /// Every script, to load them up front.
-pub(crate) fn all() -> [&'static Script; 7] {
+pub(crate) fn all() -> [&'static Lua; 7] {
     [
         &ACQUIRE,
         &RELEASE,
@@ -79,50 +131,136 @@ pub(crate) fn all() -> [&'static Script; 7] {
     ]
 }
 
-/// The name of one of the scripts (its file's stem), for metrics.
-pub(crate) fn name(script: &Script) -> &'static str {
-    let names = [
-        "acquire",
-        "release",
-        "extend",
-        "release_all",
-        "withdraw",
-        "inspect",
-        "force_release",
-    ];
-    all()
-        .iter()
-        .position(|s| std::ptr::eq(*s, script) || s.get_hash() == script.get_hash())
-        .map_or("other", |i| names[i])
+/// Every script as one Redis function library (Redis 7 and later):
+/// the prelude once, then each script as the body of a function
+/// `<library>_<script>` with KEYS and ARGV as its parameters.
+///
+/// Why: `EVALSHA` runs its whole source on every call, and the prelude's
+/// two dozen helper definitions cost the server about 1 µs per call before
+/// the script does anything. In a library they run once, at `FUNCTION
+/// LOAD`. The one piece of per-call state in the prelude, its cached clock
+/// reading, is reset as each function starts. The name carries a hash of
+/// the source, so that libraries of different lockstep versions live side
+/// by side on one server and loading is idempotent.
+pub(crate) struct Library {
+    /// `lockstep_<12 hex digits of the source's SHA-1>`.
+    pub(crate) name: String,
+    /// What `FUNCTION LOAD` gets.
+    pub(crate) source: String,
 }
 
-/// Runs `script` with `keys` and `args` by its hash, loading it on
-/// `NOSCRIPT` and sending it once more.
+pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
+    let mut functions = String::new();
+    for lua in all() {
+        // Placeholder names, replaced once the hash is known.
+        functions.push_str(&format!(
+            "local function {name}(KEYS, ARGV)\nclock_us = nil\n{body}\nend\n\
+             redis.register_function('@_{name}', {name})\n",
+            name = lua.name,
+            body = lua.body,
+        ));
+    }
+    let code = format!("{PRELUDE}\n{functions}");
+    let hash = Script::new(&code).get_hash()[..12].to_owned();
+    let name = format!("lockstep_{hash}");
+    let source = format!(
+        "#!lua name={name}\n{}",
+        code.replace("'@_", &format!("'{name}_"))
+    );
+    Library { name, source }
+});
+
+/// Whether `e` says the function (or `FCALL` itself) is not there: a
+/// server that lost the library (restarted without persistence, `FUNCTION
+/// FLUSH`), or one that has no functions (a failover to an older server).
+/// The call did not run.
+fn no_function(e: &redis::RedisError) -> bool {
+    if e.code() == Some("NOPERM") {
+        // A user refused FCALL itself (not one of the keys).
+        return e.detail().is_some_and(|d| d.contains("'fcall'"));
+    }
+    e.kind() == ErrorKind::Server(redis::ServerErrorKind::ResponseError)
+        && e.detail().is_some_and(|d| {
+            d.starts_with("Function not found") || d.starts_with("unknown command")
+        })
+}
+
+/// Loads the [`LIBRARY`] (replacing a library of the same name, which has
+/// the same source).
 ///
-/// The command is built in one buffer: redis-rs's `ScriptInvocation`
-/// copies every key and argument once more on the way, which on the
-/// uncontended path is a good part of the client's work.
-pub(crate) async fn evalsha<C: ConnectionLike>(
+/// # Errors
+///
+/// A server without functions (before Redis 7), a user not allowed to load
+/// them, or a failure to reach the server.
+pub(crate) async fn load_library<C: ConnectionLike>(conn: &mut C) -> RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&LIBRARY.source)
+        .query_async::<String>(conn)
+        .await
+        .map(drop)
+}
+
+/// Runs `lua` with `keys` and `args`: as its function while `functions`
+/// is set, otherwise (or when the server turns out to have none) by
+/// `EVALSHA`, loading what the server lacks and sending the call once
+/// more. A server that refuses the library turns `functions` off for good.
+pub(crate) async fn invoke<C: ConnectionLike>(
     conn: &mut C,
-    script: &Script,
+    lua: &Lua,
     keys: &[String],
-    args: &[String],
+    args: &[Arg<'_>],
+    functions: &AtomicBool,
 ) -> RedisResult<Value> {
+    if functions.load(Ordering::Relaxed) {
+        let cmd = command("FCALL", lua.function(), keys, args);
+        match cmd.query_async(conn).await {
+            Err(e) if no_function(&e) => {
+                // Boxed: rare, and inline its future would be allocated and
+                // copied with every call.
+                if Box::pin(load_library(conn)).await.is_ok() {
+                    crate::metrics::script_reloaded(lua.name);
+                    return cmd.query_async(conn).await;
+                }
+                functions.store(false, Ordering::Relaxed);
+            }
+            other => return other,
+        }
+    }
+    evalsha(conn, lua, keys, args).await
+}
+
+/// `verb target numkeys keys... args...` in one buffer: redis-rs's
+/// `ScriptInvocation` copies every key and argument once more on the way,
+/// which on the uncontended path is a good part of the client's work.
+fn command(verb: &str, target: &str, keys: &[String], args: &[Arg<'_>]) -> redis::Cmd {
     // Sized up front: built by appending, the buffer would be copied as it
     // grows, several times per call.
-    let data: usize = keys.iter().chain(args).map(String::len).sum();
-    let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + data);
-    cmd.arg("EVALSHA")
-        .arg(script.get_hash())
+    let data: usize =
+        keys.iter().map(String::len).sum::<usize>() + args.iter().map(Arg::len).sum::<usize>();
+    let mut cmd = redis::Cmd::with_capacity(3 + keys.len() + args.len(), 64 + target.len() + data);
+    cmd.arg(verb)
+        .arg(target)
         .arg(keys.len())
         .arg(keys)
         .arg(args);
+    cmd
+}
+
+/// Runs `lua` with `keys` and `args` by its hash, loading it on
+/// `NOSCRIPT` and sending it once more.
+pub(crate) async fn evalsha<C: ConnectionLike>(
+    conn: &mut C,
+    lua: &Lua,
+    keys: &[String],
+    args: &[Arg<'_>],
+) -> RedisResult<Value> {
+    let cmd = command("EVALSHA", lua.script.get_hash(), keys, args);
     match cmd.query_async(conn).await {
         Err(e) if e.kind() == ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-            // Boxed: rare, and inline its future would be allocated and
-            // copied with every call.
-            Box::pin(script.prepare_invoke().load_async(conn)).await?;
-            crate::metrics::script_reloaded(name(script));
+            Box::pin(lua.script.prepare_invoke().load_async(conn)).await?;
+            crate::metrics::script_reloaded(lua.name);
             cmd.query_async(conn).await
         }
         other => other,
@@ -130,6 +268,52 @@ pub(crate) async fn evalsha<C: ConnectionLike>(
 }
 
 /// `"1"` or `"0"`, the scripts' booleans.
-pub(crate) fn flag(on: bool) -> String {
-    if on { "1" } else { "0" }.to_owned()
+pub(crate) fn flag(on: bool) -> Arg<'static> {
+    Arg::Str(if on { "1" } else { "0" })
+}
+
+/// One ARGV value of a script, borrowed or a number: written straight into
+/// the command's buffer, without a `String` of its own (on the uncontended
+/// path the allocations were a good part of the client's work).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Arg<'a> {
+    Str(&'a str),
+    Int(u64),
+}
+
+impl Arg<'_> {
+    /// At most how many bytes it takes in the command.
+    fn len(&self) -> usize {
+        match self {
+            Arg::Str(s) => s.len(),
+            Arg::Int(_) => 20,
+        }
+    }
+}
+
+impl From<u64> for Arg<'_> {
+    fn from(n: u64) -> Self {
+        Arg::Int(n)
+    }
+}
+
+impl From<usize> for Arg<'_> {
+    fn from(n: usize) -> Self {
+        Arg::Int(n as u64)
+    }
+}
+
+impl<'a> From<&'a str> for Arg<'a> {
+    fn from(s: &'a str) -> Self {
+        Arg::Str(s)
+    }
+}
+
+impl redis::ToRedisArgs for Arg<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        match self {
+            Arg::Str(s) => s.write_redis_args(out),
+            Arg::Int(n) => n.write_redis_args(out),
+        }
+    }
 }

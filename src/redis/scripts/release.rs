@@ -2,7 +2,7 @@
 
 use redis::Value;
 
-use super::flag;
+use super::{Arg, flag};
 use crate::error::LockError;
 use crate::redis::error::unexpected;
 use crate::redis::layout::Layout;
@@ -60,26 +60,33 @@ impl ReleaseArgs<'_> {
         keys
     }
 
-    /// ARGV in the script's order.
-    pub(crate) fn argv(&self) -> Vec<String> {
-        let s = self.successor;
-        vec![
-            self.lock_keys.len().to_string(),
-            self.owner.to_owned(),
-            self.nonce.to_owned(),
-            self.claim_ms.to_string(),
-            self.channel_prefix.to_owned(),
+    /// ARGV in the script's order; without a successor only the first six
+    /// (the script reads the rest as "no successor").
+    pub(crate) fn argv(&self) -> Vec<Arg<'_>> {
+        let mut argv = Vec::with_capacity(14);
+        argv.extend([
+            self.lock_keys.len().into(),
+            self.owner.into(),
+            self.nonce.into(),
+            self.claim_ms.into(),
+            self.channel_prefix.into(),
             flag(self.index.is_some()),
-            s.map_or("", |s| s.owner).to_owned(),
-            s.map_or("", |s| s.nonce).to_owned(),
-            s.map_or(0, |s| s.ttl_ms).to_string(),
-            flag(s.is_some_and(|s| s.index.is_some())),
-            self.pid.to_owned(),
-            flag(s.is_some_and(|s| s.more)),
+        ]);
+        let Some(s) = self.successor else {
+            return argv;
+        };
+        argv.extend([
+            s.owner.into(),
+            s.nonce.into(),
+            s.ttl_ms.into(),
+            flag(s.index.is_some()),
+            self.pid.into(),
+            flag(s.more),
             // ARGV[13]: a queue the handoff touches outlives two claims.
-            (2 * self.claim_ms + 1000).to_string(),
-            s.map_or("", |s| s.metadata).to_owned(),
-        ]
+            (2 * self.claim_ms + 1000).into(),
+            s.metadata.into(),
+        ]);
+        argv
     }
 
     /// Per key whether it was released, and the successor's token if it

@@ -1,6 +1,7 @@
 //! The binding of `lua/release_all.lua` in its owner and namespace modes
 //! (its slots mode, for a Redis Cluster, is bound in `cluster/`).
 
+use super::Arg;
 use redis::Value;
 
 use crate::error::LockError;
@@ -44,24 +45,24 @@ impl ReleaseAllArgs<'_> {
     }
 
     /// ARGV in the script's order.
-    pub(crate) fn argv(&self) -> Vec<String> {
+    pub(crate) fn argv(&self) -> [Arg<'_>; 4] {
         match *self {
             ReleaseAllArgs::Owner {
                 owner,
                 claim_ms,
                 channel_prefix,
                 ..
-            } => vec![
+            } => [
                 "owner".into(),
                 owner.into(),
-                claim_ms.to_string(),
+                claim_ms.into(),
                 channel_prefix.into(),
             ],
             ReleaseAllArgs::Namespace {
                 namespace,
                 pattern,
                 channel_prefix,
-            } => vec![
+            } => [
                 "namespace".into(),
                 namespace.into(),
                 pattern.into(),

@@ -1,5 +1,6 @@
 //! The binding of `lua/withdraw.lua`: its KEYS and ARGV.
 
+use super::Arg;
 use crate::redis::layout::Layout;
 
 /// One call of `withdraw.lua`: a process stops waiting for a lock.
@@ -25,12 +26,12 @@ impl WithdrawArgs<'_> {
     }
 
     /// ARGV in the script's order.
-    pub(crate) fn argv(&self) -> Vec<String> {
-        vec![
-            self.entry.to_owned(),
-            self.pid.to_owned(),
-            self.claim_ms.to_string(),
-            self.channel_prefix.to_owned(),
+    pub(crate) fn argv(&self) -> [Arg<'_>; 4] {
+        [
+            self.entry.into(),
+            self.pid.into(),
+            self.claim_ms.into(),
+            self.channel_prefix.into(),
         ]
     }
 }
