@@ -211,12 +211,11 @@ for i = 1, n do
     how[i] = 'reenter'
   else
     if entry ~= '' then
-      local q = KEYS[2 * n + i]
-      local ok = redis.pcall('TYPE', q)['ok']
-      if ok ~= 'list' and ok ~= 'none' then
+      -- A queue of another type fails enqueue's first command (the same
+      -- check as a TYPE first, without the extra command).
+      if not pcall(enqueue, KEYS[2 * n + i], entry, queue_ttl, false) then
         return {2, 2 * n + i}
       end
-      enqueue(q, entry, queue_ttl, false)
       if not flagged and string.byte(v, 1) ~= 0 then
         redis.call('APPEND', lock, FLAG)
       end

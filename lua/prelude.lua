@@ -153,7 +153,14 @@ end
 -- or nil when the queue ran out.
 local function grant_next(lock, queue, prefix, claim_ms, me)
   while true do
-    local e = redis.pcall('LINDEX', queue, 0)
+    -- With nobody to stop at, the head is popped at once (one command per
+    -- entry, not two).
+    local e
+    if me == '' then
+      e = redis.pcall('LPOP', queue)
+    else
+      e = redis.pcall('LINDEX', queue, 0)
+    end
     -- No queue, or a key of another type there: nobody to serve.
     if type(e) ~= 'string' then
       return nil
@@ -161,7 +168,9 @@ local function grant_next(lock, queue, prefix, claim_ms, me)
     if e == me then
       return me
     end
-    redis.call('LPOP', queue)
+    if me ~= '' then
+      redis.call('LPOP', queue)
+    end
     local wake = string.sub(e, 1, 1) == '~'
     local pid = wake and string.sub(e, 2) or e
     local heard = tell(prefix .. pid, (wake and 'w' or 'r') .. lock)
@@ -174,13 +183,21 @@ end
 
 -- Appends entry e to queue q unless it is there (the caller may know it is
 -- not: `absent`), and keeps q alive for at least ttl_ms (a decimal string,
--- as the scripts get their numbers and pass them on).
+-- as the scripts get their numbers and pass them on). Fails, before
+-- writing anything, when q is a key of another type (the caller's pcall
+-- tells it so).
 local function enqueue(q, e, ttl_ms, absent)
+  local new = false
   if absent or not redis.call('LPOS', q, e) then
-    redis.call('RPUSH', q, e)
+    -- A list of one entry was just made, and has no expiry yet.
+    new = redis.call('RPUSH', q, e) == 1
   end
-  if redis.call('PTTL', q) < tonumber(ttl_ms) then
+  -- One write of the expiry, not a PTTL first: GT only ever lengthens it
+  -- (and would leave a new list, which GT counts as never expiring, alone).
+  if new then
     redis.call('PEXPIRE', q, ttl_ms)
+  else
+    redis.call('PEXPIRE', q, ttl_ms, 'GT')
   end
 end
 

@@ -310,6 +310,29 @@ async fn acquire_refuses_a_key_of_another_type_and_writes_nothing() {
     assert_eq!(exists, 0);
 }
 
+/// A held lock whose queue key holds another type: the waiter cannot queue,
+/// is told which key it is (KEYS[2n+i]), and nothing is written: the lock
+/// stays unflagged, the foreign key untouched.
+#[tokio::test]
+async fn a_queue_of_another_type_is_reported_and_nothing_is_written() {
+    let (mut c, ns) = setup().await;
+    granted(&take(&mut c, &ns, &["a"], "u1", NONCE, 10_000).await);
+    let lock = format!("{ns}{{a}}");
+    let before: Vec<u8> = c.get(&lock).await.unwrap();
+    let _: () = c.set(format!("{ns}{{a}}:q"), "not a list").await.unwrap();
+    let queued = Q {
+        pid: "p2",
+        entry: "p2",
+        ..NO_QUEUE
+    };
+    let reply = take_q(&mut c, &ns, &["a"], "u2", NONCE2, 10_000, queued).await;
+    assert_eq!(ints(&reply), [2, 3]);
+    let after: Vec<u8> = c.get(&lock).await.unwrap();
+    assert_eq!(after, before, "the lock was not flagged");
+    let q: String = c.get(format!("{ns}{{a}}:q")).await.unwrap();
+    assert_eq!(q, "not a list");
+}
+
 #[tokio::test]
 async fn tokens_never_go_back_when_the_counter_is_ahead_or_lost() {
     let (mut c, ns) = setup().await;
@@ -1066,8 +1089,17 @@ async fn a_conflict_queues_the_process_once_with_a_lifetime() {
         assert_eq!(r[0], 0);
     }
     assert_eq!(queue_of(&mut c, &ns, "k").await, ["p1"]);
-    let ttl: i64 = c.pttl(format!("{ns}{{k}}:q")).await.unwrap();
+    let q = format!("{ns}{{k}}:q");
+    let ttl: i64 = c.pttl(&q).await.unwrap();
     assert!((9_000..=10_000).contains(&ttl), "{ttl}");
+    // Another conflict lengthens a queue's life that fell short of its
+    // need, and never shortens a longer one.
+    for (set, expected) in [(1_000, 9_000..=10_000), (60_000, 59_000..=60_000)] {
+        let _: () = c.pexpire(&q, set).await.unwrap();
+        take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued("p1")).await;
+        let ttl: i64 = c.pttl(&q).await.unwrap();
+        assert!(expected.contains(&ttl), "after PEXPIRE {set}: {ttl}");
+    }
     // A single attempt (no entry) does not queue.
     ints(
         &take_q(
