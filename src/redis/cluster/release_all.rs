@@ -16,7 +16,7 @@ use crate::error::{BackendError, BackendErrorKind, LockError};
 use crate::redis::RedisProvider;
 use crate::redis::error::unexpected;
 use crate::redis::layout::slot_tags;
-use crate::redis::scripts::RELEASE_ALL_SOURCE;
+use crate::redis::scripts::RELEASE_ALL;
 use crate::redis::scripts::release_all::ReleaseAllArgs;
 
 /// `lua/release_all.lua` for a Redis Cluster, flagged to touch keys of
@@ -24,8 +24,12 @@ use crate::redis::scripts::release_all::ReleaseAllArgs;
 /// visit keys the caller cannot name up front. A shebang must open a
 /// script, so the flag comes before the prelude. Sent with `EVAL` to every
 /// master (release_all is rare; the servers cache it by its hash).
-static SOURCE: LazyLock<String> =
-    LazyLock::new(|| format!("#!lua flags=allow-cross-slot-keys\n{RELEASE_ALL_SOURCE}"));
+static SOURCE: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "#!lua flags=allow-cross-slot-keys\n{}",
+        RELEASE_ALL.source()
+    )
+});
 
 /// A master's address.
 type Address = (String, u16);

@@ -29,18 +29,6 @@ use redis::{ErrorKind, RedisResult, Script, Value};
 /// The prelude, compiled into the binary.
 const PRELUDE: &str = include_str!("../../../lua/prelude.lua");
 
-/// `prelude.lua`, a newline, then the script at `$file` (relative to the
-/// repository's `lua/`).
-macro_rules! with_prelude {
-    ($file:literal) => {
-        concat!(
-            include_str!("../../../lua/prelude.lua"),
-            "\n",
-            include_str!(concat!("../../../lua/", $file))
-        )
-    };
-}
-
 /// One of the scripts: by `EVALSHA` (prelude and script in one source), or
 /// as its function in the [`LIBRARY`].
 pub(crate) struct Lua {
@@ -49,6 +37,7 @@ pub(crate) struct Lua {
     /// The script without the prelude (the library's function body).
     body: &'static str,
     /// Prelude and script, for `EVALSHA`.
+    source: &'static str,
     script: Script,
     /// Its function's name in the library (made once: the library's name
     /// depends on every script).
@@ -60,6 +49,7 @@ impl Lua {
         Lua {
             name,
             body,
+            source,
             script: Script::new(source),
             function: OnceLock::new(),
         }
@@ -68,6 +58,12 @@ impl Lua {
     /// The script as `EVALSHA` runs it.
     pub(crate) fn script(&self) -> &Script {
         &self.script
+    }
+
+    /// Its source as `EVALSHA` runs it: the prelude, a newline, the script.
+    #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
+    pub(crate) fn source(&self) -> &'static str {
+        self.source
     }
 
     /// Its function's name in the library.
@@ -101,10 +97,6 @@ pub(crate) static RELEASE: LazyLock<Lua> = lua!("release");
 
 /// `lua/extend.lua`: owner-checked lease extension, all or nothing.
 pub(crate) static EXTEND: LazyLock<Lua> = lua!("extend");
-
-/// The source of `lua/release_all.lua`, prelude included (a Redis Cluster
-/// sends it with a flag line in front).
-pub(crate) const RELEASE_ALL_SOURCE: &str = with_prelude!("release_all.lua");
 
 /// `lua/release_all.lua`: one owner's locks, or the namespace's.
 pub(crate) static RELEASE_ALL: LazyLock<Lua> = lua!("release_all");
