@@ -105,7 +105,7 @@ if n == 1 then
   -- One lock, the common case, without the tables below.
   local counted, token = pcall(next_token, KEYS[2], floor)
   if not counted then
-    return {2, 2}
+    return foreign(token, {2, 2})
   end
   first_token = token
   local v = value .. tail_of(token, meta)
@@ -119,9 +119,13 @@ if n == 1 then
     if more and after_taking(1) then
       redis.call('APPEND', KEYS[1], FLAG)
     end
-    if o and not pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token) then
-      redis.call('DEL', KEYS[1])
-      return {2, 4}
+    if o then
+      local indexed_ok, err = pcall(index_add, o, p, {KEYS[1]}, owner, ttl, token)
+      if not indexed_ok then
+        -- Given back whatever the error: no lock without its index entry.
+        redis.call('DEL', KEYS[1])
+        return foreign(err, {2, 4})
+      end
     end
     return token
   end
@@ -147,7 +151,7 @@ local function tokens_of()
   for i = 1, n do
     local ok, t = pcall(next_token, KEYS[n + i], floor)
     if not ok then
-      return nil, n + i
+      return nil, foreign(t, n + i)
     end
     tokens[i] = t
   end
@@ -166,17 +170,21 @@ local function indexed(reentered, tokens)
       keys[#keys + 1] = KEYS[i]
     end
   end
-  if #keys == 0 or pcall(index_add, o, p, keys, owner, ttl, tokens[1]) then
+  if #keys == 0 then
+    return {1, tokens, reentered}
+  end
+  local ok, err = pcall(index_add, o, p, keys, owner, ttl, tokens[1])
+  if ok then
     return {1, tokens, reentered}
   end
   redis.call('DEL', unpack(keys))
-  return {2, 3 * n + 1}
+  return foreign(err, {2, 3 * n + 1})
 end
 
 if n > 1 and redis.call('EXISTS', unpack(KEYS, 1, n)) == 0 then
-  local tokens, foreign = tokens_of()
+  local tokens, bad = tokens_of()
   if not tokens then
-    return {2, foreign}
+    return {2, bad}
   end
   local reentered = {}
   for i = 1, n do
@@ -213,8 +221,9 @@ for i = 1, n do
     if entry ~= '' then
       -- A queue of another type fails enqueue's first command (the same
       -- check as a TYPE first, without the extra command).
-      if not pcall(enqueue, KEYS[2 * n + i], entry, queue_ttl, false) then
-        return {2, 2 * n + i}
+      local queued, err = pcall(enqueue, KEYS[2 * n + i], entry, queue_ttl, false)
+      if not queued then
+        return foreign(err, {2, 2 * n + i})
       end
       if not flagged and string.byte(v, 1) ~= 0 then
         redis.call('APPEND', lock, FLAG)
@@ -225,9 +234,9 @@ for i = 1, n do
 end
 
 -- Phase 2: take the locks, tokens first.
-local tokens, foreign = tokens_of()
+local tokens, bad = tokens_of()
 if not tokens then
-  return {2, foreign}
+  return {2, bad}
 end
 local reentered, renewed = {}, {}
 for i = 1, n do

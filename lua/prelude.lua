@@ -1,6 +1,9 @@
 -- prelude.lua: helpers shared by the scripts. lockstep prepends this file to
--- every other script before loading it (the Rust side builds each script as
--- prelude .. script), so it defines functions only and touches no key.
+-- every other script for EVALSHA (prelude .. script), and puts it once at
+-- the head of its function library, each script a function after it (see
+-- src/redis/scripts/mod.rs), so it defines functions only and touches no
+-- key. In a library its state outlives a call: the clock reading below is
+-- reset as each function starts; the index score's memo may stay.
 --
 -- Values: a lock holds <owner><12-byte nonce><tail>; an anonymous lock
 -- holds the nonce and the tail. <owner><nonce> is the *core*: who holds the
@@ -133,6 +136,18 @@ local function next_token(f, floor)
     redis.call('SET', f, string.format('%.0f', t))
   end
   return t
+end
+
+-- What a script answers when a call under pcall failed with `err`:
+-- `reply` (its "a key of another type" answer) when the error is
+-- WRONGTYPE; any other error (out of memory, a command the user may not
+-- run) is raised again, so that the caller sees it as what it is.
+local function foreign(err, reply)
+  local msg = type(err) == 'table' and err.err or tostring(err)
+  if string.find(msg, 'WRONGTYPE', 1, true) then
+    return reply
+  end
+  error(err)
 end
 
 -- Sends `message` to `channel` and returns how many subscribers heard it

@@ -677,25 +677,81 @@ async fn without_functions_the_same_scripts_run_by_evalsha() {
         .query_async(&mut admin)
         .await
         .unwrap();
+    // And one who may load functions but not call them: it finds out on
+    // its first call (after loading the library), and goes on by EVALSHA.
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "nofcall", "on", ">pass", "~*", "&*", "+@all", "-fcall",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
     let port = server.port;
     for config in [
         RedisConfig::from_url(format!("redis://nofunctions:pass@127.0.0.1:{port}")),
         RedisConfig::from_url(&url).functions(false),
+        RedisConfig::from_url(format!("redis://nofcall:pass@127.0.0.1:{port}")),
     ] {
         let before = script_calls(&url).await;
         let p = RedisProvider::connect(config).await.unwrap();
+        let m = module_with(p.clone());
+        for key in ["k", "j"] {
+            let lease = m.acquire(key, owner("u")).await.unwrap();
+            assert!(lease.release().await.unwrap());
+        }
         assert!(!p.runs_functions());
-        let m = module_with(p);
-        let lease = m.acquire("k", owner("u")).await.unwrap();
-        assert!(lease.release().await.unwrap());
         let after = script_calls(&url).await;
         assert_eq!(
             (after.0 - before.0, after.1 - before.1),
-            (2, 0),
+            (4, 0),
             "(EVALSHA, FCALL) calls"
         );
     }
-    assert!(libraries(&url).await.is_empty());
+}
+
+/// With the server out of memory (`maxmemory` reached, no eviction), locks
+/// are still released, extended and inspected, on either way of running the
+/// scripts, and a new acquisition fails with the server's error, not as a
+/// key of another type.
+#[tokio::test]
+async fn out_of_memory_locks_still_release_and_acquisitions_fail_as_what_they_are() {
+    let server = RedisServer::start(&["--maxmemory-policy", "noeviction"]);
+    let url = server.url();
+    let mut admin = raw_connection(&url).await;
+    for functions in [true, false] {
+        let p = RedisProvider::connect(RedisConfig::from_url(&url).functions(functions))
+            .await
+            .unwrap();
+        let m = module_with(p.clone());
+        let leased = || owner("u").expire(Duration::from_secs(10));
+        let mut held = m.acquire("held", leased()).await.unwrap();
+        let other = m.acquire("other", leased()).await.unwrap();
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "maxmemory", "1"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        held.extend(Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|e| panic!("functions {functions}: {e}"));
+        let infos = m.inspect("other", Default::default()).await.unwrap();
+        assert!(infos[0].holder().is_some(), "functions {functions}");
+        assert!(held.release().await.unwrap(), "functions {functions}");
+        match m.acquire("new", owner("u")).await.unwrap_err() {
+            LockError::Backend(b) => {
+                assert_eq!(b.kind(), BackendErrorKind::Server, "{b}");
+                assert!(b.to_string().contains("OOM"), "{b}");
+            }
+            other => panic!("functions {functions}: {other:?}"),
+        }
+        let _: () = redis::cmd("CONFIG")
+            .arg(&["SET", "maxmemory", "0"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(other.release().await.unwrap());
+        assert_eq!(p.runs_functions(), functions);
+    }
 }
 
 /// The prelude's clock reading is per call: a function library keeps its

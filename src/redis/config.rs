@@ -112,7 +112,7 @@ pub struct RedisConfig {
     /// functions, or with `false`, the same scripts run by `EVALSHA`.
     /// The library (`lockstep_<hash>`, about 40 KB) stays on the server,
     /// in its snapshots and on its replicas, like any function; a server
-    /// that lost it gets it again on the next call.
+    /// that lost it is sent it again by the next call.
     pub functions: bool,
 }
 

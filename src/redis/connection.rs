@@ -47,9 +47,9 @@ pub(crate) struct Connections {
     closed: AtomicBool,
     /// Requests sent on the shared connection.
     sent: AtomicU64,
-    /// Whether scripts run as the library's functions (`FCALL`): set once
-    /// the server took the library, cleared for good if it turns out to
-    /// have none (see `scripts::invoke`).
+    /// Whether scripts run as the library's functions (`FCALL`): set at
+    /// startup unless the server or user refuses functions, cleared for
+    /// good if that turns out later (see `scripts::invoke`).
     pub(crate) functions: AtomicBool,
 }
 

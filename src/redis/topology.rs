@@ -209,9 +209,10 @@ impl Link {
     }
 
     /// Loads every script, so that the first calls need no `NOSCRIPT` round,
-    /// and, with `functions`, the function library. Returns whether the
-    /// server took the library (not before Redis 7, nor for a user who may
-    /// not load functions).
+    /// and, with `functions`, the function library. Returns whether to call
+    /// the library's functions: not where the server or user refuses them
+    /// (a failure of another kind, out of memory say, leaves the loading to
+    /// the first call).
     pub(crate) async fn load_scripts(&mut self, functions: bool) -> redis::RedisResult<bool> {
         match self {
             Link::Single(c) => {
@@ -224,7 +225,11 @@ impl Link {
             #[cfg(feature = "cluster")]
             Link::Cluster(c) => cluster::load_scripts(c).await?,
         }
-        Ok(functions && super::scripts::load_library(self).await.is_ok())
+        Ok(functions
+            && match super::scripts::load_library(self).await {
+                Ok(()) => true,
+                Err(e) => !super::scripts::refuses_functions(&e),
+            })
     }
 
     /// Sends `cmd` where `routing` says (one server: to it).

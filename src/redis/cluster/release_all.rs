@@ -22,11 +22,13 @@ use crate::redis::scripts::release_all::ReleaseAllArgs;
 /// `lua/release_all.lua` for a Redis Cluster, flagged to touch keys of
 /// several slots (those one master serves): its slots and namespace modes
 /// visit keys the caller cannot name up front. A shebang must open a
-/// script, so the flag comes before the prelude. Sent with `EVAL` to every
+/// script, so the flags come before the prelude (`allow-oom`: a flagged
+/// script is otherwise refused while the server is out of memory, when
+/// releasing matters most). Sent with `EVAL` to every
 /// master (release_all is rare; the servers cache it by its hash).
 static SOURCE: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "#!lua flags=allow-cross-slot-keys\n{}",
+        "#!lua flags=allow-cross-slot-keys,allow-oom\n{}",
         RELEASE_ALL.source()
     )
 });

@@ -130,10 +130,11 @@ pub(crate) fn all() -> [&'static Lua; 7] {
 /// Why: `EVALSHA` runs its whole source on every call, and the prelude's
 /// two dozen helper definitions cost the server about 1 µs per call before
 /// the script does anything. In a library they run once, at `FUNCTION
-/// LOAD`. The one piece of per-call state in the prelude, its cached clock
-/// reading, is reset as each function starts. The name carries a hash of
-/// the source, so that libraries of different lockstep versions live side
-/// by side on one server and loading is idempotent.
+/// LOAD`. The prelude's per-call state, its cached clock reading, is reset
+/// as each function starts (its memo of the index score may outlive a
+/// call). The name carries a hash of the source, so that libraries of
+/// different lockstep versions live side by side on one server, and a
+/// library of that name is this very source.
 pub(crate) struct Library {
     /// `lockstep_<12 hex digits of the source's SHA-1>`.
     pub(crate) name: String,
@@ -147,9 +148,11 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
         // Placeholder names, replaced once the hash is known.
         functions.push_str(&format!(
             "local function {name}(KEYS, ARGV)\nclock_us = nil\n{body}\nend\n\
-             redis.register_function('@_{name}', {name})\n",
+             redis.register_function{{function_name = '@_{name}', callback = {name}, \
+             flags = {flags}}}\n",
             name = lua.name,
             body = lua.body,
+            flags = flags(lua.name),
         ));
     }
     let code = format!("{PRELUDE}\n{functions}");
@@ -162,42 +165,67 @@ pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
     Library { name, source }
 });
 
-/// Whether `e` says the function (or `FCALL` itself) is not there: a
-/// server that lost the library (restarted without persistence, `FUNCTION
-/// FLUSH`), or one that has no functions (a failover to an older server).
-/// The call did not run.
-fn no_function(e: &redis::RedisError) -> bool {
-    if e.code() == Some("NOPERM") {
-        // A user refused FCALL itself (not one of the keys).
-        return e.detail().is_some_and(|d| d.contains("'fcall'"));
+/// What the server checks before a script's function runs. Without flags
+/// a function counts as a writer that must not start while the server is
+/// out of memory (a script run by `EVALSHA` only has its memory-growing
+/// commands refused then): releasing, extending, withdrawing and
+/// force-releasing free or keep memory and must work exactly then, and
+/// inspecting only reads (so it also runs where writes are refused).
+fn flags(script: &str) -> &'static str {
+    match script {
+        "acquire" => "{}",
+        "inspect" => "{'no-writes'}",
+        _ => "{'allow-oom'}",
     }
-    e.kind() == ErrorKind::Server(redis::ServerErrorKind::ResponseError)
-        && e.detail().is_some_and(|d| {
-            d.starts_with("Function not found") || d.starts_with("unknown command")
-        })
 }
 
-/// Loads the [`LIBRARY`] (replacing a library of the same name, which has
-/// the same source).
+/// Whether `e`, an answer to `FCALL` or `FUNCTION LOAD`, says that this
+/// server or user does not do functions at all: a server without them,
+/// `FCALL` or `FUNCTION` renamed away, or an ACL that refuses them (not a
+/// refusal of one of the keys).
+pub(crate) fn refuses_functions(e: &redis::RedisError) -> bool {
+    let detail = e.detail().unwrap_or("");
+    if e.code() == Some("NOPERM") {
+        return detail.contains("'fcall") || detail.contains("'function");
+    }
+    detail.starts_with("unknown command") || detail.starts_with("unknown subcommand")
+}
+
+/// Whether `e` says the function is not there, or functions are refused
+/// (see [`refuses_functions`]): a server that lost the library (restarted
+/// without persistence, `FUNCTION FLUSH`, a new cluster node). The call did
+/// not run.
+fn no_function(e: &redis::RedisError) -> bool {
+    e.detail()
+        .is_some_and(|d| d.starts_with("Function not found"))
+        || refuses_functions(e)
+}
+
+/// Loads the [`LIBRARY`]. A library of its name is already this source:
+/// finding one there (another process, or another call of this one, loaded
+/// it) counts as loaded, and costs the server no compilation.
 ///
 /// # Errors
 ///
-/// A server without functions (before Redis 7), a user not allowed to load
-/// them, or a failure to reach the server.
+/// A server or user without functions ([`refuses_functions`]), or any
+/// other failure (no connection, out of memory).
 pub(crate) async fn load_library<C: ConnectionLike>(conn: &mut C) -> RedisResult<()> {
-    redis::cmd("FUNCTION")
+    match redis::cmd("FUNCTION")
         .arg("LOAD")
-        .arg("REPLACE")
         .arg(&LIBRARY.source)
         .query_async::<String>(conn)
         .await
-        .map(drop)
+    {
+        Err(e) if e.detail().is_some_and(|d| d.contains("already exists")) => Ok(()),
+        other => other.map(drop),
+    }
 }
 
 /// Runs `lua` with `keys` and `args`: as its function while `functions`
-/// is set, otherwise (or when the server turns out to have none) by
-/// `EVALSHA`, loading what the server lacks and sending the call once
-/// more. A server that refuses the library turns `functions` off for good.
+/// is set, otherwise by `EVALSHA`, loading what the server lacks and
+/// sending the call once more. A server or user that refuses functions
+/// ([`refuses_functions`], also when only `FCALL` is refused) turns
+/// `functions` off for good; any other failure to load is the call's error.
 pub(crate) async fn invoke<C: ConnectionLike>(
     conn: &mut C,
     lua: &Lua,
@@ -211,9 +239,17 @@ pub(crate) async fn invoke<C: ConnectionLike>(
             Err(e) if no_function(&e) => {
                 // Boxed: rare, and inline its future would be allocated and
                 // copied with every call.
-                if Box::pin(load_library(conn)).await.is_ok() {
-                    crate::metrics::script_reloaded(lua.name);
-                    return cmd.query_async(conn).await;
+                match Box::pin(load_library(conn)).await {
+                    Ok(()) => {
+                        crate::metrics::script_reloaded(lua.name);
+                        match cmd.query_async(conn).await {
+                            // Loading is allowed, calling is not.
+                            Err(e) if refuses_functions(&e) => {}
+                            other => return other,
+                        }
+                    }
+                    Err(e) if refuses_functions(&e) => {}
+                    Err(e) => return Err(e),
                 }
                 functions.store(false, Ordering::Relaxed);
             }
