@@ -20,7 +20,7 @@ if before[1] == 1 then
   redis.call('DEL', lock)
   local _, flagged = unflag(v)
   if flagged then
-    grant_next(lock, queue, ARGV[2], ARGV[1], '')
+    grant_next(lock, queue, ARGV[2], ARGV[1])
   end
 end
 return {now_ms(), before}

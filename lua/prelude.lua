@@ -163,35 +163,39 @@ end
 -- wakes each "~pid" entry, and reserves the lock (for claim_ms) for the
 -- first "pid" entry whose process hears the message (PUBLISH counts the
 -- receivers: a process that died or lost its subscription hears nothing and
--- is skipped). Stops without popping at an entry equal to `me` (pass '' to
--- treat every entry alike). Returns the pid the lock was reserved for, `me`,
--- or nil when the queue ran out.
-local function grant_next(lock, queue, prefix, claim_ms, me)
+-- is skipped). Returns the pid the lock was reserved for, or nil when the
+-- queue ran out. Entries are popped up to 8 at a time, so that a queue of
+-- one entry (the common case) costs one LPOP, not a second one that finds
+-- it empty; those popped after the entry the lock was reserved for go back
+-- to the head, in their order (with a queue life of two claims, as any
+-- queue a handoff touches, should the pop have emptied it).
+local function grant_next(lock, queue, prefix, claim_ms)
   while true do
-    -- With nobody to stop at, the head is popped at once (one command per
-    -- entry, not two).
-    local e
-    if me == '' then
-      e = redis.pcall('LPOP', queue)
-    else
-      e = redis.pcall('LINDEX', queue, 0)
-    end
+    local entries = redis.pcall('LPOP', queue, 8)
     -- No queue, or a key of another type there: nobody to serve.
-    if type(e) ~= 'string' then
+    if type(entries) ~= 'table' or entries.err then
       return nil
     end
-    if e == me then
-      return me
+    for i, e in ipairs(entries) do
+      local wake = string.sub(e, 1, 1) == '~'
+      local pid = wake and string.sub(e, 2) or e
+      local heard = tell(prefix .. pid, (wake and 'w' or 'r') .. lock)
+      if heard > 0 and not wake then
+        redis.call('SET', lock, '\0' .. pid, 'PX', claim_ms)
+        if i < #entries then
+          local rest = {}
+          for j = #entries, i + 1, -1 do
+            rest[#rest + 1] = entries[j]
+          end
+          if redis.call('LPUSH', queue, unpack(rest)) == #rest then
+            redis.call('PEXPIRE', queue, 2 * tonumber(claim_ms) + 1000)
+          end
+        end
+        return pid
+      end
     end
-    if me ~= '' then
-      redis.call('LPOP', queue)
-    end
-    local wake = string.sub(e, 1, 1) == '~'
-    local pid = wake and string.sub(e, 2) or e
-    local heard = tell(prefix .. pid, (wake and 'w' or 'r') .. lock)
-    if heard > 0 and not wake then
-      redis.call('SET', lock, '\0' .. pid, 'PX', claim_ms)
-      return pid
+    if #entries < 8 then
+      return nil
     end
   end
 end

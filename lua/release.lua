@@ -92,7 +92,7 @@ local function hand_over(lock, queue)
       return token
     else
       redis.call('DEL', lock)
-      grant_next(lock, queue, prefix, claim_ms, '')
+      grant_next(lock, queue, prefix, claim_ms)
       -- Our successor keeps its place behind.
       enqueue(queue, pid, queue_ttl, false)
       return 0
@@ -129,7 +129,7 @@ if n == 1 then
     redis.call('ZREM', index, lock)
   end
   if flagged then
-    grant_next(lock, KEYS[3], prefix, claim_ms, '')
+    grant_next(lock, KEYS[3], prefix, claim_ms)
   end
   return 1
 end
@@ -164,7 +164,7 @@ if #permanents > 0 then
   redis.call('ZREM', index, unpack(permanents))
 end
 for _, i in ipairs(contended) do
-  grant_next(KEYS[i], KEYS[2 * n + i], prefix, claim_ms, '')
+  grant_next(KEYS[i], KEYS[2 * n + i], prefix, claim_ms)
 end
 result[n + 1] = succ_token
 return result

@@ -58,7 +58,7 @@ local function release_indexed(index, owner, channels)
       -- pcall (in grant_next): in slots mode during a slot migration the
       -- queue may have moved already (an error here, not a reason to stop).
       if flagged then
-        grant_next(key, key .. ':q', channels, tonumber(ARGV[3]), '')
+        grant_next(key, key .. ':q', channels, tonumber(ARGV[3]))
       end
     end
   end

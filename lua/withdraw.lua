@@ -18,7 +18,7 @@ end
 if ARGV[2] ~= '' and redis.pcall('GET', lock) == '\0' .. ARGV[2] then
   redis.call('DEL', lock)
   if redis.call('TYPE', queue)['ok'] == 'list' then
-    grant_next(lock, queue, ARGV[4], tonumber(ARGV[3]), '')
+    grant_next(lock, queue, ARGV[4], tonumber(ARGV[3]))
   end
 end
 return 1

@@ -1141,6 +1141,38 @@ async fn a_release_reserves_the_lock_for_the_first_listening_process() {
     assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("w{NONCE2}")));
 }
 
+/// Entries popped past the one the lock is reserved for go back to the head
+/// of the queue, in their order and with a life of their own (the pop takes
+/// several at once, and may have emptied the queue); woken entries before it
+/// are gone, each process told.
+#[tokio::test]
+async fn entries_behind_the_reserved_one_keep_their_places() {
+    let (mut c, ns) = setup().await;
+    let mut woken = Listener::new(&ns, "woken").await;
+    let mut p1 = Listener::new(&ns, "p1").await;
+    granted(&take(&mut c, &ns, &["k"], "holder", NONCE, 0).await);
+    let wake = Q {
+        pid: "woken",
+        entry: "~woken",
+        ..NO_QUEUE
+    };
+    ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, wake).await);
+    for pid in ["gone", "p1", "p2", "p3"] {
+        ints(&take_q(&mut c, &ns, &["k"], "w", NONCE2, 0, queued(pid)).await);
+    }
+    assert_eq!(
+        queue_of(&mut c, &ns, "k").await,
+        ["~woken", "gone", "p1", "p2", "p3"]
+    );
+    assert_eq!(free(&mut c, &ns, &["k"], "holder", "").await, [1]);
+    assert_eq!(woken.next().await, format!("w{ns}{{k}}"));
+    assert_eq!(p1.next().await, format!("r{ns}{{k}}"));
+    assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
+    assert_eq!(queue_of(&mut c, &ns, "k").await, ["p2", "p3"]);
+    let ttl: i64 = c.pttl(format!("{ns}{{k}}:q")).await.unwrap();
+    assert!(ttl > 0, "the queue expires: {ttl}");
+}
+
 /// A lock whose lease ran out is free for whoever asks first, even with
 /// processes queued (they wake when the lease ends and ask again); the
 /// first of them to ask flags it, and its release serves them.
