@@ -41,6 +41,9 @@
 -- expires or is trimmed (release_all checks each entry's holder anyway).
 
 local NONCE_LEN = 12
+-- The longest life a waiter asks its queue for, ms (QUEUE_TTL_MAX in
+-- src/redis/acquire/wait.rs; a unit test there keeps the two equal).
+local QUEUE_LIFE_MAX_MS = 3600000
 local FLAG = '\1'
 local TAIL_LEN = 16
 local TAIL_END = 94 -- '^'
@@ -167,8 +170,10 @@ end
 -- queue ran out. Entries are popped up to 8 at a time, so that a queue of
 -- one entry (the common case) costs one LPOP, not a second one that finds
 -- it empty; those popped after the entry the lock was reserved for go back
--- to the head, in their order (with a queue life of two claims, as any
--- queue a handoff touches, should the pop have emptied it).
+-- to the head, in their order. Should the pop have emptied the queue (and
+-- so dropped its expiry), the rebuilt one lives as long as any waiter may
+-- ask, so that no waiter's entry expires before the waiter renews it;
+-- entries of processes gone by then are skipped like any other.
 local function grant_next(lock, queue, prefix, claim_ms)
   while true do
     local entries = redis.pcall('LPOP', queue, 8)
@@ -188,7 +193,7 @@ local function grant_next(lock, queue, prefix, claim_ms)
             rest[#rest + 1] = entries[j]
           end
           if redis.call('LPUSH', queue, unpack(rest)) == #rest then
-            redis.call('PEXPIRE', queue, 2 * tonumber(claim_ms) + 1000)
+            redis.call('PEXPIRE', queue, QUEUE_LIFE_MAX_MS + tonumber(claim_ms) + 1000)
           end
         end
         return pid

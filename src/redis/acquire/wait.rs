@@ -397,3 +397,17 @@ impl RedisProvider {
         millis_ceil(wait) + self.inner.claim_ms + 1000
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::QUEUE_TTL_MAX;
+
+    /// prelude.lua gives a queue it rebuilt the longest life a waiter asks
+    /// for: its copy of the constant must match.
+    #[test]
+    fn the_scripts_know_the_longest_queue_life() {
+        let prelude = include_str!("../../../lua/prelude.lua");
+        let line = format!("local QUEUE_LIFE_MAX_MS = {}\n", QUEUE_TTL_MAX.as_millis());
+        assert!(prelude.contains(&line), "prelude.lua lacks {line:?}");
+    }
+}
