@@ -96,13 +96,13 @@ local function after_taking(i)
   return redis.call('LLEN', queue) > 0
 end
 
--- Fast path: every lock free. One lock first, the common case, before
--- the helpers below are even defined (each definition is a closure made on
--- every call).
 -- The token of KEYS[1], when the fast path drew it.
 local first_token
+
+-- Fast path: every lock free. One lock first, the common case, before the
+-- helpers below are even defined (each definition is a closure made on
+-- every call), and without their tables.
 if n == 1 then
-  -- One lock, the common case, without the tables below.
   local counted, token = pcall(next_token, KEYS[2], floor)
   if not counted then
     return foreign(token, {2, 2})

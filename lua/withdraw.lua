@@ -12,13 +12,11 @@
 -- Returns 1.
 
 local lock, queue = KEYS[1], KEYS[2]
-if redis.call('TYPE', queue)['ok'] == 'list' then
-  redis.call('LREM', queue, 0, ARGV[1])
-end
+-- pcall, not a TYPE first: a queue key of another type is left alone (and
+-- grant_next skips it the same way).
+redis.pcall('LREM', queue, 0, ARGV[1])
 if ARGV[2] ~= '' and redis.pcall('GET', lock) == '\0' .. ARGV[2] then
   redis.call('DEL', lock)
-  if redis.call('TYPE', queue)['ok'] == 'list' then
-    grant_next(lock, queue, ARGV[4], tonumber(ARGV[3]))
-  end
+  grant_next(lock, queue, ARGV[4], tonumber(ARGV[3]))
 end
 return 1

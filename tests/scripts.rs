@@ -555,14 +555,7 @@ async fn free_full(
     match inv.invoke_async(c).await.expect("release.lua runs") {
         // One key, not handed on: 1 if released, 0 if not.
         Value::Int(released) if keys.len() == 1 => vec![released, 0],
-        Value::Array(items) => items
-            .iter()
-            .map(|v| match v {
-                Value::Int(i) => *i,
-                other => panic!("not an integer: {other:?}"),
-            })
-            .collect(),
-        other => panic!("release.lua answered {other:?}"),
+        other => ints(&other),
     }
 }
 
@@ -1323,6 +1316,33 @@ async fn withdraw_passes_a_reservation_on() {
     assert_eq!(n, 1);
     assert_eq!(p2.next().await, format!("r{ns}{{k}}"));
     assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p2"));
+}
+
+/// A queue key of another type: withdraw leaves it alone, still frees a
+/// reservation of the process, and answers 1.
+#[tokio::test]
+async fn withdraw_leaves_a_queue_of_another_type_alone() {
+    let (mut c, ns) = setup().await;
+    let _: () = c.set(format!("{ns}{{k}}"), "\0p1").await.unwrap();
+    let _: () = c.set(format!("{ns}{{k}}:q"), "not a list").await.unwrap();
+    let n: i64 = withdraw()
+        .key(format!("{ns}{{k}}"))
+        .key(format!("{ns}{{k}}:q"))
+        .arg("p1")
+        .arg("p1")
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
+        .invoke_async(&mut c)
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    assert_eq!(
+        value_of(&mut c, &ns, "k").await,
+        None,
+        "the reservation is freed"
+    );
+    let q: String = c.get(format!("{ns}{{k}}:q")).await.unwrap();
+    assert_eq!(q, "not a list");
 }
 
 #[tokio::test]

@@ -13,8 +13,6 @@ pub(crate) struct Keyset {
     pub(crate) lock_count: usize,
     /// Every key, in the script's order.
     pub(crate) keys: Vec<String>,
-    /// Whether the owner's index (both parts) ends `keys`.
-    has_index: bool,
     /// Whether the owner is indexed (on a cluster, a request over several
     /// slots has an index per slot, and none here).
     pub(crate) indexed: bool,
@@ -40,7 +38,7 @@ impl Keyset {
             let queue = layout.queue_key(&keys[i]);
             keys.push(queue);
         }
-        let has_index = owner_index.is_some();
+        let indexed = owner_index.is_some();
         if let Some(index) = owner_index {
             // Moved, not copied: the index is read back from `keys`.
             keys.push(index.expiring);
@@ -49,18 +47,21 @@ impl Keyset {
         Keyset {
             lock_count,
             keys,
-            indexed: has_index,
-            has_index,
+            indexed,
             uncertain: AtomicBool::new(false),
         }
     }
 
-    /// The owner's index, for owners whose locks `release_all` must find.
+    /// The owner's index, for owners whose locks `release_all` must find:
+    /// both parts end `keys`, when there is one.
     pub(crate) fn owner_index(&self) -> Option<OwnerIndex> {
-        self.has_index.then(|| OwnerIndex {
-            expiring: self.keys[3 * self.lock_count].clone(),
-            permanent: self.keys[3 * self.lock_count + 1].clone(),
-        })
+        match &self.keys[3 * self.lock_count..] {
+            [expiring, permanent] => Some(OwnerIndex {
+                expiring: expiring.clone(),
+                permanent: permanent.clone(),
+            }),
+            _ => None,
+        }
     }
 
     /// The lock keys.

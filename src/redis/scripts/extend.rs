@@ -1,8 +1,8 @@
 //! The binding of `lua/extend.lua`: its KEYS and ARGV, and its reply.
 
-use super::Arg;
 use redis::Value;
 
+use super::Arg;
 use crate::error::LockError;
 use crate::redis::error::unexpected;
 use crate::redis::layout::OwnerIndex;

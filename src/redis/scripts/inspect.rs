@@ -1,11 +1,11 @@
 //! The bindings of `lua/inspect.lua` and `lua/force_release.lua`: their
 //! KEYS and ARGV, and the lock descriptions they return.
 
-use super::Arg;
 use std::time::{Duration, UNIX_EPOCH};
 
 use redis::Value;
 
+use super::Arg;
 use crate::error::LockError;
 use crate::inspect::{LockHolder, LockInfo, LockState};
 use crate::redis::error::unexpected;

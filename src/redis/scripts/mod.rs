@@ -36,8 +36,8 @@ pub(crate) struct Lua {
     pub(crate) name: &'static str,
     /// The script without the prelude (the library's function body).
     body: &'static str,
-    /// Prelude and script, for `EVALSHA`.
-    source: &'static str,
+    /// Prelude, a newline and script: what `EVALSHA` runs.
+    source: String,
     script: Script,
     /// Its function's name in the library (made once: the library's name
     /// depends on every script).
@@ -45,12 +45,13 @@ pub(crate) struct Lua {
 }
 
 impl Lua {
-    fn new(name: &'static str, body: &'static str, source: &'static str) -> Self {
+    fn new(name: &'static str, body: &'static str) -> Self {
+        let source = format!("{PRELUDE}\n{body}");
         Lua {
             name,
             body,
+            script: Script::new(&source),
             source,
-            script: Script::new(source),
             function: OnceLock::new(),
         }
     }
@@ -62,8 +63,8 @@ impl Lua {
 
     /// Its source as `EVALSHA` runs it: the prelude, a newline, the script.
     #[cfg_attr(not(feature = "cluster"), allow(dead_code))]
-    pub(crate) fn source(&self) -> &'static str {
-        self.source
+    pub(crate) fn source(&self) -> &str {
+        &self.source
     }
 
     /// Its function's name in the library.
@@ -75,17 +76,7 @@ impl Lua {
 
 macro_rules! lua {
     ($name:literal) => {
-        LazyLock::new(|| {
-            Lua::new(
-                $name,
-                include_str!(concat!("../../../lua/", $name, ".lua")),
-                concat!(
-                    include_str!("../../../lua/prelude.lua"),
-                    "\n",
-                    include_str!(concat!("../../../lua/", $name, ".lua"))
-                ),
-            )
-        })
+        LazyLock::new(|| Lua::new($name, include_str!(concat!("../../../lua/", $name, ".lua"))))
     };
 }
 
@@ -143,25 +134,24 @@ pub(crate) struct Library {
 }
 
 pub(crate) static LIBRARY: LazyLock<Library> = LazyLock::new(|| {
-    let mut functions = String::new();
-    for lua in all() {
-        // Placeholder names, replaced once the hash is known.
-        functions.push_str(&format!(
-            "local function {name}(KEYS, ARGV)\nclock_us = nil\n{body}\nend\n\
-             redis.register_function{{function_name = '@_{name}', callback = {name}, \
-             flags = {flags}}}\n",
-            name = lua.name,
-            body = lua.body,
-            flags = flags(lua.name),
-        ));
-    }
-    let code = format!("{PRELUDE}\n{functions}");
-    let hash = Script::new(&code).get_hash()[..12].to_owned();
-    let name = format!("lockstep_{hash}");
-    let source = format!(
-        "#!lua name={name}\n{}",
-        code.replace("'@_", &format!("'{name}_"))
-    );
+    // The library's code with its functions' names prefixed by `prefix`:
+    // hashed without one (the name comes from the hash), loaded with it.
+    let code = |prefix: &str| {
+        let mut code = format!("{PRELUDE}\n");
+        for lua in all() {
+            code.push_str(&format!(
+                "local function {name}(KEYS, ARGV)\nclock_us = nil\n{body}\nend\n\
+                 redis.register_function{{function_name = '{prefix}{name}', \
+                 callback = {name}, flags = {flags}}}\n",
+                name = lua.name,
+                body = lua.body,
+                flags = flags(lua.name),
+            ));
+        }
+        code
+    };
+    let name = format!("lockstep_{}", &Script::new(&code("")).get_hash()[..12]);
+    let source = format!("#!lua name={name}\n{}", code(&format!("{name}_")));
     Library { name, source }
 });
 

@@ -1,9 +1,9 @@
 //! The binding of `lua/release_all.lua` in its owner and namespace modes
 //! (its slots mode, for a Redis Cluster, is bound in `cluster/`).
 
-use super::Arg;
 use redis::Value;
 
+use super::Arg;
 use crate::error::LockError;
 use crate::redis::error::unexpected;
 use crate::redis::layout::OwnerIndex;
