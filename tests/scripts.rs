@@ -1293,6 +1293,20 @@ async fn wake_entries_are_told_and_do_not_block() {
     granted(&take_q(&mut c, &ns, &["b", "a"], "multi", NONCE2, 0, wake).await);
 }
 
+/// Runs withdraw.lua for process `pid`'s handoff entry in lock `key`'s queue.
+async fn withdraw_handoff(c: &mut MultiplexedConnection, ns: &str, key: &str, pid: &str) -> i64 {
+    withdraw()
+        .key(format!("{ns}{{{key}}}"))
+        .key(format!("{ns}{{{key}}}:q"))
+        .arg(pid)
+        .arg(pid)
+        .arg(CLAIM_MS)
+        .arg(format!("{ns}c:"))
+        .invoke_async(c)
+        .await
+        .expect("withdraw.lua runs")
+}
+
 #[tokio::test]
 async fn withdraw_passes_a_reservation_on() {
     let (mut c, ns) = setup().await;
@@ -1303,16 +1317,7 @@ async fn withdraw_passes_a_reservation_on() {
     ints(&take_q(&mut c, &ns, &["k"], "y", NONCE2, 0, queued("p2")).await);
     free(&mut c, &ns, &["k"], "a", "").await;
     assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p1"));
-    let n: i64 = withdraw()
-        .key(format!("{ns}{{k}}"))
-        .key(format!("{ns}{{k}}:q"))
-        .arg("p1")
-        .arg("p1")
-        .arg(CLAIM_MS)
-        .arg(format!("{ns}c:"))
-        .invoke_async(&mut c)
-        .await
-        .unwrap();
+    let n = withdraw_handoff(&mut c, &ns, "k", "p1").await;
     assert_eq!(n, 1);
     assert_eq!(p2.next().await, format!("r{ns}{{k}}"));
     assert_eq!(value_of(&mut c, &ns, "k").await.as_deref(), Some("\0p2"));
@@ -1325,16 +1330,7 @@ async fn withdraw_leaves_a_queue_of_another_type_alone() {
     let (mut c, ns) = setup().await;
     let _: () = c.set(format!("{ns}{{k}}"), "\0p1").await.unwrap();
     let _: () = c.set(format!("{ns}{{k}}:q"), "not a list").await.unwrap();
-    let n: i64 = withdraw()
-        .key(format!("{ns}{{k}}"))
-        .key(format!("{ns}{{k}}:q"))
-        .arg("p1")
-        .arg("p1")
-        .arg(CLAIM_MS)
-        .arg(format!("{ns}c:"))
-        .invoke_async(&mut c)
-        .await
-        .unwrap();
+    let n = withdraw_handoff(&mut c, &ns, "k", "p1").await;
     assert_eq!(n, 1);
     assert_eq!(
         value_of(&mut c, &ns, "k").await,
