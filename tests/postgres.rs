@@ -443,3 +443,142 @@ async fn an_undo_of_the_first_acquisition_leaves_a_lock_re_entered_since() {
     let info = &m.inspect("k", Default::default()).await.unwrap()[0];
     assert!(info.holder().is_none());
 }
+
+/// Waits (bounded) until `p`'s calls wait for `n` keys.
+async fn until_waiting(p: &PostgresProvider, n: usize) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while p.waiting_keys() != n {
+        assert!(Instant::now() < end, "never {n} keys waited for");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A multi-key waiter does not send a statement while another call of its
+/// provider holds one of its keys: it is woken by that release and then
+/// takes its keys in one attempt (two statements in all: the release and
+/// the attempt; the wake-and-retry before sent three, plus a withdrawal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_key_waiter_sends_nothing_while_a_local_call_holds_a_key() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    let p = provider(&url, own.name()).await;
+    let m = module(p.clone());
+    let held = m
+        .acquire("a", AcquireOptions::new().expire(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    let before = p.statements();
+    let waiting = m.clone();
+    let waiter = tokio::spawn(async move {
+        waiting
+            .acquire(
+                vec!["a", "b"],
+                AcquireOptions::new()
+                    .expire(Duration::from_secs(30))
+                    .timeout(Duration::from_secs(20)),
+            )
+            .await
+    });
+    until_waiting(&p, 2).await;
+    // Shorter than the waiter's fallback (1 s), after which it would try.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(p.statements(), before, "the waiter sent an attempt");
+    assert!(held.release().await.unwrap());
+    let lease = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter gets the keys once released")
+        .unwrap()
+        .unwrap();
+    assert_eq!(p.statements(), before + 2, "a release and one attempt");
+    assert!(lease.release().await.unwrap());
+    until_waiting(&p, 0).await;
+}
+
+/// A named owner re-entering a key it holds here is not held back by its
+/// own lock, and a lock of this provider whose lease ran out holds nobody
+/// back (both well before the waiter's fallback would try anyway).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_gate_lets_re_entry_and_expired_leases_through() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    let m = module(provider(&url, own.name()).await);
+    let mine = m
+        .acquire("a", AcquireOptions::new().owner_id("o"))
+        .await
+        .unwrap();
+    let both = m
+        .acquire(
+            vec!["a", "b"],
+            AcquireOptions::new()
+                .owner_id("o")
+                .timeout(Duration::from_millis(400)),
+        )
+        .await
+        .expect("the owner re-enters its own lock");
+    assert!(both.was_reentered("a") && !both.was_reentered("b"));
+    assert!(both.release().await.unwrap());
+    drop(mine);
+
+    let short = m
+        .acquire(
+            "c",
+            AcquireOptions::new()
+                .owner_id("short")
+                .expire(Duration::from_millis(150)),
+        )
+        .await
+        .unwrap();
+    let next = m
+        .acquire(
+            vec!["c", "d"],
+            AcquireOptions::new()
+                .owner_id("next")
+                .timeout(Duration::from_millis(700)),
+        )
+        .await
+        .expect("an expired lease holds nobody back");
+    assert!(next.fencing_token() > short.fencing_token());
+    assert!(!short.release().await.unwrap(), "its lease ran out");
+    assert!(next.release().await.unwrap());
+}
+
+/// The gate is advisory: a lock of this provider freed by someone else (an
+/// operator's force-release, from another process) does not keep this
+/// provider's multi-key waiter from it; it tries again within its fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_freed_elsewhere_does_not_hold_back_a_gated_waiter() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    let p = provider(&url, own.name()).await;
+    let m = module(p.clone());
+    let operator = module(provider(&url, own.name()).await);
+    let stuck = m
+        .acquire("a", AcquireOptions::new().owner_id("stuck"))
+        .await
+        .unwrap();
+    let waiting = m.clone();
+    let waiter = tokio::spawn(async move {
+        waiting
+            .acquire(
+                vec!["a", "b"],
+                AcquireOptions::new()
+                    .owner_id("waiter")
+                    .timeout(Duration::from_secs(20)),
+            )
+            .await
+    });
+    until_waiting(&p, 2).await;
+    let freed = operator
+        .force_release("a", Default::default())
+        .await
+        .unwrap();
+    assert_eq!(freed[0].as_ref().map(|i| i.key.as_str()), Some("a"));
+    let lease = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter gets the keys")
+        .unwrap()
+        .unwrap();
+    assert!(lease.fencing_token() > stuck.fencing_token());
+    assert!(!stuck.release().await.unwrap());
+    assert!(lease.release().await.unwrap());
+}

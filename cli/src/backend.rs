@@ -67,6 +67,8 @@ pub(crate) struct Connected {
     pub(crate) module: LockingModule,
     /// The Redis provider, except with Redlock (for its round-trip count).
     pub(crate) redis: Option<RedisProvider>,
+    /// The PostgreSQL provider (for its statement count).
+    pub(crate) postgres: Option<PostgresProvider>,
     /// What it is, for reports: "locking-redis", "locking-redis-cluster", ...
     pub(crate) kind: &'static str,
 }
@@ -117,8 +119,9 @@ impl BackendArgs {
                 .await
                 .map_err(|e| e.to_string())?;
             return Ok(Connected {
-                module: module("locking-postgres", Arc::new(provider)),
+                module: module("locking-postgres", Arc::new(provider.clone())),
                 redis: None,
+                postgres: Some(provider),
                 kind: "locking-postgres",
             });
         }
@@ -131,6 +134,7 @@ impl BackendArgs {
             return Ok(Connected {
                 module: module("locking-redlock", Arc::new(provider)),
                 redis: None,
+                postgres: None,
                 kind: "locking-redlock",
             });
         }
@@ -148,6 +152,7 @@ impl BackendArgs {
         Ok(Connected {
             module: module("locking-redis", Arc::new(provider.clone())),
             redis: Some(provider),
+            postgres: None,
             kind,
         })
     }

@@ -10,7 +10,7 @@ use tokio::time::{Instant, sleep};
 use tokio_postgres::types::ToSql;
 
 use super::handoff::{HandoffRequest, Next};
-use super::queue::QueueArgs;
+use super::queue::{Gate, QueueArgs, Registration};
 use super::{Inner, error};
 use crate::error::LockError;
 use crate::provider::{AcquireRequest, Acquired, Wait};
@@ -44,6 +44,26 @@ enum Attempt {
     Held(usize, Option<Duration>),
 }
 
+/// Waits until the call is woken, or `nap` (never past its deadline) has
+/// passed. Past its deadline the call gives up, on `request.keys[index]`.
+async fn wait_for_news(
+    registration: &Registration<'_>,
+    request: &AcquireRequest,
+    index: usize,
+    nap: Duration,
+) -> Result<(), LockError> {
+    let remaining = request.wait.remaining();
+    if remaining == Some(Duration::ZERO) {
+        return Err(request.wait.give_up(&request.keys[index]));
+    }
+    let nap = remaining.map_or(nap, |r| r.min(nap));
+    tokio::select! {
+        () = registration.waiter.notify.notified() => {}
+        () = sleep(nap) => {}
+    }
+    Ok(())
+}
+
 /// The lease of `request` in ms; 0: no expiry.
 fn ttl_ms(request: &AcquireRequest) -> i64 {
     request.expire.map_or(0, |d| {
@@ -65,7 +85,10 @@ impl Inner {
         self.check_open()?;
         if request.wait == Wait::Once {
             return match self.attempt(request, None).await? {
-                Attempt::Acquired(a) => Ok(a),
+                Attempt::Acquired(a) => {
+                    self.took_locks(request, &a);
+                    Ok(a)
+                }
                 Attempt::Held(index, _) => Err(request.wait.give_up(&request.keys[index])),
             };
         }
@@ -84,6 +107,8 @@ impl Inner {
             w.finished(self.client_timeout()).await;
         }
         let mut failures = 0u32;
+        // Since when a multi-key call has found its gate closed.
+        let mut blocked_since: Option<Instant> = None;
         loop {
             self.check_open()?;
             let mut next = registration.waiter.next();
@@ -94,8 +119,27 @@ impl Inner {
                 registration.waiter.attempted();
                 next = Next::Wait;
             }
+            if matches!(next, Next::Attempt) && request.keys.len() > 1 {
+                // Another call here has one of the keys: woken when it
+                // lets go, not retried into a statement bound to fail;
+                // attempted anyway after FALLBACK (the mark is advisory).
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                if since.elapsed() < FALLBACK
+                    && let Gate::Closed(index, until) = registration.enter(request.owner.as_deref())
+                {
+                    registration.waiter.attempted();
+                    let mut nap = FALLBACK.saturating_sub(since.elapsed());
+                    if let Some(until) = until {
+                        nap = nap.min(until.saturating_duration_since(Instant::now()));
+                    }
+                    wait_for_news(&registration, request, index, nap).await?;
+                    continue;
+                }
+                blocked_since = None;
+            }
             match next {
                 Next::Granted(a, more) => {
+                    self.took_locks(request, &a);
                     registration.took_grant(more);
                     return Ok(a);
                 }
@@ -103,15 +147,7 @@ impl Inner {
                     // A release is handing this call the lock, or undoing
                     // an offer whose outcome it does not know, or it is
                     // another call's turn: woken when that changes.
-                    let remaining = request.wait.remaining();
-                    if remaining == Some(Duration::ZERO) {
-                        return Err(request.wait.give_up(&request.keys[0]));
-                    }
-                    let nap = remaining.map_or(FALLBACK, |r| r.min(FALLBACK));
-                    tokio::select! {
-                        () = registration.waiter.notify.notified() => {}
-                        () = sleep(nap) => {}
-                    }
+                    wait_for_news(&registration, request, 0, FALLBACK).await?;
                     continue;
                 }
                 Next::Attempt => {}
@@ -119,6 +155,13 @@ impl Inner {
             let args = registration.queue_args(self.listening.load(Ordering::Acquire));
             let outcome = self.attempt(request, Some(args)).await;
             registration.waiter.attempted();
+            let acquired = if let Ok(Attempt::Acquired(a)) = &outcome {
+                self.took_locks(request, a);
+                true
+            } else {
+                false
+            };
+            registration.end_attempt(acquired);
             let nap = match outcome {
                 Ok(Attempt::Acquired(a)) => {
                     registration.took(args);
@@ -126,24 +169,14 @@ impl Inner {
                 }
                 Ok(Attempt::Held(index, lease_left)) => {
                     failures = 0;
-                    let remaining = request.wait.remaining();
-                    if remaining == Some(Duration::ZERO) {
-                        return Err(request.wait.give_up(&request.keys[index]));
-                    }
                     let mut nap = FALLBACK;
                     if let Some(left) = lease_left {
                         nap = nap.min(left + Duration::from_millis(1));
                     }
-                    if let Some(r) = remaining {
-                        nap = nap.min(r);
-                    }
                     // Woken when it is this call's turn (a reservation for
                     // the provider, passed to its first local waiter), or
                     // told to retry.
-                    tokio::select! {
-                        () = registration.waiter.notify.notified() => {}
-                        () = sleep(nap) => {}
-                    }
+                    wait_for_news(&registration, request, index, nap).await?;
                     continue;
                 }
                 Err(e) if e.is_transient() => {
@@ -161,6 +194,12 @@ impl Inner {
             };
             sleep(nap).await;
         }
+    }
+
+    /// Marks the keys of a successful acquisition as held here (`queue.rs`).
+    fn took_locks(&self, request: &AcquireRequest, acquired: &Acquired) {
+        let until = request.expire.map(|d| acquired.sent_at + d);
+        self.mark_held(&request.keys, request.owner.as_deref(), until);
     }
 
     /// One attempt, with a nonce of its own. Whatever happens to the future,
@@ -229,6 +268,7 @@ impl Inner {
                 &q.more,
                 &QUEUE_MS,
             ];
+            self.sent();
             tokio::time::timeout(bound, client.query(&statement, &params)).await
         };
         let rows = match result {
@@ -316,6 +356,7 @@ impl Inner {
                     &none,
                     &false,
                 ];
+                self.sent();
                 tokio::time::timeout(self.client_timeout(), client.query(&statement, &params))
                     .await
                     .ok()?

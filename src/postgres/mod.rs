@@ -66,7 +66,7 @@ mod ops;
 mod queue;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -179,6 +179,8 @@ struct Inner {
     waiters: Mutex<HashMap<String, KeyWaiters>>,
     /// Background undos under way.
     undos: AtomicUsize,
+    /// Statements sent on pooled connections (`PostgresProvider::statements`).
+    statements: AtomicU64,
 }
 
 impl Inner {
@@ -194,6 +196,7 @@ impl Inner {
             listening: AtomicBool::new(false),
             waiters: Mutex::new(HashMap::new()),
             undos: AtomicUsize::new(0),
+            statements: AtomicU64::new(0),
         }
     }
 
@@ -228,6 +231,11 @@ impl Inner {
         self.waiters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Counts a statement about to be sent.
+    fn sent(&self) {
+        self.statements.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// A pooled connection.
     async fn client(&self, operation: &'static str) -> Result<Object, LockError> {
         self.check_open()?;
@@ -249,11 +257,25 @@ impl Inner {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, LockError> {
+        self.run(operation, sql, params, true).await
+    }
+
+    /// [`query`](Self::query), counted in `statements` or not.
+    async fn run(
+        &self,
+        operation: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        counted: bool,
+    ) -> Result<Vec<Row>, LockError> {
         let client = self.client(operation).await?;
         let statement = client
             .prepare_cached(sql)
             .await
             .map_err(|e| error::prepare(operation, e))?;
+        if counted {
+            self.sent();
+        }
         match tokio::time::timeout(self.client_timeout(), client.query(&statement, params)).await {
             Err(_) => {
                 drop(Object::take(client));
@@ -281,7 +303,7 @@ impl PostgresProvider {
         self.inner
             .waiters()
             .values()
-            .filter(|s| s.len() > 0)
+            .filter(|s| s.is_waited())
             .count()
     }
 
@@ -290,6 +312,15 @@ impl PostgresProvider {
     /// (its last waiter for a key left without the lock).
     pub fn pending_undos(&self) -> usize {
         self.inner.undos.load(Ordering::Acquire)
+    }
+
+    /// How many statements this provider has sent on its pooled
+    /// connections: each one transaction and, once its connection has
+    /// prepared it, one round trip: attempts, releases, undos, withdrawals
+    /// and the rest. The background sweep and the LISTEN connection's
+    /// traffic are not counted.
+    pub fn statements(&self) -> u64 {
+        self.inner.statements.load(Ordering::Relaxed)
     }
 
     /// Whether the LISTEN connection is up (waiters poll once a second

@@ -88,6 +88,14 @@ impl Inner {
         if flags.len() != keys.len() {
             return None;
         }
+        // A lock released here opens its gate; one handed over in place
+        // stays marked (its new holder, a waiter here, marks it anew).
+        self.unmark_held(
+            keys.iter()
+                .zip(&flags)
+                .filter(|&(_, f)| f & 1 != 0 && f & 8 == 0)
+                .map(|(k, _)| k),
+        );
         for (key, flag) in keys.iter().zip(&flags) {
             if flag & 2 != 0 {
                 self.wake(key, true);
@@ -126,6 +134,7 @@ impl Inner {
             .query(OP, &self.sql.release_all, &[&owner, &claim_ms])
             .await?;
         let n: i64 = single(OP, &rows)?;
+        self.unmark_owner(owner);
         Ok(token(n))
     }
 
@@ -138,6 +147,7 @@ impl Inner {
         let rows = self
             .query(OP, &self.sql.force_release, &[&keys, &claim_ms])
             .await?;
+        self.unmark_held(keys);
         let mut freed = vec![None; keys.len()];
         for row in &rows {
             let (index, holder) = holder::<i32>(OP, row)?;
@@ -208,7 +218,11 @@ impl Inner {
 
     pub(super) async fn sweep(&self) -> Result<u64, LockError> {
         const OP: &str = "sweep";
-        let rows = self.query(OP, &self.sql.sweep, &[&SWEEP_BATCH]).await?;
+        self.purge_marks();
+        // Upkeep, not an operation: left out of the statement count.
+        let rows = self
+            .run(OP, &self.sql.sweep, &[&SWEEP_BATCH], false)
+            .await?;
         let n: i64 = single(OP, &rows)?;
         Ok(token(n))
     }

@@ -83,21 +83,21 @@ DROP FUNCTION IF EXISTS @SCHEMA@.release(text[], text, text, text, bigint);
 CREATE OR REPLACE FUNCTION @SCHEMA@.lock_keys(keys text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
-DECLARE
-    h integer;
 BEGIN
     IF array_length(keys, 1) = 1 THEN
         PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), hashtext(keys[1]));
         RETURN;
     END IF;
-    FOR h IN SELECT DISTINCT hashtext(k) FROM unnest(keys) AS k ORDER BY 1 LOOP
-        PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), h);
-    END LOOP;
+    -- One statement: the subquery (not flattened, for its DISTINCT) hands
+    -- the hashes over in order.
+    PERFORM pg_advisory_xact_lock(hashtext(@SCHEMA_LIT@), s.h)
+       FROM (SELECT DISTINCT hashtext(k) AS h FROM unnest(keys) AS k ORDER BY 1) AS s;
 END;
 $$;
 
--- Once per backend (a session setting caches it; every backend after a
--- restart is new): if the server started since the tokens were last floored,
+-- Once per backend (a session setting caches it, which callers test before
+-- calling: a call costs more than the test; every backend after a restart
+-- is new): if the server started since the tokens were last floored,
 -- moves the sequence up to the clock in microseconds. Tokens handed out
 -- before are below it: fewer than one per microsecond since the last floor.
 CREATE OR REPLACE FUNCTION @SCHEMA@.floor_tokens() RETURNS void
@@ -219,7 +219,9 @@ BEGIN
             RETURN;
         END IF;
     END LOOP;
-    PERFORM @SCHEMA@.floor_tokens();
+    IF current_setting('lockstep.floored_' || @SCHEMA_LIT@, true) IS DISTINCT FROM 'y' THEN
+        PERFORM @SCHEMA@.floor_tokens();
+    END IF;
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         tok := nextval('@SCHEMA@.tokens'::regclass);
         IF re[i] THEN
@@ -307,6 +309,7 @@ DECLARE
     served integer;
     tok bigint;
     i integer;
+    waiting text[];
 BEGIN
     PERFORM @SCHEMA@.lock_keys(keys);
     t := clock_timestamp();
@@ -324,7 +327,9 @@ BEGIN
                AND l.owner IS NOT DISTINCT FROM p_owner
                AND (p_nonce = '' OR l.nonce = p_nonce);
             IF FOUND THEN
-                PERFORM @SCHEMA@.floor_tokens();
+                IF current_setting('lockstep.floored_' || @SCHEMA_LIT@, true) IS DISTINCT FROM 'y' THEN
+                    PERFORM @SCHEMA@.floor_tokens();
+                END IF;
                 tok := nextval('@SCHEMA@.tokens'::regclass);
                 UPDATE @SCHEMA@.locks l
                    SET owner = next_owner, nonce = next_nonce, token = tok, acquired_at = t,
@@ -345,6 +350,8 @@ BEGIN
             END IF;
         END IF;
     END IF;
+    -- The keys anyone queues for (usually none): only theirs are served.
+    waiting := ARRAY(SELECT DISTINCT q.key FROM @SCHEMA@.queue q WHERE q.key = ANY (keys));
     FOR i IN 1 .. coalesce(array_length(keys, 1), 0) LOOP
         DELETE FROM @SCHEMA@.locks l
          WHERE l.key = keys[i] AND l.reserved_for IS NULL
@@ -355,9 +362,12 @@ BEGIN
             out := out || 0::bigint;
             CONTINUE;
         END IF;
-        served := @SCHEMA@.serve_queue(keys[i], t, claim_ms, me);
+        served := CASE WHEN keys[i] = ANY (waiting)
+            THEN @SCHEMA@.serve_queue(keys[i], t, claim_ms, me) ELSE 0 END;
         IF served & 1 = 1 AND next_nonce IS NOT NULL AND array_length(keys, 1) = 1 THEN
-            PERFORM @SCHEMA@.floor_tokens();
+            IF current_setting('lockstep.floored_' || @SCHEMA_LIT@, true) IS DISTINCT FROM 'y' THEN
+                PERFORM @SCHEMA@.floor_tokens();
+            END IF;
             tok := nextval('@SCHEMA@.tokens'::regclass);
             UPDATE @SCHEMA@.locks l
                SET owner = next_owner, nonce = next_nonce, token = tok, acquired_at = t,

@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use lockstep::{AcquireOptions, Lease, LockingModule, RedisProvider};
+use lockstep::{AcquireOptions, Lease, LockingModule, PostgresProvider, RedisProvider};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -38,6 +38,7 @@ pub(super) enum Subject {
     Lockstep {
         module: LockingModule,
         provider: Option<RedisProvider>,
+        postgres: Option<PostgresProvider>,
     },
     /// The bare lock of `--baseline`.
     Bare(BareLock),
@@ -86,7 +87,12 @@ impl Subject {
 
     fn round_trips(&self) -> Option<u64> {
         match self {
-            Subject::Lockstep { provider, .. } => provider.as_ref().map(RedisProvider::round_trips),
+            Subject::Lockstep {
+                provider, postgres, ..
+            } => provider
+                .as_ref()
+                .map(RedisProvider::round_trips)
+                .or_else(|| postgres.as_ref().map(PostgresProvider::statements)),
             Subject::Bare(_) => None,
         }
     }
@@ -134,6 +140,7 @@ pub(super) async fn subject(
     let subject = Subject::Lockstep {
         module: connected.module,
         provider: connected.redis,
+        postgres: connected.postgres,
     };
     Ok((subject, connected.kind))
 }
@@ -346,11 +353,18 @@ impl Measured {
             }),
         };
         results["errors"] = json!(sum(|l| l.errors));
-        if let Some(trips) = self.round_trips {
-            results["client_cmds_per_op"] = json!(per_op(trips as f64));
+        if nodes.admins.is_empty() {
+            // PostgreSQL: the provider's statements (one transaction each).
+            if let Some(statements) = self.round_trips {
+                results["statements_per_op"] = json!(per_op(statements as f64));
+            }
+        } else {
+            if let Some(trips) = self.round_trips {
+                results["client_cmds_per_op"] = json!(per_op(trips as f64));
+            }
+            results["redis_cmds_per_op"] = json!(per_op(self.per_node.iter().sum::<u64>() as f64));
+            results["redis_cpu_us_per_op"] = json!(per_op(self.redis_cpu_us));
         }
-        results["redis_cmds_per_op"] = json!(per_op(self.per_node.iter().sum::<u64>() as f64));
-        results["redis_cpu_us_per_op"] = json!(per_op(self.redis_cpu_us));
         if let Some(client) = self.client_cpu_us {
             results["client_cpu_us_per_op"] = json!(per_op(client));
         }
