@@ -28,6 +28,8 @@
 //!   a majority of independent Redis masters.
 //! - [`workflow`] (`workflow/`): a small workflow engine with compensation,
 //!   and Medusa's `acquire_lock_step` / `release_lock_step`.
+//! - `gate.rs`: what a provider knows of its own locks, so that its
+//!   multi-key waiters do not retry into attempts bound to fail.
 //! - `backoff.rs`: the one jittered backoff every retry loop uses;
 //!   `retry.rs`: riding out transient failures for releases; `token.rs`:
 //!   random owners and run ids; `random.rs`: cheap random bits for nonces
@@ -94,6 +96,8 @@
 mod backoff;
 mod error;
 mod execute;
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod gate;
 mod inspect;
 mod keys;
 mod lease;

@@ -403,3 +403,85 @@ async fn contended_multi_key_waiters_never_miss_a_wake_up() {
         "a waiter waited {longest:?}"
     );
 }
+
+/// A multi-key waiter does not call Redis while another call of its
+/// process holds one of its keys: woken by that release, it takes its keys
+/// in one attempt (two round trips in all: the release and the attempt;
+/// the wake-and-retry before took three).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_key_waiter_sends_nothing_while_a_local_call_holds_a_key() {
+    let ns = support::unique_namespace();
+    let p = provider(&ns).await;
+    let m = module_with(p.clone());
+    let held = m.acquire("a", owner("holder")).await.unwrap();
+    let before = p.round_trips();
+    let m2 = m.clone();
+    let waiter = tokio::spawn(async move { m2.acquire(["a", "b"], waiting("w")).await });
+    let p2 = p.clone();
+    eventually(WAIT, "the waiter registers", move || {
+        let p = p2.clone();
+        async move { p.waiting_locks() == 2 }
+    })
+    .await;
+    // The provider's fallback is 60 s: only the gate keeps it from trying.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(p.round_trips(), before, "the waiter sent an attempt");
+    assert!(held.release().await.unwrap());
+    let lease = timeout(WAIT, waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(p.round_trips(), before + 2, "a release and one attempt");
+    assert!(lease.release().await.unwrap());
+    assert_eq!(p.waiting_locks(), 0);
+}
+
+/// The gate lets a named owner re-enter its own lock, lets an expired
+/// lease through, and is advisory: a lock freed elsewhere (an operator's
+/// force-release from another process) holds the waiter back for at most
+/// its fallback period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_gate_lets_re_entry_expiry_and_outside_releases_through() {
+    let ns = support::unique_namespace();
+    let short = RedisConfig::from_url(shared_url())
+        .namespace(&ns)
+        .wait_fallback(Duration::from_millis(300));
+    let p = RedisProvider::connect(short).await.unwrap();
+    let m = module_with(p.clone());
+    let operator = module_with(provider(&ns).await);
+
+    let mine = m.acquire("a", owner("o")).await.unwrap();
+    let both = m
+        .acquire(["a", "b"], owner("o").timeout(Duration::from_millis(200)))
+        .await
+        .expect("the owner re-enters its own lock");
+    assert!(both.was_reentered("a") && !both.was_reentered("b"));
+    assert!(both.release().await.unwrap());
+    drop(mine);
+
+    let brief = m
+        .acquire("c", owner("brief").expire(Duration::from_millis(100)))
+        .await
+        .unwrap();
+    let next = m
+        .acquire(["c", "d"], owner("next").timeout(Duration::from_secs(5)))
+        .await
+        .expect("an expired lease holds nobody back");
+    assert!(next.fencing_token() > brief.fencing_token());
+    assert!(next.release().await.unwrap());
+
+    let stuck = m.acquire("e", owner("stuck")).await.unwrap();
+    let m2 = m.clone();
+    let waiter = tokio::spawn(async move { m2.acquire(["e", "f"], waiting("w")).await });
+    eventually(WAIT, "the waiter registers", move || {
+        let p = p.clone();
+        async move { p.waiting_locks() == 2 }
+    })
+    .await;
+    let freed = operator
+        .force_release("e", Default::default())
+        .await
+        .unwrap();
+    assert!(freed[0].is_some());
+    let lease = timeout(WAIT, waiter).await.unwrap().unwrap().unwrap();
+    assert!(lease.fencing_token() > stuck.fencing_token());
+    assert!(!stuck.release().await.unwrap());
+    assert!(lease.release().await.unwrap());
+}

@@ -10,9 +10,10 @@ use tokio::time::{Instant, sleep};
 use tokio_postgres::types::ToSql;
 
 use super::handoff::{HandoffRequest, Next};
-use super::queue::{Gate, QueueArgs, Registration};
+use super::queue::{QueueArgs, Registration};
 use super::{Inner, error};
 use crate::error::LockError;
+use crate::gate::Gate;
 use crate::provider::{AcquireRequest, Acquired, Wait};
 
 /// The longest a waiter sleeps without news: covers lost notifications and

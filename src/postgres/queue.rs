@@ -16,16 +16,8 @@
 //! newcomer); one that joins after it was sent waits for it to finish, or
 //! the withdrawal could remove the entry the newcomer's attempt relied on.
 //!
-//! Each key also carries this provider's *mark* on it, when it has one: a
-//! lock one of its calls holds (until its lease would end), or a multi-key
-//! attempt on its way. A multi-key waiter woken to retry does not send an
-//! attempt while another call of this provider has one of its keys: it
-//! waits until that mark is cleared (by the release), and one such waiter
-//! at a time attempts for a key. Without it every release here woke every
-//! multi-key waiter of the key into a statement that mostly failed (W3:
-//! 4.4 transactions per acquisition where 2 do). The mark is advisory (the
-//! server decides): a stale one costs at most a retry's delay (a waiter
-//! blocked for FALLBACK attempts anyway), never a lock.
+//! Each key also carries this provider's mark on it, if any: the gate of
+//! its multi-key waiters (`crate::gate`).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +29,7 @@ use tokio::time::Instant;
 
 use super::Inner;
 use super::handoff::{self, HandoffRequest, HandoffState};
+use crate::gate::{self, Gate, Mark};
 
 /// One waiting call, as its keys' local queues know it.
 #[derive(Debug)]
@@ -74,36 +67,6 @@ impl Withdrawal {
             let _ = tokio::time::timeout(within, done).await;
         }
     }
-}
-
-/// This provider's own claim on a key (see the module's docs).
-#[derive(Debug)]
-enum Mark {
-    /// One of its calls took the lock, with this owner, until this lease
-    /// end (`None`: no expiry).
-    Held {
-        owner: Option<String>,
-        until: Option<Instant>,
-    },
-    /// A multi-key waiter (by its address) is attempting.
-    Attempt(usize),
-}
-
-impl Mark {
-    fn is_live(&self, now: Instant) -> bool {
-        match self {
-            Mark::Held { until, .. } => until.is_none_or(|u| u > now),
-            Mark::Attempt(_) => true,
-        }
-    }
-}
-
-/// Whether a multi-key waiter may attempt (see [`Registration::enter`]).
-pub(crate) enum Gate {
-    /// Yes: its keys carry its attempt's mark until it ends.
-    Open,
-    /// No: another call here has this key, until (at the latest) then.
-    Closed(usize, Option<Instant>),
 }
 
 /// The local waiters of one key.
@@ -145,7 +108,7 @@ impl KeyWaiters {
 
     /// Whether a call of this provider waits for the key (or attempts it).
     pub(crate) fn is_waited(&self) -> bool {
-        self.len() > 0 || matches!(self.mark, Some(Mark::Attempt(_)))
+        self.len() > 0 || self.mark.as_ref().is_some_and(|m| !m.is_held_by(None))
     }
 }
 
@@ -265,10 +228,7 @@ impl Inner {
         let mut waiters = self.waiters();
         for key in keys {
             let state = waiters.entry(key.clone()).or_default();
-            state.mark = Some(Mark::Held {
-                owner: owner.map(str::to_owned),
-                until,
-            });
+            state.mark = Some(Mark::held(owner, until));
         }
     }
 
@@ -278,7 +238,7 @@ impl Inner {
         for key in keys {
             let key = key.as_ref();
             if let Some(state) = waiters.get_mut(key)
-                && matches!(state.mark, Some(Mark::Held { .. }))
+                && state.mark.as_ref().is_some_and(|m| m.is_held_by(None))
             {
                 state.unmark();
                 if state.is_idle() {
@@ -290,16 +250,14 @@ impl Inner {
 
     /// Every lock held here by `owner` (`None`: every lock) was released.
     pub(crate) fn unmark_owner(&self, owner: Option<&str>) {
-        self.unmark_where(|mark| {
-            matches!(mark, Mark::Held { owner: o, .. } if owner.is_none() || o.as_deref() == owner)
-        });
+        self.unmark_where(|mark| mark.is_held_by(owner.map(Some)));
     }
 
     /// Drops the marks of leases that ended (locks taken here and never
     /// released through this provider).
     pub(crate) fn purge_marks(&self) {
         let now = Instant::now();
-        self.unmark_where(|mark| !mark.is_live(now));
+        self.unmark_where(|mark| mark.is_stale(now));
     }
 
     fn unmark_where(&self, pred: impl Fn(&Mark) -> bool) {
@@ -427,33 +385,21 @@ impl Registration<'_> {
     /// [`end_attempt`](Self::end_attempt) or the registration's drop.
     pub(crate) fn enter(&mut self, owner: Option<&str>) -> Gate {
         let me = Arc::as_ptr(&self.waiter) as usize;
-        let now = Instant::now();
         let mut waiters = self.inner.waiters();
-        for (i, key) in self.keys.iter().enumerate() {
-            let Some(mark) = waiters.get(key).and_then(|s| s.mark.as_ref()) else {
-                continue;
-            };
-            match mark {
-                Mark::Attempt(id) if *id == me => {}
-                Mark::Held { owner: o, .. } if owner.is_some() && o.as_deref() == owner => {}
-                m if !m.is_live(now) => {}
-                Mark::Held { until, .. } => return Gate::Closed(i, *until),
-                Mark::Attempt(_) => return Gate::Closed(i, None),
+        let marks = self
+            .keys
+            .iter()
+            .map(|k| waiters.get(k).and_then(|s| s.mark.as_ref()));
+        let gate = gate::check(marks, me, owner);
+        if matches!(gate, Gate::Open) {
+            for key in self.keys {
+                if let Some(state) = waiters.get_mut(key) {
+                    gate::claim(&mut state.mark, me);
+                }
             }
+            self.attempting = true;
         }
-        for key in self.keys {
-            // A live lock mark left here is this owner's (re-entered).
-            if let Some(state) = waiters.get_mut(key)
-                && !state
-                    .mark
-                    .as_ref()
-                    .is_some_and(|m| matches!(m, Mark::Held { .. }) && m.is_live(now))
-            {
-                state.mark = Some(Mark::Attempt(me));
-            }
-        }
-        self.attempting = true;
-        Gate::Open
+        gate
     }
 
     /// The attempt ended, `acquired` or not. One that did not succeed (or
@@ -477,7 +423,7 @@ impl Registration<'_> {
             if queued {
                 state.queued = true;
             }
-            if attempting && matches!(state.mark, Some(Mark::Attempt(id)) if id == me) {
+            if attempting && state.mark.as_ref().is_some_and(|m| m.is_attempt_of(me)) {
                 state.unmark();
             }
         }

@@ -168,6 +168,9 @@ impl RedisProvider {
             {
                 self.forget_permanent(owner, &lock_key).await;
             }
+            if let Some(w) = &self.inner.waiting {
+                w.unmark_held([&lock_key]);
+            }
             freed.push(info);
         }
         Ok(freed)

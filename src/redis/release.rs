@@ -59,6 +59,15 @@ impl RedisProvider {
             };
         }
         drop(handing);
+        if let (Ok((released, token)), Some(w)) = (&result, &self.inner.waiting) {
+            // The gate of this process's multi-key waiters opens; a lock
+            // handed over to a waiter here stays marked (for it).
+            let freed = lock_keys
+                .iter()
+                .zip(released)
+                .filter(|&(_, r)| *r && *token == 0);
+            w.unmark_held(freed.map(|(k, _)| k));
+        }
         result.map(|(released, _)| released)
     }
 

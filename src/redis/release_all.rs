@@ -10,7 +10,11 @@ impl RedisProvider {
     /// [`LockingProvider::release_all`](crate::provider::LockingProvider::release_all).
     pub(super) async fn release_all_inner(&self, owner: Option<&str>) -> Result<u64, LockError> {
         self.inner.conns.check_open()?;
-        self.run_release_all(owner).await
+        let n = self.run_release_all(owner).await?;
+        if let Some(w) = &self.inner.waiting {
+            w.unmark_owner(owner);
+        }
+        Ok(n)
     }
 
     /// `release_all.lua` on one server.

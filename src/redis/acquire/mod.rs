@@ -120,6 +120,11 @@ impl RedisProvider {
         if result.is_ok() || !keys.is_uncertain() {
             undo.disarm();
         }
+        if let (Ok(acquired), Some(w)) = (&result, &self.inner.waiting) {
+            // For the gate of this process's multi-key waiters.
+            let until = request.expire.map(|d| acquired.sent_at + d);
+            w.mark_held(keys.locks(), request.owner.as_deref(), until);
+        }
         result
     }
 

@@ -12,6 +12,7 @@ use tracing::Instrument;
 use super::{Queueing, foreign, keep_trying, wait_span};
 use crate::backoff::Backoff;
 use crate::error::LockError;
+use crate::gate::Gate;
 use crate::metrics::{self, Wakeup};
 use crate::provider::{AcquireRequest, Acquired, Wait};
 use crate::redis::RedisProvider;
@@ -92,10 +93,26 @@ struct WokenGuard<'a> {
     waiter: &'a Arc<Waiter>,
     keys: &'a [String],
     enqueued: Vec<usize>,
+    /// Its keys carry its attempt's mark (`crate::gate`).
+    attempting: bool,
+}
+
+impl WokenGuard<'_> {
+    /// The attempt the gate let through ended (`acquired`: with the locks,
+    /// taken at `until` for their lease).
+    fn attempted(&mut self, acquired: Option<(Option<&str>, Option<Instant>)>) {
+        if let Some((owner, until)) = acquired {
+            self.waiting.mark_held(self.keys, owner, until);
+        }
+        if std::mem::take(&mut self.attempting) {
+            self.waiting.end_attempt(self.keys, self.waiter);
+        }
+    }
 }
 
 impl Drop for WokenGuard<'_> {
     fn drop(&mut self) {
+        self.attempted(None);
         for (i, key) in self.keys.iter().enumerate() {
             let enqueued = self.enqueued.contains(&i);
             if let Some(ticket) = self.waiting.leave_woken(key, self.waiter, enqueued) {
@@ -313,6 +330,7 @@ impl RedisProvider {
             waiter: &waiter,
             keys: keys.locks(),
             enqueued: Vec::new(),
+            attempting: false,
         };
         let limit = 2 * self.inner.response_timeout;
         after_withdrawals(withdrawals, limit, request.wait).await;
@@ -320,7 +338,40 @@ impl RedisProvider {
         let mut span = None::<tracing::Span>;
         let mut backoff = retry_backoff();
         let mut counted = None::<metrics::Waiting>;
+        // Multi-key waits pass the local gate (`crate::gate`): since when
+        // this one has found it closed.
+        let gated = keys.lock_count > 1;
+        let mut blocked_since = None::<Instant>;
         loop {
+            if gated {
+                let since = *blocked_since.get_or_insert_with(Instant::now);
+                let fallback = since + self.inner.fallback;
+                if Instant::now() < fallback {
+                    match waiting.enter(keys.locks(), &waiter, request.owner.as_deref()) {
+                        Gate::Open => guard.attempting = true,
+                        Gate::Closed(index, until) => {
+                            // Another call here has one of the keys: woken
+                            // when it lets go, attempted anyway at the
+                            // fallback (the mark is advisory).
+                            let remaining = request.wait.remaining();
+                            if remaining == Some(Duration::ZERO) {
+                                return Err(request.wait.give_up(&request.keys[index]));
+                            }
+                            let mut at = until.map_or(fallback, |u| u.min(fallback));
+                            if let Some(r) = remaining {
+                                at = at.min(Instant::now() + r);
+                            }
+                            let span = span.get_or_insert_with(|| wait_span(&request.keys[index]));
+                            counted.get_or_insert_with(|| metrics::Waiting::start(PROVIDER));
+                            waiter.sleep_until(at).instrument(span.clone()).await;
+                            waiter.take_woken();
+                            self.inner.conns.check_open()?;
+                            continue;
+                        }
+                    }
+                }
+                blocked_since = None;
+            }
             let queueing = Queueing {
                 pid: &waiting.pid,
                 entry: &entry,
@@ -328,7 +379,13 @@ impl RedisProvider {
                 queue_ttl_ms: self.queue_ttl_ms(request),
             };
             let sent_at = Instant::now();
-            let (index, pttl) = match self.attempt(request, keys, nonce, Some(&queueing), 0).await {
+            let reply = self.attempt(request, keys, nonce, Some(&queueing), 0).await;
+            let acquired = matches!(reply, Ok(AcquireReply::Acquired { .. }));
+            guard.attempted(acquired.then(|| {
+                let until = request.expire.map(|d| sent_at + d);
+                (request.owner.as_deref(), until)
+            }));
+            let (index, pttl) = match reply {
                 Ok(AcquireReply::Acquired { tokens, reentered }) => {
                     // Wake entries left in queues cost one stray message at
                     // the next release: cheaper than a call to remove them

@@ -30,11 +30,13 @@ pub(crate) mod subscription;
 mod waiter;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::gate::{self, Gate, Mark};
 
 pub(crate) use waiter::{Waiter, Withdrawal};
 
@@ -49,11 +51,32 @@ struct KeyWaiters {
     /// A withdraw of this process's queue entry, from when the last local
     /// waiter left until Redis answered, and whether it was sent.
     withdrawal: Option<(Arc<Withdrawal>, bool)>,
+    /// This process's mark on the lock: the gate of its multi-key waiters
+    /// (`crate::gate`).
+    mark: Option<Mark>,
 }
 
 impl KeyWaiters {
     fn is_idle(&self) -> bool {
-        self.singles.is_empty() && self.others.is_empty() && self.withdrawal.is_none()
+        self.is_unused() && self.mark.is_none()
+    }
+
+    /// Nobody here waits for the lock, attempts it or withdraws from it
+    /// (a lock mark may remain).
+    fn is_unused(&self) -> bool {
+        self.singles.is_empty()
+            && self.others.is_empty()
+            && self.withdrawal.is_none()
+            && self.mark.as_ref().is_none_or(|m| m.is_held_by(None))
+    }
+
+    /// Clears the mark and wakes the waiters that wait to be woken (the
+    /// gate opened).
+    fn unmark(&mut self) {
+        self.mark = None;
+        for o in &self.others {
+            o.wake();
+        }
     }
 
     /// A waiter joins: a withdraw not sent yet is called off (the entry it
@@ -85,6 +108,9 @@ impl KeyWaiters {
     }
 }
 
+/// The least registry size at which stale lock marks are purged.
+const PURGE_FLOOR: usize = 1024;
+
 /// Which of this process's queue entries a withdraw removes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Entry {
@@ -114,6 +140,10 @@ pub(crate) struct Waiting {
     /// Channels are `<channel_prefix><pid>`.
     pub(crate) channel_prefix: String,
     local: Mutex<HashMap<String, KeyWaiters>>,
+    /// The registry's size at which lock marks whose lease ended are
+    /// dropped next (amortized: locks left to expire leave no mark behind
+    /// for long).
+    purge_at: AtomicUsize,
     subscribed: AtomicBool,
     /// Stops the subscription task.
     pub(crate) stop: CancellationToken,
@@ -132,6 +162,7 @@ impl Waiting {
             pid,
             channel_prefix: format!("{namespace}c:"),
             local: Mutex::default(),
+            purge_at: AtomicUsize::new(PURGE_FLOOR),
             subscribed: AtomicBool::new(subscribed),
             stop: CancellationToken::new(),
         })
@@ -380,6 +411,89 @@ impl Waiting {
         }
     }
 
+    /// Marks `keys` as held by a call of this process, of `owner`, until
+    /// `until`.
+    pub(crate) fn mark_held(&self, keys: &[String], owner: Option<&str>, until: Option<Instant>) {
+        let mut local = self.local();
+        for key in keys {
+            local.entry(key.clone()).or_default().mark = Some(Mark::held(owner, until));
+        }
+        if local.len() >= self.purge_at.load(Ordering::Relaxed) {
+            let now = Instant::now();
+            local.retain(|_, k| {
+                if k.mark.as_ref().is_some_and(|m| m.is_stale(now)) {
+                    k.unmark();
+                }
+                !k.is_idle()
+            });
+            self.purge_at
+                .store((2 * local.len()).max(PURGE_FLOOR), Ordering::Relaxed);
+        }
+    }
+
+    /// The locks `keys` held here were released (or freed): their gates
+    /// open.
+    pub(crate) fn unmark_held<'a>(&self, keys: impl IntoIterator<Item = &'a String>) {
+        self.unmark_keys(keys, |m| m.is_held_by(None));
+    }
+
+    /// Clears the marks of `keys` that `matches` picks.
+    fn unmark_keys<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a String>,
+        matches: impl Fn(&Mark) -> bool,
+    ) {
+        let mut local = self.local();
+        for key in keys {
+            if let Some(k) = local.get_mut(key)
+                && k.mark.as_ref().is_some_and(&matches)
+            {
+                k.unmark();
+                if k.is_idle() {
+                    local.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Every lock held here by `owner` (`None`: every lock) was released.
+    pub(crate) fn unmark_owner(&self, owner: Option<&str>) {
+        self.local().retain(|_, k| {
+            if k.mark
+                .as_ref()
+                .is_some_and(|m| m.is_held_by(owner.map(Some)))
+            {
+                k.unmark();
+            }
+            !k.is_idle()
+        });
+    }
+
+    /// Whether the multi-key waiter `w` (of `owner`) may attempt its
+    /// `keys`; if so, they carry its attempt's mark until
+    /// [`end_attempt`](Self::end_attempt).
+    pub(crate) fn enter(&self, keys: &[String], w: &Arc<Waiter>, owner: Option<&str>) -> Gate {
+        let me = Arc::as_ptr(w) as usize;
+        let mut local = self.local();
+        let marks = keys
+            .iter()
+            .map(|k| local.get(k).and_then(|k| k.mark.as_ref()));
+        let gate = gate::check(marks, me, owner);
+        if matches!(gate, Gate::Open) {
+            for key in keys {
+                gate::claim(&mut local.entry(key.clone()).or_default().mark, me);
+            }
+        }
+        gate
+    }
+
+    /// The attempt of `w` that [`enter`](Self::enter) let through ended:
+    /// its marks go (a success replaced them with its lock's).
+    pub(crate) fn end_attempt(&self, keys: &[String], w: &Arc<Waiter>) {
+        let me = Arc::as_ptr(w) as usize;
+        self.unmark_keys(keys, |m| m.is_attempt_of(me));
+    }
+
     /// How many local waiters there are.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
@@ -389,10 +503,11 @@ impl Waiting {
             .sum()
     }
 
-    /// How many locks the registry tracks (each has local waiters, or a
-    /// withdraw under way).
+    /// How many locks the registry tracks (each has local waiters, an
+    /// attempt or a withdraw under way; a lock merely held here is not
+    /// counted).
     pub(crate) fn tracked(&self) -> usize {
-        self.local().len()
+        self.local().values().filter(|k| !k.is_unused()).count()
     }
 }
 
