@@ -41,8 +41,9 @@
 --   {2, i}         KEYS[i] (or, for i > n, another key of the request) holds a
 --                  value of another type. Nothing was written.
 --
--- The fast path, every lock free, is one TIME, one INCR and one SET NX per
--- lock (EXISTS first for several), and for a named owner its index. The
+-- The fast path, every lock free, is one INCR and one SET NX per lock
+-- (EXISTS first for several), and for a named owner its index and one TIME
+-- (a lock without expiry also reads the clock: see VIRTUAL in prelude.lua). The
 -- token comes first, so that the lock is written once, with its tail (see
 -- prelude.lua); a single lock found held has used up a counter value, which
 -- costs nothing (tokens only need to grow). A free lock
@@ -108,7 +109,7 @@ if n == 1 then
     return foreign(token, {2, 2})
   end
   first_token = token
-  local v = value .. tail_of(token, meta)
+  local v = value .. tail_of(token, meta, ttl)
   local free
   if leased then
     free = redis.call('SET', KEYS[1], v, 'NX', 'PX', ttl)
@@ -190,7 +191,7 @@ if n > 1 and redis.call('EXISTS', unpack(KEYS, 1, n)) == 0 then
   for i = 1, n do
     reentered[i] = 0
     local flag = more and after_taking(i)
-    set_lock(i, value .. tail_of(tokens[i], meta) .. (flag and FLAG or ''))
+    set_lock(i, value .. tail_of(tokens[i], meta, ttl) .. (flag and FLAG or ''))
   end
   return indexed(reentered, tokens)
 end
@@ -254,6 +255,9 @@ for i = 1, n do
       if permanent(core) and how[i] == 'reenter' then
         set_lease(lock, core, flagged, tail, o, p, owner, ttl)
       else
+        if since_of(tail) >= VIRTUAL then
+          tail = relet(lock, tail, ttl)
+        end
         redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
       end
       if how[i] == 'reenter' then
@@ -265,7 +269,7 @@ for i = 1, n do
     end
   else
     local flag = pid ~= '' and after_taking(i)
-    set_lock(i, value .. tail_of(tokens[i], meta) .. (flag and FLAG or ''))
+    set_lock(i, value .. tail_of(tokens[i], meta, ttl) .. (flag and FLAG or ''))
   end
 end
 if #renewed > 0 and o then

@@ -12,8 +12,8 @@
 -- what `inspect` reports: <metadata><token><acquired><m>'^', where
 -- <metadata> is the holder's optional description (0 to 255 bytes, no
 -- control characters), <token> the fencing token handed out with the lock
--- (8 bytes, big-endian), <acquired> the server's clock when it was taken
--- (milliseconds since the epoch, 6 bytes), <m> the metadata's length (one
+-- (8 bytes, big-endian), <acquired> when it was taken (6 bytes: see
+-- VIRTUAL below), <m> the metadata's length (one
 -- byte) and '^' a fixed last byte: 16 bytes and the metadata, read from the
 -- end, so that no owner id can be mistaken for them. A lock some process
 -- waits for carries the *contended* flag, one trailing "\1" byte after the
@@ -83,11 +83,57 @@ local function unflag(v)
 end
 
 
+-- A tail's <acquired> field is one of two things. Below VIRTUAL: the
+-- server's clock (ms since the epoch) when the lock was taken. VIRTUAL + d:
+-- the lock has a lease, and d is the lease it was last given plus how long
+-- it had been held then (ms), so that it was taken at now - (d - PTTL).
+-- The second needs no clock to write: an uncontended acquisition with a
+-- lease runs no TIME. It must be rewritten whenever the lease changes
+-- (relet); the first stays true whatever happens to the lease.
+local VIRTUAL = 2 ^ 47
+
 -- The tail of a lock taken now with fencing token `token` by a holder
 -- described by `meta` ('' for none; the caller checked it: at most 255
--- bytes, no control characters).
-local function tail_of(token, meta)
-  return meta .. struct.pack('>I8I6B', token, now_ms(), #meta) .. '^'
+-- bytes, no control characters), with a lease of ttl ms (a decimal
+-- string) that it is about to be written with, or nil (no lease, or one
+-- left as it is).
+local function tail_of(token, meta, ttl)
+  local since
+  if ttl and ttl ~= '0' then
+    since = VIRTUAL + tonumber(ttl)
+  else
+    since = now_ms()
+  end
+  return meta .. struct.pack('>I8I6B', token, since, #meta) .. '^'
+end
+
+-- The <acquired> field of a (non-empty) tail.
+local function since_of(tail)
+  local _, since = struct.unpack('>I8I6', tail, #tail - TAIL_LEN + 1)
+  return since
+end
+
+-- When the lock whose tail is `tail`, with `pttl` ms of lease left (-1:
+-- none), was taken: the server's clock in ms.
+local function acquired_of(tail, pttl)
+  local since = since_of(tail)
+  if since < VIRTUAL then
+    return since
+  end
+  -- (Never later than now: a tail left behind by a lease changed without
+  -- it, see set_lease.)
+  return now_ms() - math.max(since - VIRTUAL - math.max(pttl, 0), 0)
+end
+
+-- The VIRTUAL `tail` of the held `lock` for the lease of ttl ms (a decimal
+-- string, > 0) it is about to be given: its acquisition time kept (to the
+-- millisecond: PTTL counts from the time a script starts, TIME from when
+-- it is called).
+local function relet(lock, tail, ttl)
+  local held = since_of(tail) - VIRTUAL - math.max(redis.call('PTTL', lock), 0)
+  local at = #tail - TAIL_LEN + 8
+  return string.sub(tail, 1, at) .. struct.pack('>I6', VIRTUAL + math.max(held, 0) + tonumber(ttl))
+    .. string.sub(tail, at + 7)
 end
 
 -- `tail` with its token replaced by `token` (a re-entry: the holder's
@@ -312,11 +358,22 @@ end
 -- (index_put with only_present).
 local function set_lease(lock, core, flagged, tail, o, p, owner, ttl)
   if not permanent(core) then
+    if tail ~= '' and since_of(tail) >= VIRTUAL then
+      -- Refused only by a server out of memory, for a script run by
+      -- EVALSHA (a function runs with allow-oom): the lease still goes on,
+      -- and inspection reports the lock as taken later than it was.
+      local v = core .. relet(lock, tail, ttl) .. (flagged and FLAG or '')
+      local set = redis.pcall('SET', lock, v, 'PX', ttl)
+      if type(set) ~= 'table' or not set.err then
+        return
+      end
+    end
     redis.call('PEXPIRE', lock, ttl)
     return
   end
   local nonce_at = #core - NONCE_LEN + 1
   core = string.sub(core, 1, nonce_at - 1) .. '_' .. string.sub(core, nonce_at + 1)
+  -- (Its tail keeps the clock's reading: true whatever the lease.)
   redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
   if o and redis.call('ZREM', p, lock) == 1 then
     index_add(o, p, {lock}, owner, ttl, 1)
@@ -352,9 +409,10 @@ local function describe(lock, queue)
     return {3, waiting}, v
   end
   local m = #tail - TAIL_LEN
-  local token, acquired = struct.unpack('>I8I6', tail, m + 1)
+  local token = struct.unpack('>I8', tail, m + 1)
+  local pttl = redis.call('PTTL', lock)
   return {
-    1, waiting, string.sub(core, 1, #core - NONCE_LEN), token, acquired,
-    redis.call('PTTL', lock), string.sub(tail, 1, m)
+    1, waiting, string.sub(core, 1, #core - NONCE_LEN), token, acquired_of(tail, pttl),
+    pttl, string.sub(tail, 1, m)
   }, v
 end

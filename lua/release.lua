@@ -79,7 +79,7 @@ local function hand_over(lock, queue)
         enqueue(queue, pid, queue_ttl, true)
       end
       local token = next_token(KEYS[n + 1], 0)
-      local v = succ_owner .. succ_nonce .. tail_of(token, succ_meta) .. (flagged and FLAG or '')
+      local v = succ_owner .. succ_nonce .. tail_of(token, succ_meta, succ_ttl) .. (flagged and FLAG or '')
       if succ_ttl ~= '0' then
         redis.call('SET', lock, v, 'PX', succ_ttl)
       else

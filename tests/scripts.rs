@@ -41,6 +41,10 @@ fn extend() -> &'static Script {
     static S: LazyLock<Script> = LazyLock::new(|| Script::new(with_prelude!("../lua/extend.lua")));
     &S
 }
+fn inspect() -> &'static Script {
+    static S: LazyLock<Script> = LazyLock::new(|| Script::new(with_prelude!("../lua/inspect.lua")));
+    &S
+}
 fn release_all() -> &'static Script {
     static S: LazyLock<Script> =
         LazyLock::new(|| Script::new(with_prelude!("../lua/release_all.lua")));
@@ -910,13 +914,18 @@ async fn value_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Option<
     })
 }
 
-/// What a lock's tail records: metadata, token, acquisition time (ms).
+/// What a lock's tail records: metadata, token, and `since`: the server's
+/// clock (ms) when it was taken, or [`VIRTUAL`] + its last lease and how
+/// long it had been held then (see prelude.lua).
 #[derive(Debug, PartialEq)]
 struct Tail {
     metadata: String,
     token: u64,
-    acquired_ms: u64,
+    since: u64,
 }
+
+/// prelude.lua's VIRTUAL.
+const VIRTUAL: u64 = 1 << 47;
 
 /// A raw lock value split as prelude.lua's `unflag` does.
 fn split(v: &[u8]) -> (&[u8], bool, Option<Tail>) {
@@ -934,7 +943,7 @@ fn split(v: &[u8]) -> (&[u8], bool, Option<Tail>) {
     let tail = Tail {
         metadata: String::from_utf8(v[core_len..v.len() - 16].to_vec()).unwrap(),
         token,
-        acquired_ms: u64::from_be_bytes(ms),
+        since: u64::from_be_bytes(ms),
     };
     (&v[..core_len], flagged, Some(tail))
 }
@@ -943,6 +952,38 @@ fn split(v: &[u8]) -> (&[u8], bool, Option<Tail>) {
 async fn tail_of(c: &mut MultiplexedConnection, ns: &str, key: &str) -> Tail {
     let raw: Vec<u8> = c.get(format!("{ns}{{{key}}}")).await.unwrap();
     split(&raw).2.expect("a tail")
+}
+
+/// When lock `key` was taken (the server's clock, ms), as inspect.lua
+/// reports it.
+async fn acquired_ms(c: &mut MultiplexedConnection, ns: &str, key: &str) -> u64 {
+    let mut inv = inspect().prepare_invoke();
+    inv.key(format!("{ns}{{{key}}}"))
+        .key(format!("{ns}{{{key}}}:q"))
+        .arg(1);
+    let reply: Value = inv.invoke_async(c).await.expect("inspect.lua runs");
+    let Value::Array(items) = reply else {
+        panic!("{reply:?}")
+    };
+    match &items[1] {
+        Value::Array(lock) => match (&lock[0], &lock[4]) {
+            (Value::Int(1), Value::Int(at)) => *at as u64,
+            other => panic!("not held: {other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Waits (with a deadline) until the server's clock reads `at_least` ms.
+async fn until_server_ms(c: &mut MultiplexedConnection, at_least: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while server_ms(c).await < at_least {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server's clock stands still"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
 }
 
 /// The server's clock in ms.
@@ -983,7 +1024,10 @@ async fn a_lock_records_its_token_the_servers_clock_and_its_metadata() {
         let tail = tail_of(&mut c, &ns, key).await;
         assert_eq!(tail.token, *token as u64);
         assert_eq!(tail.metadata, meta);
-        assert!((before..=after).contains(&tail.acquired_ms), "{tail:?}");
+        // A lease: the tail was written without reading the clock.
+        assert_eq!(tail.since, VIRTUAL + 5_000, "{tail:?}");
+        let at = acquired_ms(&mut c, &ns, key).await;
+        assert!((before.saturating_sub(2)..=after + 2).contains(&at), "{at}");
     }
     assert_eq!(
         value_of(&mut c, &ns, "a").await.unwrap(),
@@ -998,9 +1042,13 @@ async fn reentry_records_the_new_token_and_keeps_time_and_metadata() {
     let (mut c, ns) = setup().await;
     granted(&take_q(&mut c, &ns, &["a"], "u1", NONCE, 0, with_metadata("first")).await);
     let first = tail_of(&mut c, &ns, "a").await;
+    assert!(first.since < VIRTUAL, "no lease: the clock, {first:?}");
+    // Time passes, so that an acquisition time recomputed wrongly shows.
+    until_server_ms(&mut c, first.since + 30).await;
     // Re-entered without a lease, then with one (the permanent lock is
-    // rewritten as a leased one: the tail must survive that too).
-    for ttl in [0, 5_000] {
+    // rewritten as a leased one: the tail must survive that too), then with
+    // another.
+    for ttl in [0, 5_000, 8_000] {
         let (t, re) = granted(
             &take_q(
                 &mut c,
@@ -1016,12 +1064,11 @@ async fn reentry_records_the_new_token_and_keeps_time_and_metadata() {
         assert_eq!(re, [1]);
         let tail = tail_of(&mut c, &ns, "a").await;
         assert_eq!(tail.token, t[0] as u64, "the newest token");
-        assert_eq!(
-            (tail.acquired_ms, tail.metadata.as_str()),
-            (first.acquired_ms, "first")
-        );
+        // The clock's reading stays: it is true whatever the lease.
+        assert_eq!((tail.since, tail.metadata.as_str()), (first.since, "first"));
+        assert_eq!(acquired_ms(&mut c, &ns, "a").await, first.since);
     }
-    assert!(lease_ms(&mut c, &ns, "a").await > 0);
+    assert!(lease_ms(&mut c, &ns, "a").await > 5_000);
 }
 
 #[tokio::test]
@@ -1044,7 +1091,7 @@ async fn extend_keeps_the_tail_and_a_handoff_writes_the_successors() {
     assert_eq!(
         tail_of(&mut c, &ns, "k").await,
         before,
-        "a lease changes no tail"
+        "a lease given to a lock without one changes no tail"
     );
     ints(&take_q(&mut c, &ns, &["k"], "b", NONCE2, 0, queued("p1")).await);
     let succ = Succ {
@@ -1059,10 +1106,38 @@ async fn extend_keeps_the_tail_and_a_handoff_writes_the_successors() {
     assert_eq!(value_of(&mut c, &ns, "k").await, Some(format!("b{NONCE2}")));
     let tail = tail_of(&mut c, &ns, "k").await;
     assert_eq!(
-        (tail.token, tail.metadata.as_str()),
-        (r[1] as u64, "holder-b")
+        (tail.token, tail.metadata.as_str(), tail.since),
+        (r[1] as u64, "holder-b", VIRTUAL + 5_000)
     );
     assert!(tail.token > before.token);
+}
+
+#[tokio::test]
+async fn extending_a_lease_keeps_the_acquisition_time() {
+    let (mut c, ns) = setup().await;
+    for owner in ["", "u1"] {
+        let key = if owner.is_empty() { "anon" } else { "named" };
+        granted(&take(&mut c, &ns, &[key], owner, NONCE, 5_000).await);
+        let taken = acquired_ms(&mut c, &ns, key).await;
+        until_server_ms(&mut c, taken + 40).await;
+        for ttl in [20_000, 3_000] {
+            assert_eq!(prolong(&mut c, &ns, &[key], owner, ttl).await, 0);
+            let at = acquired_ms(&mut c, &ns, key).await;
+            assert!(at.abs_diff(taken) <= 2, "{owner:?}: {at} vs {taken}");
+            let since = tail_of(&mut c, &ns, key).await.since;
+            assert!(since >= VIRTUAL + 40 + ttl, "{since}");
+            let left = lease_ms(&mut c, &ns, key).await;
+            assert!(left > ttl as i64 - 1_000 && left <= ttl as i64, "{left}");
+        }
+    }
+    // A re-entry with a new lease rewrites the tail the same way.
+    granted(&take(&mut c, &ns, &["named"], "u1", NONCE2, 7_000).await);
+    let taken = acquired_ms(&mut c, &ns, "named").await;
+    let since = tail_of(&mut c, &ns, "named").await.since;
+    assert!(since >= VIRTUAL + 40 + 7_000, "{since}");
+    assert!(lease_ms(&mut c, &ns, "named").await > 6_000);
+    // (The named lock's acquisition is the one of before its re-entry.)
+    assert!(taken <= server_ms(&mut c).await.saturating_sub(40));
 }
 
 fn queued(pid: &str) -> Q<'_> {
