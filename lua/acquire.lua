@@ -255,9 +255,7 @@ for i = 1, n do
       if permanent(core) and how[i] == 'reenter' then
         set_lease(lock, core, flagged, tail, o, p, owner, ttl)
       else
-        if since_of(tail) >= VIRTUAL then
-          tail = relet(lock, tail, ttl)
-        end
+        tail = relet(lock, tail, ttl) or tail
         redis.call('SET', lock, core .. tail .. (flagged and FLAG or ''), 'PX', ttl)
       end
       if how[i] == 'reenter' then

@@ -125,23 +125,32 @@ local function acquired_of(tail, pttl)
   return now_ms() - math.max(since - VIRTUAL - math.max(pttl, 0), 0)
 end
 
--- The VIRTUAL `tail` of the held `lock` for the lease of ttl ms (a decimal
--- string, > 0) it is about to be given: its acquisition time kept (to the
--- millisecond: PTTL counts from the time a script starts, TIME from when
--- it is called).
+-- `tail` with `bytes` in place of its bytes from `from` (1-based, counted
+-- from the start of its 16 fixed bytes).
+local function patch(tail, from, bytes)
+  local at = #tail - TAIL_LEN + from - 1
+  return string.sub(tail, 1, at) .. bytes .. string.sub(tail, at + #bytes + 1)
+end
+
+-- The (non-empty) `tail` of the held `lock` for the lease of ttl ms (a
+-- decimal string, > 0) it is about to be given, or nil when it needs no
+-- change (it holds the clock's reading). A VIRTUAL tail keeps its
+-- acquisition time to the millisecond (PTTL counts from the time a script
+-- starts, TIME from when it is called).
 local function relet(lock, tail, ttl)
-  local held = since_of(tail) - VIRTUAL - math.max(redis.call('PTTL', lock), 0)
-  local at = #tail - TAIL_LEN + 8
-  return string.sub(tail, 1, at) .. struct.pack('>I6', VIRTUAL + math.max(held, 0) + tonumber(ttl))
-    .. string.sub(tail, at + 7)
+  local since = since_of(tail)
+  if since < VIRTUAL then
+    return nil
+  end
+  local held = math.max(since - VIRTUAL - math.max(redis.call('PTTL', lock), 0), 0)
+  return patch(tail, 9, struct.pack('>I6', VIRTUAL + held + tonumber(ttl)))
 end
 
 -- `tail` with its token replaced by `token` (a re-entry: the holder's
 -- newest token is the one a store has seen), acquisition time and metadata
 -- kept.
 local function retoken(tail, token)
-  local at = #tail - TAIL_LEN
-  return string.sub(tail, 1, at) .. struct.pack('>I8', token) .. string.sub(tail, at + 9)
+  return patch(tail, 1, struct.pack('>I8', token))
 end
 
 -- Whether the (unflagged) value v is held by owner (anonymous: owner == '').
@@ -358,11 +367,12 @@ end
 -- (index_put with only_present).
 local function set_lease(lock, core, flagged, tail, o, p, owner, ttl)
   if not permanent(core) then
-    if tail ~= '' and since_of(tail) >= VIRTUAL then
+    local relet_tail = tail ~= '' and relet(lock, tail, ttl)
+    if relet_tail then
       -- Refused only by a server out of memory, for a script run by
       -- EVALSHA (a function runs with allow-oom): the lease still goes on,
       -- and inspection reports the lock as taken later than it was.
-      local v = core .. relet(lock, tail, ttl) .. (flagged and FLAG or '')
+      local v = core .. relet_tail .. (flagged and FLAG or '')
       local set = redis.pcall('SET', lock, v, 'PX', ttl)
       if type(set) ~= 'table' or not set.err then
         return
