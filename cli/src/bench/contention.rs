@@ -26,6 +26,8 @@ pub(super) enum Shape {
 pub(super) struct WorkerLog {
     /// (completion time, latency in µs) of each acquisition inside the window.
     done: Vec<(Instant, u64)>,
+    /// How long each release of an acquisition inside the window took, µs.
+    released: Vec<u64>,
     timeouts: u64,
     violations: u64,
     errors: u64,
@@ -231,12 +233,14 @@ pub(super) async fn contention(
                 if shape == Shape::OneKey {
                     counter.add(-1).await;
                 }
+                let releasing = Instant::now();
                 if !subject.release(holding).await {
                     log.errors += 1;
                 }
                 let now = Instant::now();
                 if now >= start && now <= start + window {
                     log.done.push((now, waited.as_micros() as u64));
+                    log.released.push((now - releasing).as_micros() as u64);
                 }
             }
             log
@@ -353,6 +357,12 @@ impl Measured {
             }),
         };
         results["errors"] = json!(sum(|l| l.errors));
+        let released: Vec<u64> = self
+            .logs
+            .iter()
+            .flat_map(|l| l.released.iter().copied())
+            .collect();
+        results["release_us"] = percentiles(released);
         if nodes.admins.is_empty() {
             // PostgreSQL: the provider's statements (one transaction each).
             if let Some(statements) = self.round_trips {
