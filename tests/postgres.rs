@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use lockstep::provider::LockingProvider;
 use lockstep::{AcquireOptions, ConfigError, LockingModule, PostgresConfig, PostgresProvider};
 use lockstep_testkit::{OwnSchema, PostgresServer, shared_postgres_url};
 use tokio::time::Instant;
@@ -581,4 +582,48 @@ async fn a_lock_freed_elsewhere_does_not_hold_back_a_gated_waiter() {
     assert!(lease.fencing_token() > stuck.fencing_token());
     assert!(!stuck.release().await.unwrap());
     assert!(lease.release().await.unwrap());
+}
+
+/// `connect` dropped at every poll: no connection of a dropped provider
+/// stays open. Its LISTEN task and its sweeper, once spawned, hold the
+/// pool; left running, they would keep their backends (and the sweeper
+/// its statements) for the life of the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connect_leaves_no_connection_behind() {
+    let url = shared_postgres_url();
+    let own = unique_schema(&url);
+    // The backends of this test's providers, by a name of their own.
+    let app = own.name().to_owned();
+    let app_url = if url.contains("://") {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}application_name={app}")
+    } else {
+        format!("{url} application_name={app}")
+    };
+    let backends = || {
+        own.psql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = '{app}'"
+        ))
+        .expect("count the test's backends")
+    };
+    for k in 0..400 {
+        let connect = PostgresProvider::connect(PostgresConfig::from_url(&app_url).schema(&app));
+        let done = lockstep_testkit::poll_then_drop(connect, k).await;
+        let completed = done.is_some();
+        if let Some(provider) = done {
+            LockingProvider::shutdown(&provider.expect("connect")).await;
+        }
+        // A closed connection's backend exits at once; a leaked one stays.
+        lockstep_testkit::eventually(
+            Duration::from_secs(5),
+            &format!("no backend left after a connect dropped at poll {k}"),
+            || std::future::ready(backends() == "0"),
+        )
+        .await;
+        if completed {
+            eprintln!("connect: dropped at {k} points, then completed");
+            return;
+        }
+    }
+    panic!("connect did not complete in 400 polls");
 }

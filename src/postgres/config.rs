@@ -24,8 +24,9 @@ const DDL: &str = include_str!("schema.sql");
 /// # Deserializing
 ///
 /// With the `serde` feature the struct deserializes from any serde format,
-/// with the field names of its builder methods; every field but `url` is
-/// optional (the defaults of [`from_url`](PostgresConfig::from_url)), and
+/// with the field names of its builder methods; every field has a default
+/// (those of [`from_url`](PostgresConfig::from_url); `url` has none, and
+/// connecting fails without it), and
 /// durations are either a string with a unit (`"5s"`) or an integer number
 /// of milliseconds:
 ///
@@ -302,6 +303,13 @@ impl PostgresProvider {
     /// [`ConfigError::InvalidUrl`], [`ConfigError::Unreachable`] (no answer
     /// within the connect timeout, or the DDL failed),
     /// [`ConfigError::AuthFailed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves nothing behind: its pool's connections
+    /// close, and its LISTEN and sweeping tasks, once started, are aborted
+    /// (a schema creation under way commits or rolls back on the server as
+    /// a whole).
     pub async fn connect(config: PostgresConfig) -> Result<PostgresProvider, ConfigError> {
         config.check()?;
         let pg = config.pg_config()?;
@@ -333,6 +341,11 @@ impl PostgresProvider {
     /// # Errors
     ///
     /// As [`connect`](PostgresProvider::connect).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`connect`](PostgresProvider::connect); the pool's connections
+    /// close with the last clone of the pool.
     pub async fn from_pool(
         pool: Pool,
         config: &PostgresConfig,

@@ -40,10 +40,15 @@ impl Listener {
             .get_connect_timeout()
             .copied()
             .unwrap_or(Duration::from_secs(5));
-        let sweeper = tokio::spawn(sweep_now_and_then(Arc::clone(&inner)));
-        let task = tokio::spawn(run(pg, inner, ready_tx));
+        // Owned before the wait below: dropped there (the caller's connect
+        // was), it aborts both tasks, which would otherwise hold the pool
+        // and the LISTEN connection for the life of the process.
+        let listener = Listener {
+            sweeper: tokio::spawn(sweep_now_and_then(Arc::clone(&inner))),
+            task: tokio::spawn(run(pg, inner, ready_tx)),
+        };
         let _ = tokio::time::timeout(within, ready_rx).await;
-        Listener { task, sweeper }
+        listener
     }
 }
 

@@ -20,7 +20,8 @@
 //! - [`Proxy`] (`proxy.rs`): a TCP proxy that delays, partitions, drops
 //!   replies and cuts connections.
 //! - `docker.rs`: the testcontainers fallback (feature `testcontainers`).
-//! - Waiting helpers: [`eventually`], [`wait_until_in_sync`], and
+//! - Waiting helpers: [`eventually`], [`wait_until_in_sync`],
+//!   [`poll_then_drop`] (the cancel-safety harness's step), and
 //!   [`raw_connection`] for looking at keys directly.
 //!
 //! Nothing here knows lockstep's types: it depends only on redis and tokio
@@ -81,6 +82,29 @@ where
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Polls `fut` at most `polls` times, letting the runtime run in between
+/// (each poll when the future's own waker fires), then drops it: `Some` if
+/// it completed first. Bounded, so a future that stops being woken fails
+/// the case instead of hanging it.
+///
+/// # Panics
+///
+/// When the future is not woken for 20 s.
+pub async fn poll_then_drop<F: std::future::Future>(fut: F, polls: usize) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    let mut left = polls;
+    let driven = std::future::poll_fn(move |cx| {
+        if left == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        left -= 1;
+        fut.as_mut().poll(cx).map(Some)
+    });
+    tokio::time::timeout(Duration::from_secs(20), driven)
+        .await
+        .expect("a future under test stopped making progress")
 }
 
 /// Waits until the replica at `url` is in sync with its master.

@@ -24,6 +24,7 @@ use lockstep::{
     AcquireOptions, ExecuteOptions, ExtendOptions, InspectOptions, ListOptions, LockingModule,
     ReleaseOptions,
 };
+use lockstep_testkit::poll_then_drop;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -45,25 +46,6 @@ fn owner(o: &str) -> AcquireOptions {
 
 fn by(o: &str) -> ReleaseOptions {
     ReleaseOptions::new().owner_id(o)
-}
-
-/// Polls `fut` at most `polls` times, letting the runtime run in between
-/// (each poll when the future's own waker fires), then drops it: `Some` if
-/// it completed first. Bounded, so a future that stops being woken fails
-/// the case instead of hanging it.
-async fn poll_then_drop<F: Future>(fut: F, polls: usize) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let mut left = polls;
-    let driven = std::future::poll_fn(move |cx| {
-        if left == 0 {
-            return std::task::Poll::Ready(None);
-        }
-        left -= 1;
-        fut.as_mut().poll(cx).map(Some)
-    });
-    timeout(Duration::from_secs(20), driven)
-        .await
-        .expect("a future under test stopped making progress")
 }
 
 /// What the fixture keeps before a case: the registries must come back to
