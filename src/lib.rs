@@ -118,6 +118,8 @@ mod retry;
 mod token;
 pub mod workflow;
 
+/// The pool [`PostgresProvider::from_pool`] takes, at the version lockstep
+/// is built with.
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use deadpool_postgres;
@@ -141,8 +143,11 @@ pub use redis::{DEFAULT_NAMESPACE, Deployment, ENV_URL, RedisConfig, RedisProvid
 #[cfg(feature = "redlock")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redlock")))]
 pub use redlock::RedlockProvider;
+/// What [`Held`] (the handle `execute` gives its job) says a lost lease with.
 pub use tokio_util::sync::CancellationToken;
 
+/// The pool [`RedisProvider::from_pool`] takes, at the version lockstep is
+/// built with.
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use deadpool_redis;

@@ -18,7 +18,8 @@ use crate::options::{
 };
 use crate::provider::{AcquireRequest, Acquired, LockingProvider, Wait};
 
-/// The id under which the in-memory provider is always registered.
+/// The id under which the in-memory provider is registered, unless a
+/// provider configured under this id takes its place.
 pub const IN_MEMORY_PROVIDER_ID: &str = "in-memory";
 
 /// The Locking Module service: `execute`, `acquire`, `release`,
@@ -26,7 +27,8 @@ pub const IN_MEMORY_PROVIDER_ID: &str = "in-memory";
 ///
 /// Cloning is cheap; clones share the providers.
 ///
-/// The in-memory provider is always registered as `"in-memory"`. The default
+/// The in-memory provider is registered as `"in-memory"` (unless a provider
+/// is configured under that id: it takes its place). The default
 /// provider follows Medusa's rules: the only configured provider if there is
 /// exactly one; otherwise the last one registered as default; otherwise
 /// `"in-memory"`. A call can name another provider with its `provider` option.

@@ -160,6 +160,13 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// Backend failures only: a key not held by the owner is `false`.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the release may or may not have happened,
+    /// and it can be repeated. A provider handing a released lock to a
+    /// local waiter must let that waiter learn the outcome either way (it
+    /// takes the lock, or the hand-off is undone): no waiter stays stuck.
     fn release<'a>(
         &'a self,
         keys: &'a [String],
@@ -173,6 +180,12 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     ///
     /// [`LockError::NotOwner`] naming the first key not held by the owner,
     /// or a backend failure.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the extension may or may not have
+    /// happened (for every key or for none); the locks stay held either
+    /// way, and it can be repeated.
     fn extend<'a>(
         &'a self,
         keys: &'a [String],
@@ -186,10 +199,20 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// Backend failures.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the locks may or may not have been
+    /// released; it can be repeated, and it leaves no waiter stuck.
     fn release_all<'a>(&'a self, owner: Option<&'a str>) -> BoxFuture<'a, Result<u64, LockError>>;
 
     /// Stops background work and closes connections. Later calls fail with
     /// [`LockError::Shutdown`].
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the provider may be shut down or not yet;
+    /// calling it again finishes the job.
     fn shutdown(&self) -> BoxFuture<'_, ()>;
 
     /// Reports, per key in order, whether it is held, by whom, since when,
@@ -198,6 +221,10 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// Backend failures; [`LockError::Unsupported`] by default.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
     fn inspect<'a>(
         &'a self,
         keys: &'a [String],
@@ -216,6 +243,10 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// Backend failures; [`LockError::Unsupported`] by default.
+    ///
+    /// # Cancel safety
+    ///
+    /// Reads only: dropping the future changes nothing.
     fn list<'a>(&'a self, prefix: &'a str) -> BoxFuture<'a, Result<Vec<LockInfo>, LockError>> {
         let _ = prefix;
         Box::pin(std::future::ready(Err(unsupported(
@@ -232,6 +263,12 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Errors
     ///
     /// Backend failures; [`LockError::Unsupported`] by default.
+    ///
+    /// # Cancel safety
+    ///
+    /// If the future is dropped, the keys may or may not have been freed
+    /// (per key, all of it or none: the holder goes and its waiters are
+    /// served together); it can be repeated, and it leaves no waiter stuck.
     fn force_release<'a>(
         &'a self,
         keys: &'a [String],

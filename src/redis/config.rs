@@ -34,7 +34,8 @@ pub const DEFAULT_NAMESPACE: &str = "lockstep:";
 /// # Deserializing
 ///
 /// With the `serde` feature the struct deserializes from any serde format;
-/// every field but `url` is optional, and durations are either a string with
+/// every field has a default (`url` has none, and [`RedisProvider::connect`](crate::RedisProvider::connect)
+/// fails without it), and durations are either a string with
 /// a unit (`"5s"`) or an integer number of milliseconds:
 ///
 /// ```json
@@ -46,7 +47,9 @@ pub const DEFAULT_NAMESPACE: &str = "lockstep:";
 #[non_exhaustive]
 pub struct RedisConfig {
     /// The Redis URL. Required by [`RedisProvider::connect`](crate::RedisProvider::connect);
-    /// not used by [`RedisProvider::from_pool`](crate::RedisProvider::from_pool).
+    /// optional with [`RedisProvider::from_pool`](crate::RedisProvider::from_pool), where it
+    /// only serves the release notifications' own connection (without it,
+    /// waiters poll; a malformed one is an error).
     pub url: Option<String>,
     /// Prefix of every Redis key lockstep writes (default `lockstep:`). Two
     /// namespaces on one Redis never see each other's locks.

@@ -98,7 +98,23 @@ pub trait Step: Clone + Send + Sync + 'static {
     /// The step's name, used in errors and traces.
     fn name(&self) -> &str;
 
-    /// Does the work.
+    /// Does the work. Its response's compensation data, if any, is kept
+    /// for [`compensate`](Step::compensate), should a later step fail.
+    ///
+    /// # Errors
+    ///
+    /// Whatever the step reports as [`StepError`]: the run stops there, the
+    /// steps completed before it are compensated in reverse order, and the
+    /// run fails with this error (nothing of this step is compensated: it
+    /// did not complete).
+    ///
+    /// # Cancel safety
+    ///
+    /// The engine drops this future when the run's own future is dropped,
+    /// at any of its awaits. Nothing of it is compensated then: a step
+    /// whose effects must not outlive a dropped run should make them only
+    /// at its last await, or hold them in something that undoes them on
+    /// drop (the lock steps do: a dropped acquire step holds nothing).
     fn invoke(
         &self,
         ctx: StepContext,
@@ -107,6 +123,17 @@ pub trait Step: Clone + Send + Sync + 'static {
 
     /// Undoes the work, given what `invoke` returned for it. The default
     /// does nothing.
+    ///
+    /// # Errors
+    ///
+    /// A failure is recorded with the step's name in the failed run's
+    /// compensation failures, and the other compensations still run.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropped when the run's future is dropped during compensation: the
+    /// compensations not yet run then never run (the locks of the run's
+    /// lock steps are still released, in the background).
     fn compensate(
         &self,
         ctx: StepContext,
