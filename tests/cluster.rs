@@ -883,3 +883,17 @@ async fn a_slot_that_moved_while_idle_is_subscribed_again() {
     until_queued(&cluster, std::slice::from_ref(&lock)).await;
     release_wakes(held, waiting).await;
 }
+
+/// `connect` dropped at every poll, on a cluster of its own: no connection
+/// to any node stays open (the cluster connection, or the sharded
+/// subscriptions' task).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connect_leaves_no_connection_behind() {
+    let cluster = Cluster::start(3);
+    let urls = cluster.urls();
+    let polls = support::dropped_connects_leave_no_client(&urls, || {
+        RedisProvider::connect(RedisConfig::from_cluster(urls.iter().cloned()))
+    })
+    .await;
+    eprintln!("connect: dropped at {polls} points, then completed");
+}

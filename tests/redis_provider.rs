@@ -12,8 +12,8 @@ use lockstep::{
 };
 use redis::AsyncCommands;
 use support::{
-    RedisServer, eventually, module_with, poll_then_drop, raw_connection, redis_provider,
-    shared_url,
+    RedisServer, dropped_connects_leave_no_client, eventually, module_with, raw_connection,
+    redis_provider, shared_url,
 };
 use tokio::time::Instant;
 
@@ -799,42 +799,9 @@ async fn each_function_call_reads_the_clock_afresh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connect_leaves_no_connection_behind() {
     let server = RedisServer::start(&[]);
-    let mut admin = raw_connection(&server.url()).await;
-    let clients = |info: String| -> u64 {
-        info.lines()
-            .find_map(|l| l.strip_prefix("connected_clients:"))
-            .and_then(|n| n.trim().parse().ok())
-            .expect("INFO clients")
-    };
-    for k in 0..400 {
-        let connect = RedisProvider::connect(RedisConfig::from_url(server.url()));
-        let done = poll_then_drop(connect, k).await;
-        let completed = done.is_some();
-        if let Some(provider) = done {
-            module_with(provider.expect("connect")).shutdown().await;
-        }
-        // Only the admin connection may remain.
-        eventually(
-            Duration::from_secs(5),
-            &format!("no client left after a connect dropped at poll {k}"),
-            || {
-                let mut admin = admin.clone();
-                async move {
-                    let info: String = redis::cmd("INFO")
-                        .arg("clients")
-                        .query_async(&mut admin)
-                        .await
-                        .unwrap();
-                    clients(info) == 1
-                }
-            },
-        )
-        .await;
-        if completed {
-            eprintln!("connect: dropped at {k} points, then completed");
-            return;
-        }
-    }
-    let _ = &mut admin;
-    panic!("connect did not complete in 400 polls");
+    let polls = dropped_connects_leave_no_client(&[server.url()], || {
+        RedisProvider::connect(RedisConfig::from_url(server.url()))
+    })
+    .await;
+    eprintln!("connect: dropped at {polls} points, then completed");
 }

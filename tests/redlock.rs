@@ -208,3 +208,20 @@ async fn a_dropped_acquisition_leaves_nothing_on_the_masters() {
         .unwrap();
     assert!(lease.release().await.unwrap());
 }
+
+/// `connect` dropped at every poll, on three masters of its own: no
+/// connection to any of them stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_connect_leaves_no_connection_behind() {
+    let own: Vec<RedisServer> = (0..3).map(|_| RedisServer::start(&[])).collect();
+    let urls = urls(&own);
+    let polls = support::dropped_connects_leave_no_client(&urls, || {
+        let urls = urls.clone();
+        async move {
+            let urls: Vec<&str> = urls.iter().map(String::as_str).collect();
+            RedlockProvider::connect(&urls, RedisConfig::default()).await
+        }
+    })
+    .await;
+    eprintln!("connect: dropped at {polls} points, then completed");
+}

@@ -59,23 +59,68 @@ pub fn module_with(provider: RedisProvider) -> LockingModule {
         .expect("valid module")
 }
 
-/// Polls `fut` at most `polls` times, letting the runtime run in between
-/// (each poll happens when the future's own waker fires), then drops it:
-/// `Some(output)` if it completed first. `polls = 0` drops it unpolled.
-///
-/// This is how the cancel-safety tests drop a future at every one of its
-/// await points: k = 0, 1, 2, ... until it completes undisturbed.
-pub async fn poll_then_drop<F: std::future::Future>(fut: F, polls: usize) -> Option<F::Output> {
-    let mut fut = std::pin::pin!(fut);
-    let mut left = polls;
-    std::future::poll_fn(move |cx| {
-        if left == 0 {
-            return std::task::Poll::Ready(None);
+/// The number of clients connected to the server behind `admin`
+/// (`INFO clients`), `admin` included.
+pub async fn clients(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("clients")
+        .query_async(admin)
+        .await
+        .expect("INFO clients");
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients in INFO")
+}
+
+/// Drops `connect()` at every poll (k = 0, 1, 2, ... until one completes;
+/// that provider is shut down) and, after each, waits until every server
+/// of `watched` has no more clients than before the first: a dropped
+/// connect leaves no connection behind, nor a task that would hold one.
+/// (A task leaked by one drop connects before the next one is done.)
+/// Returns how many drops it took.
+pub async fn dropped_connects_leave_no_client<P, F, Fut>(
+    watched: &[String],
+    mut connect: F,
+) -> usize
+where
+    P: lockstep::provider::LockingProvider,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<P, lockstep::ConfigError>>,
+{
+    let mut admins = Vec::new();
+    for url in watched {
+        let mut admin = raw_connection(url).await;
+        let before = clients(&mut admin).await;
+        admins.push((admin, before));
+    }
+    for k in 0..400 {
+        let done = poll_then_drop(connect(), k).await;
+        let completed = done.is_some();
+        if let Some(provider) = done {
+            provider.expect("connect").shutdown().await;
         }
-        left -= 1;
-        fut.as_mut().poll(cx).map(Some)
-    })
-    .await
+        eventually(
+            std::time::Duration::from_secs(5),
+            &format!("no client left after a connect dropped at poll {k}"),
+            || {
+                let admins = admins.clone();
+                async move {
+                    for (mut admin, before) in admins {
+                        if clients(&mut admin).await > before {
+                            return false;
+                        }
+                    }
+                    true
+                }
+            },
+        )
+        .await;
+        if completed {
+            return k;
+        }
+    }
+    panic!("connect did not complete in 400 polls");
 }
 
 /// Whether `key` is the expiring part of an owner index (`<ns>{owner}:o`,
