@@ -86,8 +86,10 @@ where
 
 /// Polls `fut` at most `polls` times, letting the runtime run in between
 /// (each poll when the future's own waker fires), then drops it: `Some` if
-/// it completed first. Bounded, so a future that stops being woken fails
-/// the case instead of hanging it.
+/// it completed first; `polls = 0` drops it unpolled. Bounded, so a future
+/// that stops being woken fails the case instead of hanging it. Called with
+/// k = 0, 1, 2, ... until the future completes, it drops the future at
+/// every one of its await points: the cancel-safety tests' step.
 ///
 /// # Panics
 ///
