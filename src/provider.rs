@@ -184,8 +184,9 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Cancel safety
     ///
     /// If the future is dropped, the extension may or may not have
-    /// happened (for every key or for none); the locks stay held either
-    /// way, and it can be repeated.
+    /// happened: on one server for every key or for none, on a Redis
+    /// Cluster per slot, with Redlock per master. The locks stay held
+    /// either way, and it can be repeated.
     fn extend<'a>(
         &'a self,
         keys: &'a [String],
@@ -267,8 +268,10 @@ pub trait LockingProvider: Send + Sync + fmt::Debug {
     /// # Cancel safety
     ///
     /// If the future is dropped, the keys may or may not have been freed
-    /// (per key, all of it or none: the holder goes and its waiters are
-    /// served together); it can be repeated, and it leaves no waiter stuck.
+    /// (on one server, per key, the holder goes and its waiters are served
+    /// together; with Redlock, per master); it can be repeated. A local
+    /// mark left behind holds this process's multi-key waiters back for at
+    /// most the fallback period, never for good.
     fn force_release<'a>(
         &'a self,
         keys: &'a [String],

@@ -76,8 +76,9 @@ impl RedlockProvider {
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: connecting takes no lock; a dropped future leaves only
-    /// the PINGs under way, which end by themselves.
+    /// Cancel safe: connecting takes no lock, and a dropped future closes
+    /// the connections it opened (`tests/redlock.rs` drops it at every
+    /// poll).
     pub async fn connect(urls: &[&str], config: RedisConfig) -> Result<Self, ConfigError> {
         if urls.len() < 3 {
             return Err(ConfigError::InvalidSetting {

@@ -885,8 +885,9 @@ async fn a_slot_that_moved_while_idle_is_subscribed_again() {
 }
 
 /// `connect` dropped at every poll, on a cluster of its own: no connection
-/// to any node stays open (the cluster connection, or the sharded
-/// subscriptions' task).
+/// to any node stays open. (The sharded subscriptions start after
+/// `connect`'s last await: what a drop can leave is the cluster
+/// connection.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connect_leaves_no_connection_behind() {
     let cluster = Cluster::start(3);

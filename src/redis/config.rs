@@ -34,8 +34,9 @@ pub const DEFAULT_NAMESPACE: &str = "lockstep:";
 /// # Deserializing
 ///
 /// With the `serde` feature the struct deserializes from any serde format;
-/// every field has a default (`url` has none, and [`RedisProvider::connect`](crate::RedisProvider::connect)
-/// fails without it), and durations are either a string with
+/// every field has a default (`url` has none: [`RedisProvider::connect`](crate::RedisProvider::connect)
+/// to one server fails without it; a Cluster or Sentinel deployment names
+/// its nodes instead), and durations are either a string with
 /// a unit (`"5s"`) or an integer number of milliseconds:
 ///
 /// ```json

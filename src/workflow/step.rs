@@ -103,10 +103,12 @@ pub trait Step: Clone + Send + Sync + 'static {
     ///
     /// # Errors
     ///
-    /// Whatever the step reports as [`StepError`]: the run stops there, the
-    /// steps completed before it are compensated in reverse order, and the
-    /// run fails with this error (nothing of this step is compensated: it
-    /// did not complete).
+    /// Whatever the step reports as [`StepError`]. The workflow's body gets
+    /// it back from [`Run::step`](crate::workflow::Run::step); passed on
+    /// with `?`, as usual, it stops the run: the steps completed before are
+    /// compensated in reverse order and the run fails with this error
+    /// (nothing of this step is compensated: it did not complete). A body
+    /// that handles the error instead carries on.
     ///
     /// # Cancel safety
     ///
@@ -127,7 +129,8 @@ pub trait Step: Clone + Send + Sync + 'static {
     /// # Errors
     ///
     /// A failure is recorded with the step's name in the failed run's
-    /// compensation failures, and the other compensations still run.
+    /// compensation failures, and the other compensations still run. (When
+    /// the body panicked, they run too, and the panic resumes after them.)
     ///
     /// # Cancel safety
     ///

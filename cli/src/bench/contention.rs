@@ -26,7 +26,8 @@ pub(super) enum Shape {
 pub(super) struct WorkerLog {
     /// (completion time, latency in µs) of each acquisition inside the window.
     done: Vec<(Instant, u64)>,
-    /// How long each release of an acquisition inside the window took, µs.
+    /// How long each successful release of an acquisition inside the window
+    /// took, µs.
     released: Vec<u64>,
     timeouts: u64,
     violations: u64,
@@ -234,13 +235,16 @@ pub(super) async fn contention(
                     counter.add(-1).await;
                 }
                 let releasing = Instant::now();
-                if !subject.release(holding).await {
+                let released = subject.release(holding).await;
+                if !released {
                     log.errors += 1;
                 }
                 let now = Instant::now();
                 if now >= start && now <= start + window {
                     log.done.push((now, waited.as_micros() as u64));
-                    log.released.push((now - releasing).as_micros() as u64);
+                    if released {
+                        log.released.push((now - releasing).as_micros() as u64);
+                    }
                 }
             }
             log
