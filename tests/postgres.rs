@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use lockstep::provider::LockingProvider;
 use lockstep::{AcquireOptions, ConfigError, LockingModule, PostgresConfig, PostgresProvider};
-use lockstep_testkit::{OwnSchema, PostgresServer, shared_postgres_url};
+use lockstep_testkit::{
+    OwnSchema, PostgresServer, drop_everywhere, eventually, shared_postgres_url,
+};
 use tokio::time::Instant;
 
 /// A schema of the test's own on the (maybe shared) server, dropped after.
@@ -68,7 +70,7 @@ async fn fencing_tokens_grow_across_a_server_restart() {
     let url = server.url();
     let m = module(provider(&url, "lockstep").await);
     let mut last = 0;
-    for _ in 0..3 {
+    for _ in 0..8 {
         let lease = m.acquire("k", AcquireOptions::new()).await.unwrap();
         assert!(lease.fencing_token() > last);
         last = lease.fencing_token();
@@ -584,8 +586,8 @@ async fn a_lock_freed_elsewhere_does_not_hold_back_a_gated_waiter() {
     assert!(lease.release().await.unwrap());
 }
 
-/// `connect` dropped at every poll: no connection of a dropped provider
-/// stays open. Its LISTEN task and its sweeper, once spawned, hold the
+/// `connect` dropped at every poll and at moments spread over its run: no
+/// connection of a dropped provider stays open. Its LISTEN task and its sweeper, once spawned, hold the
 /// pool; left running, they would keep their backends (and the sweeper
 /// its statements) for the life of the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -606,24 +608,20 @@ async fn a_dropped_connect_leaves_no_connection_behind() {
         ))
         .expect("count the test's backends")
     };
-    for k in 0..400 {
-        let connect = PostgresProvider::connect(PostgresConfig::from_url(&app_url).schema(&app));
-        let done = lockstep_testkit::poll_then_drop(connect, k).await;
-        let completed = done.is_some();
-        if let Some(provider) = done {
-            LockingProvider::shutdown(&provider.expect("connect")).await;
-        }
-        // A closed connection's backend exits at once; a leaked one stays.
-        lockstep_testkit::eventually(
-            Duration::from_secs(5),
-            &format!("no backend left after a connect dropped at poll {k}"),
-            || std::future::ready(backends() == "0"),
-        )
+    let backends = &backends;
+    let connect = || PostgresProvider::connect(PostgresConfig::from_url(&app_url).schema(&app));
+    let no_backend_left = |after: String| async move {
+        let what = format!("no backend left {after}");
+        eventually(Duration::from_secs(5), &what, || {
+            std::future::ready(backends() == "0")
+        })
         .await;
-        if completed {
-            eprintln!("connect: dropped at {k} points, then completed");
-            return;
-        }
-    }
-    panic!("connect did not complete in 400 polls");
+    };
+    drop_everywhere(
+        "connect",
+        connect,
+        |provider| async move { LockingProvider::shutdown(&provider.expect("connect")).await },
+        no_backend_left,
+    )
+    .await;
 }

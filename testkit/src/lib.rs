@@ -21,7 +21,8 @@
 //!   replies and cuts connections.
 //! - `docker.rs`: the testcontainers fallback (feature `testcontainers`).
 //! - Waiting helpers: [`eventually`], [`wait_until_in_sync`],
-//!   [`poll_then_drop`] (the cancel-safety harness's step), and
+//!   [`poll_then_drop`], [`every_poll`], [`every_moment`] and
+//!   [`drop_everywhere`] (the cancel-safety harness), and
 //!   [`raw_connection`] for looking at keys directly.
 //!
 //! Nothing here knows lockstep's types: it depends only on redis and tokio
@@ -107,6 +108,93 @@ pub async fn poll_then_drop<F: std::future::Future>(fut: F, polls: usize) -> Opt
     tokio::time::timeout(Duration::from_secs(20), driven)
         .await
         .expect("a future under test stopped making progress")
+}
+
+/// The most polls [`every_poll`] gives one future before it fails the case.
+pub const MAX_POLLS: usize = 400;
+
+/// Drives a cancel-safety case: `step(k)` runs the operation under test,
+/// drops it after `k` polls ([`poll_then_drop`]), checks that it left
+/// nothing behind, and says whether it completed; k = 0, 1, 2, ... until
+/// one did. Returns that k (the points it was dropped at).
+///
+/// # Panics
+///
+/// When it has not completed within [`MAX_POLLS`] polls.
+pub async fn every_poll<F, Fut>(name: &str, mut step: F) -> usize
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for k in 0..MAX_POLLS {
+        if step(k).await {
+            eprintln!("{name}: dropped at {k} points, then completed");
+            return k;
+        }
+    }
+    panic!("{name}: still not done after {MAX_POLLS} polls");
+}
+
+/// The other half of a cancel-safety case, for an operation whose polls
+/// vary in number from run to run (so that [`every_poll`] can step over an
+/// await point): runs `make()` once undisturbed, then twenty times more,
+/// each dropped at a moment spread over that first run's duration, which
+/// lands in every phase lasting a twentieth of it. `done` takes each
+/// output of a run that completed; after each run, `settled(when)` checks
+/// that nothing was left behind.
+pub async fn every_moment<T, M, MF, D, DF, S, SF>(mut make: M, mut done: D, mut settled: S)
+where
+    M: FnMut() -> MF,
+    MF: std::future::Future<Output = T>,
+    D: FnMut(T) -> DF,
+    DF: std::future::Future<Output = ()>,
+    S: FnMut(String) -> SF,
+    SF: std::future::Future<Output = ()>,
+{
+    let started = tokio::time::Instant::now();
+    done(make().await).await;
+    let whole = started.elapsed();
+    settled("after an undisturbed run".into()).await;
+    for i in 1..=20 {
+        let cut = whole * i / 20;
+        if let Ok(output) = tokio::time::timeout(cut, make()).await {
+            done(output).await;
+        }
+        settled(format!("after a run dropped at {cut:?}")).await;
+    }
+}
+
+/// A whole cancel-safety case for an operation whose polls vary in number
+/// from run to run: three [`every_poll`] sweeps (one can step over an await
+/// point), then [`every_moment`]. Each run's output, if it completed, goes
+/// to `done`; after each run `settled(when)` checks that it left nothing
+/// behind.
+pub async fn drop_everywhere<T, M, MF, D, DF, S, SF>(name: &str, mut make: M, done: D, settled: S)
+where
+    M: FnMut() -> MF,
+    MF: std::future::Future<Output = T>,
+    D: Fn(T) -> DF,
+    DF: std::future::Future<Output = ()>,
+    S: Fn(String) -> SF,
+    SF: std::future::Future<Output = ()>,
+{
+    let (done, settled) = (&done, &settled);
+    for _ in 0..3 {
+        every_poll(name, |k| {
+            let run = make();
+            async move {
+                let output = poll_then_drop(run, k).await;
+                let completed = output.is_some();
+                if let Some(output) = output {
+                    done(output).await;
+                }
+                settled(format!("after a run dropped at poll {k}")).await;
+                completed
+            }
+        })
+        .await;
+    }
+    every_moment(make, done, settled).await;
 }
 
 /// Waits until the replica at `url` is in sync with its master.

@@ -24,14 +24,11 @@ use lockstep::{
     AcquireOptions, ExecuteOptions, ExtendOptions, InspectOptions, ListOptions, LockingModule,
     ReleaseOptions,
 };
-use lockstep_testkit::poll_then_drop;
+use lockstep_testkit::{every_poll, poll_then_drop};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
 
 use super::{Fixture, is_free};
-
-/// The most polls any operation here may take undisturbed.
-const MAX_POLLS: usize = 400;
 
 /// How long a drop may leave something behind before it is a leak: a
 /// background undo or release takes a round trip, retried after a backoff.
@@ -120,22 +117,6 @@ async fn queued(f: &Fixture, before: usize) {
         sleep(Duration::from_millis(2)).await;
     }
     sleep(Duration::from_millis(20)).await;
-}
-
-/// Drives the loop of one case: `step(k)` drops its future after `k`
-/// polls and says whether it completed; stops at the first that did.
-async fn every_poll<F, Fut>(name: &str, mut step: F) -> usize
-where
-    F: FnMut(usize) -> Fut,
-    Fut: Future<Output = bool>,
-{
-    for k in 0..MAX_POLLS {
-        if step(k).await {
-            eprintln!("{name}: dropped at {k} points, then completed");
-            return k;
-        }
-    }
-    panic!("{name}: still not done after {MAX_POLLS} polls");
 }
 
 /// `acquire` of a free key (a lease and no expiry: the worst case),

@@ -61,7 +61,7 @@ pub fn module_with(provider: RedisProvider) -> LockingModule {
 
 /// The number of clients connected to the server behind `admin`
 /// (`INFO clients`), `admin` included.
-pub async fn clients(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
+async fn clients(admin: &mut redis::aio::MultiplexedConnection) -> u64 {
     let info: String = redis::cmd("INFO")
         .arg("clients")
         .query_async(admin)
@@ -89,16 +89,13 @@ async fn only_admins(admins: &[redis::aio::MultiplexedConnection], what: &str) {
     .await;
 }
 
-/// Drops `connect()` at every poll (k = 0, 1, 2, ... until one completes;
-/// that provider is shut down) and, after each, waits until every server
-/// of `watched` (servers of the test's own) has no client but this
-/// helper's connection to it: a dropped connect leaves no connection
-/// behind, nor a task that would hold one. (A task leaked by one drop
-/// connects before the next one is done.) Returns how many drops it took.
-pub async fn dropped_connects_leave_no_client<P, F, Fut>(
-    watched: &[String],
-    mut connect: F,
-) -> usize
+/// Drops `connect()` at every poll and at moments spread over its run
+/// ([`drop_everywhere`]), shutting down the provider of each call that
+/// completes; after each, waits until every server of `watched` (servers
+/// of the test's own) has no client but this helper's connection to it: a
+/// dropped connect leaves no connection behind, nor a task that would hold
+/// one. (A task leaked by one drop connects before the next one is done.)
+pub async fn dropped_connects_leave_no_client<P, F, Fut>(watched: &[String], connect: F)
 where
     P: lockstep::provider::LockingProvider,
     F: FnMut() -> Fut,
@@ -114,22 +111,14 @@ where
         "only the helper's connection before the first connect",
     )
     .await;
-    for k in 0..400 {
-        let done = poll_then_drop(connect(), k).await;
-        let completed = done.is_some();
-        if let Some(provider) = done {
-            provider.expect("connect").shutdown().await;
-        }
-        only_admins(
-            &admins,
-            &format!("no client left after a connect dropped at poll {k}"),
-        )
-        .await;
-        if completed {
-            return k;
-        }
-    }
-    panic!("connect did not complete in 400 polls");
+    let admins = &admins;
+    drop_everywhere(
+        "connect",
+        connect,
+        |provider| async move { provider.expect("connect").shutdown().await },
+        |when| async move { only_admins(admins, &format!("no client left {when}")).await },
+    )
+    .await;
 }
 
 /// Whether `key` is the expiring part of an owner index (`<ns>{owner}:o`,
